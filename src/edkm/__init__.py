@@ -1,0 +1,41 @@
+"""edkm: train-time weight clustering (DKM with the eDKM memory techniques) for LLMs.
+
+Quickstart (prepare -> train -> finalize -> save -> load)::
+
+    import edkm
+    config = edkm.PalettizeConfig(bits=3, overrides={"embed_tokens|lm_head": {"bits": 8}})
+    edkm.palettize_(model, config)          # soft clustering inside every targeted layer
+    ...train with any optimizer and loop...
+    edkm.finalize_(model)                   # hard LUT + indices
+    edkm.save_palettized(model, "out/model.edkm.safetensors")
+    model = edkm.load_palettized("out/model.edkm.safetensors")
+
+Importing edkm loads torch only (no transformers, no CUDA initialisation).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from .cluster import decode, dkm, hard_assign, kmeans1d
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "PalettizeConfig": "edkm.config",
+    "palettize_": "edkm.wrap",
+    "finalize_": "edkm.wrap",
+    "ptq_kmeans_": "edkm.baselines",
+    "rtn_": "edkm.baselines",
+    "save_palettized": "edkm.export",
+    "load_palettized": "edkm.export",
+}
+
+__all__ = ["dkm", "kmeans1d", "hard_assign", "decode", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'edkm' has no attribute {name!r}")

@@ -1,0 +1,111 @@
+"""Differentiable k-means (DKM) for one weight tensor, as defined in SPEC §2.
+
+For weights w_i and k centroids c_j:
+
+    D_ij = (w_i - c_j)^2,   A_i = softmax_j(-D_ij / tau),   c_j <- sum_i A_ij w_i / sum_i A_ij
+
+repeated ``iters`` times (gradients flow through every update), then the clustered weights are
+W_hat = A C with A recomputed from the final centroids. All math runs in fp32.
+
+Example:
+    >>> import torch, edkm
+    >>> w = torch.randn(64, 32, requires_grad=True)
+    >>> c = edkm.kmeans1d(w.detach(), 8)
+    >>> w_hat, c_new = edkm.dkm(w, c, tau=1e-3, iters=3)
+    >>> w_hat.sum().backward()
+    >>> w.grad.shape
+    torch.Size([64, 32])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_TINY = 1e-30  # guards sum_i A_ij against underflow for a centroid far from every weight
+
+
+def _groups(weights: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """View weights as (G, n, 1) and centroids as (G, 1, k) in fp32."""
+    if centroids.dim() == 1:
+        centroids = centroids.unsqueeze(0)
+    if centroids.dim() != 2:
+        raise ValueError(f"centroids must have shape (k,) or (groups, k), got {tuple(centroids.shape)}")
+    groups = centroids.shape[0]
+    if weights.numel() % groups:
+        raise ValueError(f"{weights.numel()} weights cannot be split into {groups} equal groups")
+    x = weights.float().reshape(groups, -1, 1)
+    return x, centroids.float().unsqueeze(1)
+
+
+def soft_assign(x: torch.Tensor, c: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """Attention A = softmax(-(x - c)^2 / tau) over the centroid axis (last)."""
+    return torch.softmax(-(x - c).square() / tau, dim=-1)
+
+
+def centroid_update(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Soft k-means step c_j = sum_i A_ij x_i / sum_i A_ij; an empty centroid keeps its value."""
+    mass = a.sum(dim=1, keepdim=True)
+    new = (a * x).sum(dim=1, keepdim=True) / mass.clamp_min(_TINY)
+    return torch.where(mass > _TINY, new, c)
+
+
+def converged(old: torch.Tensor, new: torch.Tensor, eps: float) -> bool:
+    """Early-stop test max|delta c| < eps, decided identically on every rank."""
+    if eps <= 0:
+        return False
+    done = torch.tensor(float((new - old).abs().max() < eps))
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)  # stop only when every rank agrees
+    return bool(done.item())
+
+
+def dkm_autograd(
+    weights: torch.Tensor, centroids: torch.Tensor, tau: float | torch.Tensor, iters: int, eps: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain DKM under autograd: the |W| x |C| maps are saved for backward (the memory wall)."""
+    x, c = _groups(weights, centroids)
+    tau = torch.as_tensor(tau, dtype=torch.float32).reshape(-1, 1, 1) if torch.is_tensor(tau) else tau
+    for _ in range(iters):
+        new = centroid_update(x, soft_assign(x, c, tau), c)
+        stop = converged(c.detach(), new.detach(), eps)
+        c = new
+        if stop:
+            break
+    w_hat = (soft_assign(x, c, tau) * c).sum(dim=-1)
+    return w_hat.reshape(weights.shape), c.squeeze(1).reshape(centroids.shape)
+
+
+def dkm(
+    weights: torch.Tensor,
+    centroids: torch.Tensor,
+    *,
+    tau: float | torch.Tensor,
+    iters: int,
+    eps: float = 0.0,
+    memory: str = "plain",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable k-means of ``weights`` warm-started from ``centroids``.
+
+    Args:
+        weights: any shape; with ``centroids`` of shape (G, k) it is split into G equal groups
+            in row-major order (one LUT per group of output channels).
+        centroids: (k,) or (G, k) starting centroids (treated as constants).
+        tau: absolute temperature (same units as w^2), a float or a (G,) tensor.
+        iters: number of centroid updates (0 = soft assignment to the given centroids).
+        eps: stop early once max|delta c| < eps (0 disables).
+        memory: "plain", "marshal", "unique", "shard", "+"-joined combinations, "fused" or "auto"
+            (see :mod:`edkm.memory`). Every mode gives the same values and gradients.
+
+    Returns:
+        (clustered weights in ``weights.dtype`` and shape, fp32 centroids after the last update).
+    """
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+    if memory == "plain":
+        w_hat, c = dkm_autograd(weights, centroids, tau, iters, eps)
+    else:
+        from ..memory import dkm_with_memory  # local import keeps `import edkm` light
+
+        w_hat, c = dkm_with_memory(weights, centroids, tau=tau, iters=iters, eps=eps, memory=memory)
+    return w_hat.to(weights.dtype), c

@@ -1,0 +1,89 @@
+"""Fast 1-D k-means and hard assignment.
+
+In one dimension the clusters of sorted values are contiguous ranges, so a Lloyd step needs only
+the boundaries (midpoints between centroids), a ``searchsorted`` and prefix sums: O(k log m) per
+step on the m distinct values, after one O(|W|) pass to count them (16-bit weights have at most
+65,536 distinct values). A LLaMA-7B MLP matrix (45 M weights) takes about a second.
+
+Example:
+    >>> import torch, edkm
+    >>> w = torch.tensor([0.0, 0.1, 0.2, 5.0, 5.1, 5.2]).to(torch.bfloat16)
+    >>> edkm.kmeans1d(w, 2).tolist()
+    [[0.10009765625, 5.09375]]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sixteen import SIXTEEN_BIT, unique16
+
+
+def _distinct(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct values (float64, ascending) and counts (float64) of a 1-D tensor."""
+    try:
+        values, counts, _ = unique16(x, x.dtype if x.dtype in SIXTEEN_BIT else None)
+    except ValueError:  # not 16-bit: fall back to a sort
+        values, counts = torch.unique(x.float(), sorted=True, return_counts=True)
+    return values.double(), counts.double()
+
+
+def _lloyd(u: torch.Tensor, s0: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, c: torch.Tensor, max_iters: int):
+    """Weighted Lloyd iterations on sorted distinct values via prefix sums; returns (centroids, SSE)."""
+    zero = u.new_zeros(1)
+    s0, s1, s2 = (torch.cat([zero, s]) for s in (s0, s1, s2))
+    for _ in range(max_iters + 1):
+        cuts = torch.searchsorted(u, (c[:-1] + c[1:]) / 2, right=True)
+        edges = torch.cat([cuts.new_zeros(1), cuts, cuts.new_tensor([u.numel()])])
+        n = s0[edges[1:]] - s0[edges[:-1]]
+        total = s1[edges[1:]] - s1[edges[:-1]]
+        new = torch.where(n > 0, total / n.clamp_min(1e-300), c)
+        new = torch.sort(new).values
+        if torch.equal(new, c):
+            break
+        c = new
+    sq = s2[edges[1:]] - s2[edges[:-1]]
+    sse = (sq - 2 * c * total + c * c * n).sum()
+    return c, sse
+
+
+def _kmeans1d_single(x: torch.Tensor, k: int, max_iters: int) -> torch.Tensor:
+    u, n = _distinct(x.reshape(-1))
+    if u.numel() <= k:  # fewer distinct values than centroids: every value is a centroid
+        return torch.cat([u, u[-1:].expand(k - u.numel())]).float()
+    s0, s1, s2 = n.cumsum(0), (n * u).cumsum(0), (n * u * u).cumsum(0)
+    quantiles = (torch.arange(k, dtype=torch.float64) + 0.5) / k * s0[-1]
+    inits = [
+        u[torch.searchsorted(s0, quantiles).clamp_max(u.numel() - 1)],  # equal-mass split
+        torch.linspace(float(u[0]), float(u[-1]), k, dtype=torch.float64),  # uniform over the range
+    ]
+    best = min((_lloyd(u, s0, s1, s2, torch.sort(c).values, max_iters) for c in inits), key=lambda r: float(r[1]))
+    return best[0].float()
+
+
+def kmeans1d(weights: torch.Tensor, k: int, *, groups: int = 1, max_iters: int = 300) -> torch.Tensor:
+    """k-means of the scalar values of ``weights``, split into ``groups`` equal row-major groups.
+
+    Returns sorted fp32 centroids of shape (groups, k). The best of two initialisations
+    (equal-mass quantiles, uniform over the range) by within-cluster squared error is kept.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if weights.numel() == 0 or weights.numel() % groups:
+        raise ValueError(f"{weights.numel()} weights cannot be split into {groups} non-empty equal groups")
+    rows = weights.detach().cpu().reshape(groups, -1)
+    return torch.stack([_kmeans1d_single(row, k, max_iters) for row in rows]).to(weights.device)
+
+
+def hard_assign(weights: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-centroid indices (uint8, shape (G, n)) and the sorted LUT (G, k): index_i = argmin_j (w_i - c_j)^2."""
+    lut = torch.sort(centroids.float().reshape(-1, centroids.shape[-1]), dim=-1).values
+    x = weights.detach().float().reshape(lut.shape[0], -1)
+    mid = ((lut[:, :-1] + lut[:, 1:]) / 2).contiguous()
+    idx = torch.searchsorted(mid, x.contiguous())  # ties go to the lower centroid, as argmin does
+    return idx.to(torch.uint8 if lut.shape[1] <= 256 else torch.int32), lut
+
+
+def decode(lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Weights from a (G, k) LUT and (G, n) indices, in ``dtype`` and ``shape``."""
+    return torch.gather(lut.to(dtype), 1, indices.reshape(lut.shape[0], -1).long()).reshape(shape)
