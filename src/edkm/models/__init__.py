@@ -1,0 +1,53 @@
+"""Model loading and the bundled real pretrained model.
+
+``BUNDLED_MODEL_DIR`` is a standard Hugging Face ``LlamaForCausalLM`` checkpoint of Karpathy's ``stories260K``
+(260K parameters, trained on TinyStories, MIT), converted from llama2.c by ``scripts/convert_stories260k.py``;
+``BUNDLED_TEXT`` is a TinyStories validation excerpt (CDLA-Sharing-1.0) for in-domain perplexity and smoke fine-tuning.
+See ``assets/stories260K/PROVENANCE.md``.
+
+``transformers`` is imported only inside :func:`load_causal_lm`, so importing this module stays light.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["BUNDLED_MODEL_DIR", "BUNDLED_TEXT", "load_causal_lm"]
+
+_ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUNDLED_MODEL_DIR: Path = _ASSETS / "stories260K"
+BUNDLED_TEXT: Path = _ASSETS / "tinystories" / "tinystories_val.txt"
+
+
+def _check_checkpoint_dir(path: Path) -> None:
+    """Raise a clear error unless ``path`` is a directory with ``config.json`` and weight files."""
+    if not path.exists():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    if not path.is_dir():
+        raise ValueError(f"expected a Hugging Face checkpoint directory, got a file: {path}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {path}: not a Hugging Face checkpoint directory")
+    if not (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))):
+        raise FileNotFoundError(f"no weights in {path}: expected *.safetensors or pytorch_model*.bin")
+
+
+def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` from a local Hugging Face checkpoint directory (offline).
+
+    ``path=None`` loads the bundled ``stories260K`` model. The model comes from ``AutoModelForCausalLM`` in ``dtype``
+    and eval mode, the tokenizer from ``AutoTokenizer``; both with ``local_files_only=True``.
+
+    Raises ``FileNotFoundError`` when the directory, its ``config.json`` or its weights are missing, and
+    ``ValueError`` when ``path`` is a file.
+    """
+    directory = BUNDLED_MODEL_DIR if path is None else Path(path).expanduser()
+    _check_checkpoint_dir(directory)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return model, tokenizer
