@@ -1,0 +1,65 @@
+"""eDKM memory techniques for DKM's saved tensors (SPEC §3-§5).
+
+``edkm.dkm(w, c, ..., memory=spec)`` hands every spec but "plain" to :func:`dkm_with_memory`:
+
+* "marshal" (M), "unique" (U), "shard" (S) and their "+"-joined combinations run the plain DKM
+  (``dkm_autograd``) under saved-tensor hooks (:class:`~edkm.memory.hooks.SavedTensorHooks`) that
+  store what autograd saves once per storage, as distinct rows + index, sharded, on the host;
+  values, gradients and centroids are bit-identical to plain DKM;
+* "fused" computes DKM in the unique domain (:mod:`edkm.memory.fused`, SPEC §4);
+* "auto" picks fused for exact 16-bit weights, else marshal (+ shard under torch.distributed).
+
+Measure with :func:`track_saved`::
+
+    with edkm.memory.track_saved() as stats:
+        w_hat, c = edkm.dkm(w, c, tau=tau, iters=3, memory="marshal+unique")
+    w_hat.sum().backward()
+    print(stats.device_bytes, stats.host_bytes, stats.copied_bytes)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .hooks import SavedTensorHooks
+from .plan import MemoryPlan, parse_memory
+from .stats import SavedStats, current_stats, track_saved
+
+__all__ = [
+    "MemoryPlan",
+    "parse_memory",
+    "dkm_with_memory",
+    "SavedTensorHooks",
+    "SavedStats",
+    "track_saved",
+    "current_stats",
+]
+
+
+def dkm_with_memory(
+    weights: torch.Tensor,
+    centroids: torch.Tensor,
+    *,
+    tau: float | torch.Tensor,
+    iters: int,
+    eps: float = 0.0,
+    memory: str | MemoryPlan,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DKM (same arguments and results as ``edkm.cluster.dkm.dkm_autograd``) under a memory spec.
+
+    Raises:
+        ValueError: unknown spec; "unique" on weights that are not exact 16-bit values.
+        RuntimeError: "shard" without an initialised process group, or with weights or centroids
+            that differ between ranks.
+    """
+    from ..cluster.dkm import dkm_autograd
+
+    plan = (memory if isinstance(memory, MemoryPlan) else parse_memory(memory)).resolve(weights)
+    if plan.fused:
+        from .fused import fused_dkm
+
+        return fused_dkm(weights, centroids, tau=tau, iters=iters, eps=eps)
+    if plan.plain:
+        return dkm_autograd(weights, centroids, tau, iters, eps)
+    with SavedTensorHooks(plan, weights, centroids):
+        return dkm_autograd(weights, centroids, tau, iters, eps)
