@@ -1,0 +1,168 @@
+"""Fine-tuning loop: AdamW, warmup + cosine schedule, gradient accumulation and clipping, tau
+annealing, checkpoint / resume, and data parallelism with torch.distributed (DDP).
+
+The global batch of step s is a fixed function of (seed, s), and each of N ranks takes every N-th
+sequence of it, so a run on N processes follows the same loss curve as one process, and a resumed
+run the same curve as an uninterrupted one.
+
+Example:
+    >>> import torch
+    >>> from edkm.train import TrainConfig, train
+    >>> model = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16))
+    >>> data = torch.randint(0, 16, (32, 9))
+    >>> losses = train(lambda x, y: torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()),
+    ...                model, data[:, :-1], data[:, 1:], TrainConfig(steps=3, batch_size=4, progress=False))
+    >>> len(losses)
+    3
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .wrap import set_tau
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 8  # sequences per optimizer step, over all ranks and micro-batches
+    grad_accum: int = 1  # micro-batches per optimizer step (per rank)
+    lr: float = 5e-4
+    warmup: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    clip: float = 1.0  # max gradient norm (0 = off)
+    tau_start: float | None = None  # relative tau annealed geometrically tau_start -> tau_end
+    tau_end: float | None = None
+    seed: int = 0
+    checkpoint_every: int = 50  # steps (0 = only at the end)
+    progress: bool = True
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def tau_at(step: int, cfg: TrainConfig) -> float | None:
+    if cfg.tau_start is None:
+        return None
+    end = cfg.tau_end if cfg.tau_end is not None else cfg.tau_start
+    return cfg.tau_start * (end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
+
+
+def batch_indices(step: int, n: int, cfg: TrainConfig) -> torch.Tensor:
+    """Sequence indices of step ``step``'s global batch (epoch-wise permutations, seeded)."""
+    per_epoch = n // cfg.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n} training sequences")
+    epoch, slot = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+    return perm[slot * cfg.batch_size : (slot + 1) * cfg.batch_size]
+
+
+def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, losses: list[float]) -> None:
+    tmp = path.with_suffix(".tmp")
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "losses": losses,
+             "rng": (torch.get_rng_state(), random.getstate())}
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint
+
+
+def train(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+) -> list[float]:
+    """Train ``model`` in place; returns the loss of every step (mean over the global batch).
+
+    ``loss_fn(x, y)`` returns the summed token loss of a micro-batch divided by nothing: the loop
+    normalises by the global number of target tokens (labels != -100), so ranks and micro-batches
+    combine exactly. Under torch.distributed the caller passes the DDP-wrapped module's forward
+    inside ``loss_fn``; ``model`` is the module whose parameters are optimised and checkpointed.
+    """
+    rank, size = world()
+    per_rank = cfg.batch_size // size
+    if cfg.batch_size % (size * cfg.grad_accum):
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by world size {size} x grad_accum {cfg.grad_accum}")
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}], lr=cfg.lr)
+    losses: list[float] = []
+    start = 0
+    path = Path(checkpoint) if checkpoint else None
+    if resume:
+        if path is None or not path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        state = torch.load(path, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, losses = state["step"], state["losses"]
+        torch.set_rng_state(state["rng"][0])
+        random.setstate(state["rng"][1])
+
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
+    model.train()
+    tokens_seen, t0 = 0, time.perf_counter()
+    for step in range(start, cfg.steps):
+        tau = tau_at(step, cfg)
+        if tau is not None:
+            set_tau(model, tau)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        idx = batch_indices(step, len(inputs), cfg)[rank::size]
+        n_tokens = (labels[batch_indices(step, len(inputs), cfg)] != -100).sum().item()
+        total = torch.zeros((), dtype=torch.float64)
+        for micro in idx.split(per_rank // cfg.grad_accum):
+            loss = loss_fn(inputs[micro], labels[micro]) / n_tokens
+            (loss * size).backward()  # DDP averages over ranks: undo it so the sum is exact
+            total += loss.detach().double()
+        if size > 1:
+            dist.all_reduce(total)
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(total))
+        tokens_seen += n_tokens
+        if bar is not None:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens_seen / (time.perf_counter() - t0):.0f}")
+            bar.update(1)
+        done = step + 1
+        if path is not None and rank == 0 and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+            _save_checkpoint(path, model, opt, done, losses)
+    if bar is not None:
+        bar.close()
+    return losses
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
