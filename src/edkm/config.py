@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FORMAT_VERSION = 1
-_LAYER_FIELDS = ("bits", "group_size", "tau", "iters", "eps", "memory")
+_LAYER_FIELDS = ("bits", "group_size", "tau", "iters", "eps", "memory", "hard_forward")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class LayerSpec:
     iters: int = 3  # centroid updates per forward
     eps: float = 0.0  # early stop on max|delta c| < eps (0 = always run `iters`)
     memory: str = "auto"  # "plain", "marshal+unique+shard", "fused", "auto", ... (edkm.memory)
+    hard_forward: bool = False  # train on the hard-clustered weights, DKM gradients straight through
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
@@ -61,7 +62,9 @@ class PalettizeConfig:
     """Train-time clustering plan for a model.
 
     Args:
-        bits, group_size, tau, iters, eps, memory: defaults for every clustered tensor (see LayerSpec).
+        bits, group_size, tau, iters, eps, memory, hard_forward: defaults for every clustered tensor
+            (see LayerSpec). ``hard_forward`` makes the training forward use the hard assignment that
+            ships (W_soft + (W_hard - W_soft).detach()), so the loss optimised is the exported model's.
         modules: module types to cluster ("Linear", "Embedding").
         include: names or regexes (``re.search`` on the full module name); None = every module of
             those types. Each entry must match at least one module.
@@ -76,6 +79,7 @@ class PalettizeConfig:
     iters: int = 3
     eps: float = 0.0
     memory: str = "auto"
+    hard_forward: bool = False
     modules: tuple[str, ...] = ("Linear", "Embedding")
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)

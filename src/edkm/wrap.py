@@ -87,6 +87,9 @@ class ClusteredWeight(nn.Module):
             w_hat, c = dkm(w16, self.centroids, tau=tau, iters=self.spec.iters, eps=self.spec.eps, memory=self.spec.memory)
             self.centroids.copy_(c.detach().reshape(self.centroids.shape))
             out = w_hat.to(weight.dtype)
+            if self.spec.hard_forward:
+                idx, lut = self.hard(weight)
+                out = out + (decode(lut, idx, self.shape, weight.dtype) - out).detach()
         else:
             idx, lut = self.hard(weight)
             out = decode(lut, idx, self.shape, weight.dtype)
