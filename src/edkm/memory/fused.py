@@ -4,7 +4,9 @@ Every DKM quantity is a sum over weights of a function of one weight's value, so
 distinct values u of a group and their counts n_u (at most 65,536 for 16-bit weights),
 ``sum_i f(w_i) = sum_u n_u f(u)``. A weight's own bit pattern is its index: a 65,536-entry
 lookup per group maps patterns to the values actually present (absent patterns, NaN/Inf among
-them, never enter a computation), so no index list and no |W| x |C| map ever exist.
+them, never enter a computation), so no index list and no |W| x |C| map ever exist. (Groups
+smaller than 8,192 weights, e.g. per-channel LUTs, find their present patterns with a sort
+instead, so the lookups never outgrow the weights.)
 
 Forward: count the patterns (one O(|W|) pass), run the ``iters`` soft k-means updates on the
 (value, count) pairs, build the table W_hat(u) = A(u, C) C and gather it back to the weights.
