@@ -47,6 +47,13 @@ def test_report_fields_and_eval_reproduces_exactly(single, small_text, capsys):
     assert json.loads(capsys.readouterr().out)["ppl"] == report["edkm_ppl"]
 
 
+def test_zero_shot_eval_of_packed_model(single, capsys):
+    out, _ = single
+    main(["eval", str(out / "model.edkm.safetensors"), "--tasks", "piqa,winogrande", "--limit", "4"])
+    tasks = json.loads(capsys.readouterr().out)["tasks"]
+    assert tasks["piqa"]["n"] == 4 and 0 <= tasks["piqa"]["acc"] <= 1 and 0 <= tasks["winogrande"]["acc"] <= 1
+
+
 def test_generate_from_packed_model(single, capsys):
     out, _ = single
     main(["generate", str(out / "model.edkm.safetensors"), "--prompt", "Once upon a time", "--max-new-tokens", "8"])
