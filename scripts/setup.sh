@@ -9,4 +9,4 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q "torch==2.13.0"   # the CPU build (a bare 'torch' pulls a multi-GB CUDA build)
 fi
-.venv/bin/pip install -q -e ".[${EDKM_EXTRAS:-hf,dev}]"
+.venv/bin/pip install -q -e ".[${EDKM_EXTRAS:-hf,dev,bench}]"
