@@ -7,8 +7,10 @@ from argparse import Namespace
 
 import pytest
 
-from edkm.bench import memory as bench
-from edkm.bench.memory import BenchOptions, Skipped
+from edkm.bench import BenchOptions, format_table, run
+from edkm.bench.configs import Skipped, choose_units, command_line, options_from_args
+from edkm.bench.render import write_outputs
+from edkm.bench.report import row_key
 
 KEYS = ("config", "ranks", "measured", "footprint_bytes", "device_bytes", "host_bytes", "copied_bytes",
         "peak_rss_bytes", "seconds")
@@ -19,8 +21,8 @@ def small(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "memory.json"
     # single-process configs in this process (fast); sharded ones still launch real gloo ranks
     opts = BenchOptions(shape=(256, 256), projections=1, ranks=[2], coreml=False, isolate=False, out=str(out))
-    result = bench.run(opts, log=lambda msg: None)
-    bench.write_outputs(result, opts)
+    result = run(opts, log=lambda msg: None)
+    write_outputs(result, opts)
     return result, out
 
 
@@ -31,7 +33,7 @@ def test_json_shape_and_fields(small):
     assert on_disk["projections"] == 1 and on_disk["iters"] == 3
     for key in ("results", "ratios", "machine", "torch", "note"):
         assert key in on_disk
-    rows = {bench.row_key(r): r for r in on_disk["results"]}
+    rows = {row_key(r): r for r in on_disk["results"]}
     assert set(rows) == {"plain", "save_on_cpu", "M", "M+U", "M+S@2", "M+S@8", "M+U+S@2", "M+U+S@8", "fused"}
     for key, r in rows.items():
         assert all(k in r for k in KEYS), key
@@ -48,7 +50,7 @@ def test_json_shape_and_fields(small):
 
 def test_footprints_in_the_expected_order(small):
     result, _ = small
-    fp = {bench.row_key(r): r["footprint_bytes"] for r in result["results"]}
+    fp = {row_key(r): r["footprint_bytes"] for r in result["results"]}
     r = result["ratios"]
     assert fp["fused"] < fp["M+U+S@8"] <= fp["M+U+S@2"] < fp["M+U"] < fp["M+S@2"] < fp["M"] <= fp["plain"]
     assert fp["M+S@8"] < fp["M+S@2"]
@@ -59,7 +61,7 @@ def test_footprints_in_the_expected_order(small):
 
 def test_techniques_are_what_they_claim(small):
     result, _ = small
-    rows = {bench.row_key(r): r for r in result["results"]}
+    rows = {row_key(r): r for r in result["results"]}
     plain, m, mu, mus2, mus8 = (rows[k] for k in ("plain", "M", "M+U", "M+U+S@2", "M+U+S@8"))
     assert plain["host_bytes"] == 0 and m["device_bytes"] == 0 and m["host_bytes"] == m["copied_bytes"]
     assert m["referenced"] > 0  # views of stored tensors answered by reference
@@ -76,22 +78,22 @@ def test_techniques_are_what_they_claim(small):
 
 
 def test_table_and_options():
-    opts = bench.options_from_args(Namespace(shape=[64, 32], bits=2, out="r/m.json", no_coreml=True))
+    opts = options_from_args(Namespace(shape=[64, 32], bits=2, out="r/m.json", no_coreml=True))
     assert opts.shape == (64, 32) and opts.k == 4 and opts.iters == 3 and opts.ranks == [2, 4]
     assert "coremltools" not in opts.configs
-    assert bench.command_line(opts) == "edkm bench memory --shape 64 32 --bits 2 --no-coreml --out r/m.json"
+    assert command_line(opts) == "edkm bench memory --shape 64 32 --bits 2 --no-coreml --out r/m.json"
     with pytest.raises(ValueError, match="unknown benchmark config"):
         BenchOptions(configs="plain,M+X")
-    text = bench.format_table({"results": [{"config": "plain", "ranks": 1, "measured": True, "footprint_bytes": 2 << 20,
-                                            "device_bytes": 2 << 20, "host_bytes": 0, "copied_bytes": 0,
-                                            "peak_rss_bytes": 300 << 20, "seconds": 1.5, "mode": "block"}]})
+    text = format_table({"results": [{"config": "plain", "ranks": 1, "measured": True, "footprint_bytes": 2 << 20,
+                                      "device_bytes": 2 << 20, "host_bytes": 0, "copied_bytes": 0,
+                                      "peak_rss_bytes": 300 << 20, "seconds": 1.5, "mode": "block"}]})
     assert "config" in text.splitlines()[0] and "plain" in text.splitlines()[2]
 
 
 def test_memory_limit_picks_per_projection_or_skips():
     opts = BenchOptions()  # 4 x 4096 x 4096, 3 bits
-    assert bench.choose_units("plain", opts)[0] == "per_projection"  # ~4.3 GB saved per projection
-    assert bench.choose_units("M+U", opts) == ("block", [[0, 1, 2, 3]])
-    assert bench.choose_units("fused", opts)[0] == "block"
+    assert choose_units("plain", opts)[0] == "per_projection"  # ~4.3 GB saved per projection
+    assert choose_units("M+U", opts) == ("block", [[0, 1, 2, 3]])
+    assert choose_units("fused", opts)[0] == "block"
     with pytest.raises(Skipped, match="memory limit"):
-        bench.choose_units("plain", BenchOptions(memory_limit_gib=1))
+        choose_units("plain", BenchOptions(memory_limit_gib=1))

@@ -1,8 +1,9 @@
 """Entry point of one measurement process: ``python -m edkm.bench._child SPEC_JSON RESULT_PATH``.
 
-Started by :mod:`edkm.bench.memory` in a fresh interpreter (one per configuration, one per rank
-for sharded configurations), so that the process's peak RSS (``VmHWM``) belongs to that
-measurement alone.
+Started by :func:`edkm.bench.measure.launch` in a fresh interpreter (one per configuration, one per
+rank for sharded configurations), so that the process's peak RSS (``VmHWM``) belongs to that
+measurement alone. Kept apart from :mod:`edkm.bench.measure` so that ``-m`` runs a module the
+package has not imported yet.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 def main(argv: list[str]) -> int:
     spec_json, result_path = argv
-    from .memory import measure_in_process
+    from .measure import measure_in_process
 
     result = measure_in_process(json.loads(spec_json))
     with open(result_path, "w") as f:
