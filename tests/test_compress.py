@@ -67,7 +67,7 @@ def test_two_process_ddp_with_sharding_matches_single(single, small_text, tmp_pa
     _, report = single
     res = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-         "-m", "edkm.cli", "compress", "--text", str(small_text), "--out", str(tmp_path), "--no-fp-control",
+         "-m", "edkm.cli", "compress", "--text", str(small_text), "--out", str(tmp_path),
          "--memory", "marshal+unique+shard", *FAST],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]

@@ -44,7 +44,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
                         tau_start=args.tau, tau_end=args.tau_end, seed=args.seed, progress=not args.quiet,
                         checkpoint_every=args.checkpoint_every)
     cfg = CompressConfig(model=args.model, text=args.text, alpaca=args.alpaca, context=args.context, out=args.out,
-                         plan=plan, train=train, fp_control=not args.no_fp_control, resume=args.resume)
+                         plan=plan, train=train, fp_control=not args.no_fp_control, distill=args.distill,
+                         resume=args.resume)
     _init_distributed()
     report = compress(cfg)
     if report:
@@ -114,15 +115,17 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--group-size", type=int, default=None)
     p.add_argument("--memory", default="auto", help="plain | marshal+unique+shard | fused | auto ...")
     p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--tau", type=float, default=0.05, help="relative tau at the start (see PalettizeConfig)")
+    p.add_argument("--tau", type=float, default=0.2, help="relative tau at the start (see PalettizeConfig)")
     p.add_argument("--tau-end", type=float, default=0.002, help="relative tau at the end (geometric annealing)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-fp-control", action="store_true", help="skip the fine-tuned fp control (big models)")
+    p.add_argument("--distill", type=float, default=1.0,
+                   help="weight of KL(teacher || model) in the eDKM loss, teacher = the fp control (0 = cross-entropy only)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints in --out")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -44,6 +44,7 @@ class CompressConfig:
     plan: PalettizeConfig = field(default_factory=PalettizeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fp_control: bool = True  # also fine-tune without clustering for the same steps
+    distill: float = 1.0  # weight of KL(teacher || model) in the eDKM loss (0 = plain cross-entropy)
     resume: bool = False
 
 
@@ -59,17 +60,33 @@ def _data(cfg: CompressConfig, tokenizer: Any) -> tuple[PackedDataset, torch.Ten
     return train_set, tokenize_text(tokenizer, held_text)
 
 
-def _finetune(model: nn.Module, data: PackedDataset, cfg: TrainConfig, checkpoint: Path, resume: bool) -> list[float]:
+def _finetune(
+    model: nn.Module, data: PackedDataset, cfg: TrainConfig, checkpoint: Path, resume: bool,
+    teacher: nn.Module | None = None, distill: float = 0.0,
+) -> list[float]:
+    """Fine-tune on next-token cross-entropy, mixed with ``distill`` x KL(teacher || model) per token."""
     net: nn.Module = model
     if world()[1] > 1:
         net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = net(x).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
+        logits = net(x).logits.float()
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+        if teacher is None or distill == 0:
+            return loss
+        with torch.no_grad():
+            target = F.log_softmax(teacher(x).logits.float(), dim=-1)
+        kl = (target.exp() * (target - F.log_softmax(logits, dim=-1))).sum(-1)
+        return (1 - distill) * loss + distill * kl[y != -100].sum()
 
     inputs, targets = data.input_ids[:, :-1], data.labels[:, 1:]
     return train(loss_fn, model, inputs, targets, cfg, checkpoint, resume and checkpoint.is_file())
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)  # atomic: a killed run never leaves half a JSON
 
 
 def _file_size(model: nn.Module, path: Path) -> int:
@@ -97,9 +114,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     def record(**values: Any) -> None:
         done.update(values)
         if rank == 0:
-            tmp = progress_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(done, indent=1))
-            os.replace(tmp, progress_path)
+            _write_json(progress_path, done)
 
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_causal_lm(cfg.model)
@@ -116,14 +131,17 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         record(fp_ppl=fp_ppl, rtn_ppl=ppl(rtn), rtn_size_bytes=_file_size(rtn, out / "rtn.edkm.safetensors"),
                kmeans_ptq_ppl=ppl(km), kmeans_ptq_size_bytes=_file_size(km, out / "kmeans.edkm.safetensors"))
         del rtn, km
-    if cfg.fp_control and "fp_finetuned_ppl" not in done:
-        control = copy.deepcopy(model)
-        losses = _finetune(control, data, cfg.train, out / "checkpoint_fp.pt", cfg.resume)
-        record(fp_finetuned_ppl=ppl(control) if rank == 0 else None, fp_losses=losses)
-        del control
+    teacher: nn.Module | None = None
+    if cfg.fp_control:
+        teacher = copy.deepcopy(model)  # trained here, or reloaded from its final checkpoint on --resume
+        fp_losses = _finetune(teacher, data, cfg.train, out / "checkpoint_fp.pt", cfg.resume)
+        if "fp_finetuned_ppl" not in done:
+            record(fp_finetuned_ppl=ppl(teacher) if rank == 0 else None, fp_losses=fp_losses)
+    # distillation teacher: the fine-tuned control when there is one, else the original model
+    teacher = (teacher or copy.deepcopy(model)).eval().requires_grad_(False) if cfg.distill else None
 
     palettize_(model, cfg.plan)
-    losses = _finetune(model, data, cfg.train, out / "checkpoint_edkm.pt", cfg.resume)
+    losses = _finetune(model, data, cfg.train, out / "checkpoint_edkm.pt", cfg.resume, teacher, cfg.distill)
     report: dict[str, Any] = {}
     if rank == 0:
         finalize_(model)
@@ -140,10 +158,10 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
             "rtn_size_bytes": done.get("rtn_size_bytes"), "kmeans_ptq_size_bytes": done.get("kmeans_ptq_size_bytes"),
             "steps": cfg.train.steps, "context": cfg.context, "heldout_tokens": int(held.numel()) - 1,
             "world_size": size, "seconds": round(time.perf_counter() - start, 1),  # this invocation (a resumed run counts from the resume)
-            "train": asdict(cfg.train), "losses": losses, "fp_losses": done.get("fp_losses"),
+            "train": asdict(cfg.train), "distill": cfg.distill, "losses": losses, "fp_losses": done.get("fp_losses"),
             "sample": generate_text(loaded, tokenizer),
         }
-        (out / "report.json").write_text(json.dumps(report, indent=1))
+        _write_json(out / "report.json", report)
     if size > 1:
         dist.barrier()
     return report

@@ -38,7 +38,7 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 8  # sequences per optimizer step, over all ranks and micro-batches
     grad_accum: int = 1  # micro-batches per optimizer step (per rank)
-    lr: float = 5e-4
+    lr: float = 1e-3
     warmup: int = 20
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.0
