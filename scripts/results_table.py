@@ -1,6 +1,7 @@
-"""Print the README's results tables from the committed JSON results.
+"""The README's results tables, from the committed JSON results.
 
-    python scripts/results_table.py            # reads benchmarks/results/compress_*.json and memory.json
+    python scripts/results_table.py            # print them (benchmarks/results/compress_*.json, memory.md)
+    python scripts/results_table.py --readme   # rewrite the tables between the README's markers
 """
 
 import json
@@ -24,12 +25,30 @@ def compress_table() -> str:
 
 
 def memory_table() -> str:
+    """The measured table and the target checks of memory.md (without its header and notes)."""
     path = RESULTS / "memory.md"
-    return path.read_text() if path.is_file() else "(run `edkm bench memory`)"
+    if not path.is_file():
+        return "(run `edkm bench memory`)"
+    text = path.read_text()
+    start = text.index("| config")
+    return text[start : text.index("## Notes")].replace("## Targets", "Targets:").strip()
+
+
+def update_readme() -> None:
+    readme = RESULTS.parent.parent / "README.md"
+    text = readme.read_text()
+    for name, table in (("compress", compress_table()), ("memory", memory_table())):
+        begin, end = f"<!-- {name} table -->", f"<!-- /{name} table -->"
+        head, rest = text.split(begin)
+        text = head + begin + "\n" + table + "\n" + end + rest.split(end)[1]
+    readme.write_text(text)
 
 
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if which == "--readme":
+        update_readme()
+        sys.exit()
     if which in ("all", "compress"):
         print(compress_table())
     if which in ("all", "memory"):
