@@ -24,8 +24,8 @@ from edkm.data import (
 )
 
 ASSETS = Path(edkm.__file__).parent / "assets"
-STORIES = [ASSETS / "tinystories" / "tinystories_val.txt", Path("/work/shared/data/tinystories/tinystories_val.txt")]
-ALPACA = Path("/work/shared/data/instruction/alpaca_200.json")
+STORIES = [ASSETS / "tinystories" / "tinystories_val.txt", Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_val.txt"]
+ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruction" / "alpaca_200.json"
 
 
 def _stories_path() -> Path:

@@ -15,7 +15,7 @@ from edkm.eval import evaluate_task, evaluate_tasks, load_task, loglikelihoods, 
 from edkm.eval import zeroshot as zs
 
 ASSETS = Path(edkm.__file__).parent / "assets"
-SHARED = Path("/work/shared/data")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared beside the checkout
 BUNDLED_SIZES = {"piqa": {2}, "arc_easy": {3, 4, 5}, "arc_challenge": {3, 4, 5}, "winogrande": {2}, "hellaswag": {4}}
 
 
