@@ -23,7 +23,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -138,8 +138,9 @@ def train(
             set_tau(model, tau)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        idx = batch_indices(step, len(inputs), cfg)[rank::size]
-        n_tokens = (labels[batch_indices(step, len(inputs), cfg)] != -100).sum().item()
+        batch = batch_indices(step, len(inputs), cfg)
+        n_tokens = (labels[batch] != -100).sum().item()  # over the global batch: ranks combine exactly
+        idx = batch[rank::size]
         total = torch.zeros((), dtype=torch.float64)
         for micro in idx.split(per_rank // cfg.grad_accum):
             loss = loss_fn(inputs[micro], labels[micro]) / n_tokens
@@ -162,7 +163,3 @@ def train(
     if bar is not None:
         bar.close()
     return losses
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)
