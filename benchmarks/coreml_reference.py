@@ -67,14 +67,9 @@ def _error_dict(message: str, **extra: Any) -> dict:
 
 
 def _read_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+    from edkm.bench.measure import proc_kib  # one /proc reader for the whole benchmark
+
+    return proc_kib("/proc/self/status", field)
 
 
 def _rss_bytes() -> int | None:
