@@ -36,21 +36,9 @@ def _stories_path() -> Path:
 
 
 @pytest.fixture(scope="module")
-def tok():
+def tok(make_tokenizer):
     """A small byte-level BPE tokenizer with BOS added by default (like Llama's)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )  # fmt: skip
-    bpe.train_from_iterator(["Once upon a time there was a little girl. ### Instruction: Response: Input:"] * 4, trainer)
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return make_tokenizer(["Once upon a time there was a little girl. ### Instruction: Response: Input:"] * 4, 320)
 
 
 # ------------------------------------------------------------------------------- load_text

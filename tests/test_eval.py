@@ -20,22 +20,9 @@ BUNDLED_SIZES = {"piqa": {2}, "arc_easy": {3, 4, 5}, "arc_challenge": {3, 4, 5},
 
 
 @pytest.fixture(scope="module")
-def tok():
+def tok(make_tokenizer):
     """A byte-level BPE tokenizer (BOS added by default, like Llama's) trained on the bundled items."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = [d.context + " " + " ".join(d.choices) for t in zs.TASKS for d in load_task(t)]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )  # fmt: skip
-    bpe.train_from_iterator(corpus, trainer)
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return make_tokenizer([d.context + " " + " ".join(d.choices) for t in zs.TASKS for d in load_task(t)], 1000)
 
 
 def tiny_llama(vocab_size: int, max_positions: int = 1024, seed: int = 0):
