@@ -75,6 +75,11 @@ class ClusteredWeight(nn.Module):
         idx, lut = hard_assign(w16, self.centroids)
         return idx, lut.to(LUT_DTYPE)
 
+    def hard_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight decoded from its hard assignment, exactly as the finalized LUT module computes it."""
+        idx, lut = self.hard(weight)
+        return decode(lut, idx, self.shape, weight.dtype)
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         key = (weight._version, self.training, torch.is_grad_enabled())
         if self._cache is not None and self._cache[0] == key:
@@ -88,11 +93,9 @@ class ClusteredWeight(nn.Module):
             self.centroids.copy_(c.detach().reshape(self.centroids.shape))
             out = w_hat.to(weight.dtype)
             if self.spec.hard_forward:
-                idx, lut = self.hard(weight)
-                out = out + (decode(lut, idx, self.shape, weight.dtype) - out).detach()
+                out = out + (self.hard_weight(weight) - out).detach()
         else:
-            idx, lut = self.hard(weight)
-            out = decode(lut, idx, self.shape, weight.dtype)
+            out = self.hard_weight(weight)
         self._cache = (key, out)
         return out
 
