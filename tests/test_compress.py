@@ -47,6 +47,18 @@ def test_report_fields_and_eval_reproduces_exactly(single, small_text, capsys):
     assert json.loads(capsys.readouterr().out)["ppl"] == report["edkm_ppl"]
 
 
+def test_control_and_edkm_train_at_their_own_learning_rates(single):
+    import torch
+
+    from edkm.train import TrainConfig, lr_at
+
+    out, report = single
+    assert report["control_lr"] == 5e-4 and report["train"]["lr"] == 1e-3  # --lr 1e-3 in FAST, default --control-lr
+    for name, peak in (("checkpoint_fp.pt", 5e-4), ("checkpoint_edkm.pt", 1e-3)):
+        groups = torch.load(out / name, weights_only=False)["optimizer"]["param_groups"]
+        assert groups[0]["lr"] == pytest.approx(lr_at(3, TrainConfig(steps=4, lr=peak)))
+
+
 def test_zero_shot_eval_of_packed_model(single, capsys):
     out, _ = single
     main(["eval", str(out / "model.edkm.safetensors"), "--tasks", "piqa,winogrande", "--limit", "4"])

@@ -12,10 +12,7 @@ from edkm.cli import main
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("bits,within", [
-    pytest.param(3, 0.15, marks=pytest.mark.xfail(strict=False, reason="measured +15.6 % (benchmarks/results/compress_3bit.json): issue 4 open")),
-    (4, 0.05),
-])
+@pytest.mark.parametrize("bits,within", [(3, 0.15), (4, 0.05)])
 def test_default_job_reaches_targets(bits, within, tmp_path):
     main(["compress", "--bits", str(bits), "--out", str(tmp_path), "--quiet"])
     r = json.loads((tmp_path / "report.json").read_text())

@@ -44,8 +44,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
                         tau_start=args.tau, tau_end=args.tau_end, seed=args.seed, progress=not args.quiet,
                         checkpoint_every=args.checkpoint_every)
     cfg = CompressConfig(model=args.model, text=args.text, alpaca=args.alpaca, context=args.context, out=args.out,
-                         plan=plan, train=train, fp_control=not args.no_fp_control, distill=args.distill,
-                         resume=args.resume)
+                         plan=plan, train=train, fp_control=not args.no_fp_control, control_lr=args.control_lr,
+                         distill=args.distill, resume=args.resume)
     _init_distributed()
     report = compress(cfg)
     if report:
@@ -65,6 +65,8 @@ def format_report(r: dict[str, Any]) -> str:
     ]
     lines = ["| model | held-out ppl | size |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {p:.3f} | {mb(s)} ({kind}) |" if p else f"| {name} | - | {mb(s)} |" for name, p, s, kind in rows]
+    if r.get("fp_finetuned_ppl"):
+        lines.append(f"\neDKM vs the fine-tuned control: {r['edkm_ppl'] / r['fp_finetuned_ppl'] - 1:+.1%}")
     return "\n".join(lines) + f"\n\nsample: {r.get('sample', '')!r}"
 
 
@@ -118,9 +120,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--tau", type=float, default=0.2, help="relative tau at the start (see PalettizeConfig)")
     p.add_argument("--tau-end", type=float, default=0.002, help="relative tau at the end (geometric annealing)")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the eDKM fine-tuning")
+    p.add_argument("--control-lr", type=float, default=5e-4, help="peak learning rate of the fp control")
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-fp-control", action="store_true", help="skip the fine-tuned fp control (big models)")

@@ -12,7 +12,7 @@ import copy
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ class CompressConfig:
     plan: PalettizeConfig = field(default_factory=PalettizeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fp_control: bool = True  # also fine-tune without clustering for the same steps
+    control_lr: float | None = 5e-4  # peak lr of the fp control (None = train.lr); its best measured, see README
     distill: float = 1.0  # weight of KL(teacher || model) in the eDKM loss (0 = plain cross-entropy)
     resume: bool = False
 
@@ -134,7 +135,8 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     teacher: nn.Module | None = None
     if cfg.fp_control:
         teacher = copy.deepcopy(model)  # trained here, or reloaded from its final checkpoint on --resume
-        fp_losses = _finetune(teacher, data, cfg.train, out / "checkpoint_fp.pt", cfg.resume)
+        control = replace(cfg.train, lr=cfg.control_lr or cfg.train.lr)
+        fp_losses = _finetune(teacher, data, control, out / "checkpoint_fp.pt", cfg.resume)
         if "fp_finetuned_ppl" not in done:
             record(fp_finetuned_ppl=ppl(teacher) if rank == 0 else None, fp_losses=fp_losses)
     # distillation teacher: the fine-tuned control when there is one, else the original model
@@ -158,7 +160,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
             "rtn_size_bytes": done.get("rtn_size_bytes"), "kmeans_ptq_size_bytes": done.get("kmeans_ptq_size_bytes"),
             "steps": cfg.train.steps, "context": cfg.context, "heldout_tokens": int(held.numel()) - 1,
             "world_size": size, "seconds": round(time.perf_counter() - start, 1),  # this invocation (a resumed run counts from the resume)
-            "train": asdict(cfg.train), "distill": cfg.distill, "losses": losses, "fp_losses": done.get("fp_losses"),
+            "train": asdict(cfg.train), "distill": cfg.distill, "control_lr": cfg.control_lr, "losses": losses, "fp_losses": done.get("fp_losses"),
             "sample": generate_text(loaded, tokenizer),
         }
         _write_json(out / "report.json", report)

@@ -36,7 +36,7 @@ from .wrap import set_tau
 @dataclass
 class TrainConfig:
     steps: int = 300
-    batch_size: int = 8  # sequences per optimizer step, over all ranks and micro-batches
+    batch_size: int = 16  # sequences per optimizer step, over all ranks and micro-batches
     grad_accum: int = 1  # micro-batches per optimizer step (per rank)
     lr: float = 1e-3
     warmup: int = 20
