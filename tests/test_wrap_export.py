@@ -116,18 +116,51 @@ def test_corrupted_truncated_and_newer_files(tmp_path):
         edkm.load_palettized(tmp_path / "cut.safetensors", Tiny())
     with pytest.raises(FileNotFoundError):
         edkm.load_palettized(tmp_path / "missing.safetensors")
-    # rewrite the header with a future version
+    rewrite_header(path, tmp_path / "new.safetensors", lambda header: header.update(version=99))
+    with pytest.raises(ValueError, match="newer"):
+        edkm.load_palettized(tmp_path / "new.safetensors", Tiny())
+
+
+def rewrite_header(path, out, edit):
+    """Copy the packed file ``path`` to ``out`` with ``edit(header)`` applied to its edkm header."""
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     meta = json.loads(raw[8 : 8 + n])
     header = json.loads(meta["__metadata__"]["edkm"])
-    header["version"] = 99
+    edit(header)
     meta["__metadata__"]["edkm"] = json.dumps(header)
     blob = json.dumps(meta).encode()
     blob += b" " * (-len(blob) % 8)
-    (tmp_path / "new.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
-    with pytest.raises(ValueError, match="newer"):
-        edkm.load_palettized(tmp_path / "new.safetensors", Tiny())
+    out.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
+
+
+def test_rtn_stores_min_and_scale_and_reloads_exactly(tmp_path):
+    from safetensors import safe_open
+
+    model = edkm.rtn_(nn.Sequential(nn.Linear(512, 512)), edkm.PalettizeConfig(bits=8, memory="plain"))
+    path = tmp_path / "rtn.safetensors"
+    edkm.save_palettized(model, path)
+    with safe_open(path, framework="pt") as f:
+        assert sorted(f.keys()) == ["0.bias", "0.indices", "0.lo", "0.step"]
+    expected = 512 * 512 + 512 * (4 + 4) + 512 * 4  # 8-bit indices + fp32 min and scale per row + bias
+    assert abs(path.stat().st_size - expected) / expected < 0.02  # a 256-level fp16 LUT per row would add 256 kB
+    loaded = edkm.load_palettized(path, nn.Sequential(nn.Linear(512, 512)))
+    assert loaded[0].lut.uniform and torch.equal(loaded[0].weight, model[0].weight)
+
+
+def test_version_1_files_still_load(tmp_path):
+    model = edkm.ptq_kmeans_(Tiny(), edkm.PalettizeConfig(bits=3, memory="plain"))
+    edkm.save_palettized(model, tmp_path / "v2.safetensors")
+
+    def to_v1(header):
+        header["version"] = 1
+        for layer in header["layers"].values():
+            del layer["levels"]
+
+    rewrite_header(tmp_path / "v2.safetensors", tmp_path / "v1.safetensors", to_v1)
+    loaded = edkm.load_palettized(tmp_path / "v1.safetensors", Tiny())
+    x = torch.randint(0, 64, (2, 8))
+    assert torch.equal(loaded(x), model(x))
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):

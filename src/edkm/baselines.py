@@ -2,9 +2,9 @@
 
 * ``ptq_kmeans_``: 1-D k-means LUTs of the 16-bit weights, no fine-tuning.
 * ``rtn_``: round-to-nearest uniform (asymmetric min-max) quantisation per output channel or per
-  group of ``group_size`` consecutive input weights (the GPTQ/AWQ "g128" convention). Its levels are
-  stored as a LUT (min + scale * j), so it exports and loads like any clustered model; on disk
-  that costs 2^b fp16 entries per group where a scale + zero point would cost two.
+  group of ``group_size`` consecutive input weights (the GPTQ/AWQ "g128" convention). It computes
+  with a LUT of the levels min + scale * j like any clustered model; on disk it keeps only the
+  min and the scale of each group (fp32).
 
 Example:
     >>> import torch, edkm
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .config import PalettizeConfig
-from .wrap import LUT_DTYPE, LUTModule, LUTWeight, _set, _targets, finalize_, palettize_
+from .wrap import LUTModule, LUTWeight, _set, _targets, finalize_, palettize_
 
 
 def ptq_kmeans_(model: nn.Module, config: PalettizeConfig | None = None) -> nn.Module:
@@ -28,8 +28,8 @@ def ptq_kmeans_(model: nn.Module, config: PalettizeConfig | None = None) -> nn.M
     return finalize_(palettize_(model, config))
 
 
-def rtn_lut(weight: torch.Tensor, bits: int, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniform min-max levels per group: (uint8 indices (G, n), fp16 LUT (G, 2^bits))."""
+def rtn_lut(weight: torch.Tensor, bits: int, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uniform min-max levels per group: uint8 indices (G, n), fp32 min and scale (G, 1) of the levels."""
     rows = weight.detach().float().reshape(weight.shape[0], -1)
     if group_size is not None and rows.shape[1] % group_size:
         raise ValueError(f"group_size {group_size} does not divide the {rows.shape[1]} input channels of a {tuple(weight.shape)} weight")
@@ -37,8 +37,7 @@ def rtn_lut(weight: torch.Tensor, bits: int, group_size: int | None = None) -> t
     lo, hi = groups.min(dim=1, keepdim=True).values, groups.max(dim=1, keepdim=True).values
     step = ((hi - lo) / ((1 << bits) - 1)).clamp_min(1e-12)
     idx = torch.round((groups - lo) / step).clamp(0, (1 << bits) - 1)
-    lut = lo + step * torch.arange(1 << bits, dtype=torch.float32)
-    return idx.to(torch.uint8), lut.to(LUT_DTYPE)
+    return idx.to(torch.uint8), lo, step
 
 
 @torch.no_grad()
@@ -50,7 +49,7 @@ def rtn_(model: nn.Module, config: PalettizeConfig | None = None, *, group_size:
         weight = module.weight
         if id(weight) not in luts:
             bits = config.for_module(name).bits
-            idx, lut = rtn_lut(weight, bits, group_size)
-            luts[id(weight)] = LUTWeight(lut, idx, weight.shape, bits, weight.dtype)
+            idx, lo, step = rtn_lut(weight, bits, group_size)
+            luts[id(weight)] = LUTWeight.from_uniform(lo, step, idx, weight.shape, bits, weight.dtype)
         _set(model, name, LUTModule(module, luts[id(weight)]))
     return model

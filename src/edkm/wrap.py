@@ -100,17 +100,39 @@ class ClusteredWeight(nn.Module):
         return out
 
 
-class LUTWeight(nn.Module):
-    """Hard-clustered weight: fp16 LUT (G, k) and indices (G, n); decoded on use."""
+def uniform_levels(lo: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp16 LUT (G, 2^bits) of the evenly spaced levels ``lo + step * j`` (fp32 math, (G, 1) inputs)."""
+    return (lo.float() + step.float() * torch.arange(1 << bits, dtype=torch.float32, device=lo.device)).to(LUT_DTYPE)
 
-    def __init__(self, lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size, bits: int, dtype: torch.dtype) -> None:
+
+class LUTWeight(nn.Module):
+    """Hard-clustered weight: fp16 LUT (G, k) and indices (G, n); decoded on use.
+
+    A LUT of evenly spaced levels (round-to-nearest) also keeps ``lo`` and ``step`` (fp32, (G, 1)),
+    which the export stores instead of the 2^b levels: a scale and a zero point per group.
+    """
+
+    def __init__(
+        self, lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size, bits: int, dtype: torch.dtype,
+        uniform: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.register_buffer("lut", lut)
         self.register_buffer("indices", indices)
         self.shape, self.bits, self.dtype = torch.Size(shape), bits, dtype
+        self.uniform = uniform is not None
+        if uniform is not None:
+            self.register_buffer("lo", uniform[0])
+            self.register_buffer("step", uniform[1])
+
+    @classmethod
+    def from_uniform(cls, lo: torch.Tensor, step: torch.Tensor, indices: torch.Tensor, shape: torch.Size, bits: int,
+                     dtype: torch.dtype) -> "LUTWeight":
+        """The LUT of ``uniform_levels(lo, step, bits)``; exactly what :func:`edkm.rtn_` computes with."""
+        return cls(uniform_levels(lo, step, bits), indices, shape, bits, dtype, uniform=(lo, step))
 
     def extra_repr(self) -> str:
-        return f"shape={tuple(self.shape)}, bits={self.bits}, groups={self.lut.shape[0]}"
+        return f"shape={tuple(self.shape)}, bits={self.bits}, groups={self.lut.shape[0]}" + (", uniform" if self.uniform else "")
 
     def forward(self) -> torch.Tensor:
         return decode(self.lut, self.indices, self.shape, self.dtype)

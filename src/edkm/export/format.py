@@ -2,10 +2,13 @@
 
 Tensors: ``<layer>.lut`` (fp16, (G, 2^b)) and ``<layer>.indices`` (uint8, b-bit values packed
 densely, see :mod:`edkm.export.pack`) for every clustered weight, plus every other tensor of the
-model's state dict as it is. The safetensors metadata holds one JSON header under ``"edkm"``::
+model's state dict as it is. Evenly spaced levels (round-to-nearest) are stored as ``<layer>.lo``
+and ``<layer>.step`` (fp32, (G, 1)) instead of the LUT. The safetensors metadata holds one JSON
+header under ``"edkm"``::
 
-    {"format": "edkm-palettized", "version": 1,
-     "layers": {name: {"bits", "shape", "groups", "dtype", "modules": [tied module names]}},
+    {"format": "edkm-palettized", "version": 2,
+     "layers": {name: {"bits", "shape", "groups", "dtype", "levels": "lut" | "uniform",
+                       "modules": [tied module names]}},
      "aliases": {state-dict key: key it shares storage with},
      "model_config": Hugging Face config dict or null, "palettize_config": ... or null,
      "sha256": digest of every tensor's bytes in key order}
@@ -36,7 +39,7 @@ from ..wrap import LUTModule, LUTWeight, _set
 from .pack import pack_bits, unpack_bits
 
 FORMAT = "edkm-palettized"
-VERSION = 1
+VERSION = 2  # 2: uniform levels stored as lo + step (version-1 files hold LUTs only)
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -70,11 +73,14 @@ def save_palettized(model: nn.Module, path: str | os.PathLike) -> None:
     tensors: dict[str, torch.Tensor] = {}
     header: dict[str, Any] = {"format": FORMAT, "version": VERSION, "layers": {}, "aliases": {}}
     for name, (lut, names) in layers.items():
-        tensors[f"{name}.lut"] = lut.lut.detach().cpu().contiguous()
+        levels = {"lo": lut.lo, "step": lut.step} if lut.uniform else {"lut": lut.lut}
+        for part, value in levels.items():
+            tensors[f"{name}.{part}"] = value.detach().cpu().contiguous()
         tensors[f"{name}.indices"] = pack_bits(lut.indices.cpu(), lut.bits)
         header["layers"][name] = {
             "bits": lut.bits, "shape": list(lut.shape), "groups": lut.lut.shape[0],
-            "dtype": str(lut.dtype).removeprefix("torch."), "modules": names,
+            "dtype": str(lut.dtype).removeprefix("torch."), "levels": "uniform" if lut.uniform else "lut",
+            "modules": names,
         }
     lut_keys = tuple(f"{n}.lut." for _, names in layers.values() for n in names)
     seen: dict[tuple[int, tuple[int, ...], torch.dtype], str] = {}
@@ -153,7 +159,11 @@ def load_palettized(path: str | os.PathLike, model: nn.Module | None = None) -> 
     for name, layer in header["layers"].items():
         shape, bits, groups = torch.Size(layer["shape"]), layer["bits"], layer["groups"]
         indices = unpack_bits(tensors.pop(f"{name}.indices"), bits, shape.numel()).reshape(groups, -1)
-        lut = LUTWeight(tensors.pop(f"{name}.lut"), indices, shape, bits, getattr(torch, layer["dtype"]))
+        dtype = getattr(torch, layer["dtype"])
+        if layer.get("levels", "lut") == "uniform":
+            lut = LUTWeight.from_uniform(tensors.pop(f"{name}.lo"), tensors.pop(f"{name}.step"), indices, shape, bits, dtype)
+        else:
+            lut = LUTWeight(tensors.pop(f"{name}.lut"), indices, shape, bits, dtype)
         for module_name in layer["modules"]:
             try:
                 base = model.get_submodule(module_name)
