@@ -28,7 +28,7 @@ def ptq_kmeans_(model: nn.Module, config: PalettizeConfig | None = None) -> nn.M
     return finalize_(palettize_(model, config))
 
 
-def rtn_lut(weight: torch.Tensor, bits: int, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rtn_uniform(weight: torch.Tensor, bits: int, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Uniform min-max levels per group: uint8 indices (G, n), fp32 min and scale (G, 1) of the levels."""
     rows = weight.detach().float().reshape(weight.shape[0], -1)
     if group_size is not None and rows.shape[1] % group_size:
@@ -49,7 +49,7 @@ def rtn_(model: nn.Module, config: PalettizeConfig | None = None, *, group_size:
         weight = module.weight
         if id(weight) not in luts:
             bits = config.for_module(name).bits
-            idx, lo, step = rtn_lut(weight, bits, group_size)
+            idx, lo, step = rtn_uniform(weight, bits, group_size)
             luts[id(weight)] = LUTWeight.from_uniform(lo, step, idx, weight.shape, bits, weight.dtype)
         _set(model, name, LUTModule(module, luts[id(weight)]))
     return model

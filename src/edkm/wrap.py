@@ -120,10 +120,14 @@ class LUTWeight(nn.Module):
         self.register_buffer("lut", lut)
         self.register_buffer("indices", indices)
         self.shape, self.bits, self.dtype = torch.Size(shape), bits, dtype
-        self.uniform = uniform is not None
         if uniform is not None:
             self.register_buffer("lo", uniform[0])
             self.register_buffer("step", uniform[1])
+
+    @property
+    def uniform(self) -> bool:
+        """Whether the levels are evenly spaced (kept as ``lo`` and ``step``)."""
+        return "lo" in self._buffers
 
     @classmethod
     def from_uniform(cls, lo: torch.Tensor, step: torch.Tensor, indices: torch.Tensor, shape: torch.Size, bits: int,
