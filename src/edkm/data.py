@@ -48,6 +48,16 @@ _BLANK_LINE = re.compile(r"\n[ \t\r]*\n")
 
 
 # --------------------------------------------------------------------------------------- loading
+def _read_nonempty(path: Path, kind: str) -> str:
+    """UTF-8 text of ``path``; FileNotFoundError / ValueError naming ``kind`` and the path if it is missing or blank."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"{kind} is empty: {path}")
+    return text
+
+
 def load_text(path: str | Path) -> str:
     """Read a UTF-8 text file (universal newlines: ``\\r\\n`` becomes ``\\n``).
 
@@ -61,13 +71,7 @@ def load_text(path: str | Path) -> str:
         ...     load_text(p)
         'Once upon a time.\\n\\nThe end.\\n'
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"text file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise ValueError(f"text file is empty: {path}")
-    return text
+    return _read_nonempty(Path(path), "text file")
 
 
 def load_alpaca(path: str | Path) -> list[dict[str, str]]:
@@ -88,11 +92,7 @@ def load_alpaca(path: str | Path) -> list[dict[str, str]]:
         [{'instruction': 'Say hi.', 'input': '', 'output': 'Hi!'}]
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Alpaca file not found: {path}")
-    raw = path.read_text(encoding="utf-8")
-    if not raw.strip():
-        raise ValueError(f"Alpaca file is empty: {path}")
+    raw = _read_nonempty(path, "Alpaca file")
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as e:
