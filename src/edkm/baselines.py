@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .config import PalettizeConfig
-from .wrap import LUTModule, LUTWeight, _set, _targets, finalize_, palettize_
+from .lut import LUTModule, LUTWeight
+from .wrap import finalize_, palettize_, set_submodule, target_modules
 
 
 def ptq_kmeans_(model: nn.Module, config: PalettizeConfig | None = None) -> nn.Module:
@@ -45,11 +46,11 @@ def rtn_(model: nn.Module, config: PalettizeConfig | None = None, *, group_size:
     """Round-to-nearest baseline in place; bits and targets come from ``config``."""
     config = config or PalettizeConfig()
     luts: dict[int, LUTWeight] = {}
-    for name, module in _targets(model, config):
+    for name, module in target_modules(model, config):
         weight = module.weight
         if id(weight) not in luts:
             bits = config.for_module(name).bits
             idx, lo, step = rtn_uniform(weight, bits, group_size)
             luts[id(weight)] = LUTWeight.from_uniform(lo, step, idx, weight.shape, bits, weight.dtype)
-        _set(model, name, LUTModule(module, luts[id(weight)]))
+        set_submodule(model, name, LUTModule(module, luts[id(weight)]))
     return model

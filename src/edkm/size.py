@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import PalettizeConfig
 from .export.pack import packed_nbytes
-from .wrap import _targets
+from .wrap import target_modules
 
 GiB = 1 << 30
 
@@ -60,7 +60,7 @@ def palettized_size(model: nn.Module, config: PalettizeConfig) -> dict[str, int]
     """
     params = {id(p): p for p in model.parameters()}
     clustered: dict[int, int] = {}
-    for name, module in _targets(model, config):
+    for name, module in target_modules(model, config):
         w = module.weight
         if id(w) in clustered:
             continue

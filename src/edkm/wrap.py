@@ -23,15 +23,12 @@ Example:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .cluster import decode, dkm, hard_assign, kmeans1d
 from .cluster.sixteen import cast_straight_through
 from .config import LayerSpec, PalettizeConfig, matches
-
-LUT_DTYPE = torch.float16
-
+from .lut import LUT_DTYPE, LUTModule, LUTWeight, WrappedLayer
 
 def tau_scale(centroids: torch.Tensor) -> torch.Tensor:
     """Per-LUT unit of tau: the median squared gap between neighbouring sorted centroids."""
@@ -100,67 +97,7 @@ class ClusteredWeight(nn.Module):
         return out
 
 
-def uniform_levels(lo: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
-    """fp16 LUT (G, 2^bits) of the evenly spaced levels ``lo + step * j`` (fp32 math, (G, 1) inputs)."""
-    return (lo.float() + step.float() * torch.arange(1 << bits, dtype=torch.float32, device=lo.device)).to(LUT_DTYPE)
-
-
-class LUTWeight(nn.Module):
-    """Hard-clustered weight: fp16 LUT (G, k) and indices (G, n); decoded on use.
-
-    A LUT of evenly spaced levels (round-to-nearest) also keeps ``lo`` and ``step`` (fp32, (G, 1)),
-    which the export stores instead of the 2^b levels: a scale and a zero point per group.
-    """
-
-    def __init__(
-        self, lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size, bits: int, dtype: torch.dtype,
-        uniform: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> None:
-        super().__init__()
-        self.register_buffer("lut", lut)
-        self.register_buffer("indices", indices)
-        self.shape, self.bits, self.dtype = torch.Size(shape), bits, dtype
-        if uniform is not None:
-            self.register_buffer("lo", uniform[0])
-            self.register_buffer("step", uniform[1])
-
-    @property
-    def uniform(self) -> bool:
-        """Whether the levels are evenly spaced (kept as ``lo`` and ``step``)."""
-        return "lo" in self._buffers
-
-    @classmethod
-    def from_uniform(cls, lo: torch.Tensor, step: torch.Tensor, indices: torch.Tensor, shape: torch.Size, bits: int,
-                     dtype: torch.dtype) -> "LUTWeight":
-        """The LUT of ``uniform_levels(lo, step, bits)``; exactly what :func:`edkm.rtn_` computes with."""
-        return cls(uniform_levels(lo, step, bits), indices, shape, bits, dtype, uniform=(lo, step))
-
-    def extra_repr(self) -> str:
-        return f"shape={tuple(self.shape)}, bits={self.bits}, groups={self.lut.shape[0]}" + (", uniform" if self.uniform else "")
-
-    def forward(self) -> torch.Tensor:
-        return decode(self.lut, self.indices, self.shape, self.dtype)
-
-
-class _Wrapped(nn.Module):
-    """Shared plumbing: keeps the wrapped module's attributes (weight, bias, padding_idx, ...)."""
-
-    def __init__(self, base: nn.Module) -> None:
-        super().__init__()
-        for key, value in vars(base).items():
-            if not key.startswith("_") and key != "training":
-                setattr(self, key, value)
-        for key, param in base._parameters.items():
-            self.register_parameter(key, param)  # the same Parameter objects (bias may be None)
-        self.base_type: str = getattr(base, "base_type", type(base).__name__)
-
-    def _compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self.base_type == "Linear":
-            return F.linear(x, weight, self.bias)
-        return F.embedding(x, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
-
-
-class DKMModule(_Wrapped):
+class DKMModule(WrappedLayer):
     """nn.Linear / nn.Embedding whose weight is DKM-clustered on the fly."""
 
     def __init__(self, base: nn.Module, clusterer: ClusteredWeight) -> None:
@@ -171,29 +108,12 @@ class DKMModule(_Wrapped):
         return self._compute(x, self.clusterer(self.weight))
 
 
-class LUTModule(_Wrapped):
-    """nn.Linear / nn.Embedding computing with a decoded LUT weight (no weight Parameter)."""
-
-    def __init__(self, base: nn.Module, lut: LUTWeight) -> None:
-        super().__init__(base)
-        self.__dict__.pop("weight", None)
-        self._parameters.pop("weight", None)
-        self.lut = lut
-
-    @property
-    def weight(self) -> torch.Tensor:  # decoded, for code that inspects `.weight`
-        return self.lut()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._compute(x, self.lut())
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _targets(model: nn.Module, config: PalettizeConfig) -> list[tuple[str, nn.Module]]:
+def target_modules(model: nn.Module, config: PalettizeConfig) -> list[tuple[str, nn.Module]]:
     types = tuple({"Linear": nn.Linear, "Embedding": nn.Embedding}[t] for t in config.modules)
     found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, types)]
     names = [n for n, _ in found]
@@ -223,11 +143,11 @@ def palettize_(model: nn.Module, config: PalettizeConfig | None = None) -> nn.Mo
     config = config or PalettizeConfig()
     dtype = getattr(torch, config.cluster_dtype)
     shared: dict[int, ClusteredWeight] = {}
-    for name, module in _targets(model, config):
+    for name, module in target_modules(model, config):
         weight = module.weight
         if id(weight) not in shared:
             shared[id(weight)] = ClusteredWeight(config.for_module(name), weight.shape, dtype).to(weight.device)
-        _set(model, name, DKMModule(module, shared[id(weight)]))
+        set_submodule(model, name, DKMModule(module, shared[id(weight)]))
     if not shared:
         raise ValueError("palettize_ found no module to cluster")
     if not hasattr(model, "_edkm_hook"):
@@ -257,7 +177,7 @@ def finalize_(model: nn.Module) -> nn.Module:
         if id(cw) not in luts:
             idx, lut = cw.hard(module.weight)
             luts[id(cw)] = LUTWeight(lut, idx, cw.shape, cw.spec.bits, module.weight.dtype)
-        _set(model, name, LUTModule(module, luts[id(cw)]))
+        set_submodule(model, name, LUTModule(module, luts[id(cw)]))
     hook = model.__dict__.pop("_edkm_hook", None)
     if hook is not None:
         hook.remove()

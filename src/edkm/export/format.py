@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..wrap import LUTModule, LUTWeight, _set
+from ..lut import LUTModule, LUTWeight
+from ..wrap import set_submodule
 from .pack import pack_bits, unpack_bits
 
 FORMAT = "edkm-palettized"
@@ -171,7 +172,7 @@ def load_palettized(path: str | os.PathLike, model: nn.Module | None = None) -> 
                 raise ValueError(f"{path}: the model has no module {module_name!r} to load a LUT into") from err
             base = base if isinstance(base, LUTModule) else LUTModule(base, lut)
             base.lut = lut
-            _set(model, module_name, base)
+            set_submodule(model, module_name, base)
     for alias, key in header["aliases"].items():
         tensors[alias] = tensors[key]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
