@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from .config import PalettizeConfig
-from .lut import LUTModule, LUTWeight
-from .wrap import finalize_, palettize_, set_submodule, target_modules
+from .lut import LUTModule, LUTWeight, rows_first_weight
+from .wrap import finalize_, palettize_, set_submodule, weight_plans
 
 
 def ptq_kmeans_(model: nn.Module, config: PalettizeConfig | None = None) -> nn.Module:
@@ -45,12 +45,10 @@ def rtn_uniform(weight: torch.Tensor, bits: int, group_size: int | None = None) 
 def rtn_(model: nn.Module, config: PalettizeConfig | None = None, *, group_size: int | None = None) -> nn.Module:
     """Round-to-nearest baseline in place; bits and targets come from ``config``."""
     config = config or PalettizeConfig()
-    luts: dict[int, LUTWeight] = {}
-    for name, module in target_modules(model, config):
-        weight = module.weight
-        if id(weight) not in luts:
-            bits = config.for_module(name).bits
-            idx, lo, step = rtn_uniform(weight, bits, group_size)
-            luts[id(weight)] = LUTWeight.from_uniform(lo, step, idx, weight.shape, bits, weight.dtype)
-        set_submodule(model, name, LUTModule(module, luts[id(weight)]))
+    for modules, spec in weight_plans(model, config):  # tied weights: the most bits any of their names asks for
+        weight = rows_first_weight(modules[0][1])
+        idx, lo, step = rtn_uniform(weight, spec.bits, group_size)
+        lut = LUTWeight.from_uniform(lo, step, idx, weight.shape, spec.bits, weight.dtype)
+        for name, module in modules:
+            set_submodule(model, name, LUTModule(module, lut))
     return model

@@ -34,10 +34,10 @@ def _init_distributed() -> None:
 
 def cmd_compress(args: argparse.Namespace) -> None:
     from .compress import CompressConfig, compress
-    from .config import PalettizeConfig
+    from .config import EMBEDDING_LAYERS, PalettizeConfig
     from .train import TrainConfig
 
-    overrides = {"embed_tokens|lm_head": {"bits": args.embed_bits}} if args.embed_bits else {}
+    overrides = {EMBEDDING_LAYERS: {"bits": args.embed_bits}} if args.embed_bits else {}
     plan = PalettizeConfig(bits=args.bits, group_size=args.group_size, tau=args.tau, iters=args.iters,
                            memory=args.memory, overrides=overrides)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,

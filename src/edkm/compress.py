@@ -28,7 +28,7 @@ from .eval.perplexity import perplexity
 from .export import load_palettized, save_palettized
 from .models import BUNDLED_TEXT, load_causal_lm
 from .train import TrainConfig, train, world
-from .wrap import finalize_, palettize_
+from .wrap import clustered_fraction, finalize_, palettize_
 
 MODEL_FILE = "model.edkm.safetensors"
 
@@ -155,7 +155,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
             "model": cfg.model or "bundled:stories260K",
             "fp_ppl": done.get("fp_ppl"), "fp_finetuned_ppl": done.get("fp_finetuned_ppl"),
             "rtn_ppl": done.get("rtn_ppl"), "kmeans_ptq_ppl": done.get("kmeans_ptq_ppl"),
-            "edkm_ppl": ppl(loaded), "bits": bits, "plan": cfg.plan.to_dict(),
+            "edkm_ppl": ppl(loaded), "bits": bits, "plan": cfg.plan.to_dict(), "clustered_fraction": clustered_fraction(loaded),
             "size_bytes": path.stat().st_size, "fp_size_bytes": fp_bytes,
             "rtn_size_bytes": done.get("rtn_size_bytes"), "kmeans_ptq_size_bytes": done.get("kmeans_ptq_size_bytes"),
             "steps": cfg.train.steps, "context": cfg.context, "heldout_tokens": int(held.numel()) - 1,

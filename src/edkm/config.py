@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FORMAT_VERSION = 1
+EMBEDDING_LAYERS = r"embed|wte|wpe|lm_head"  # token/position embeddings and output heads of common HF causal LMs
 _LAYER_FIELDS = ("bits", "group_size", "tau", "iters", "eps", "memory", "hard_forward")
 
 

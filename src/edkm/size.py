@@ -17,7 +17,8 @@ from torch import nn
 
 from .config import PalettizeConfig
 from .export.pack import packed_nbytes
-from .wrap import target_modules
+from .lut import rows_first_weight
+from .wrap import weight_plans
 
 GiB = 1 << 30
 
@@ -60,13 +61,10 @@ def palettized_size(model: nn.Module, config: PalettizeConfig) -> dict[str, int]
     """
     params = {id(p): p for p in model.parameters()}
     clustered: dict[int, int] = {}
-    for name, module in target_modules(model, config):
-        w = module.weight
-        if id(w) in clustered:
-            continue
-        spec = config.for_module(name)
+    for modules, spec in weight_plans(model, config):
+        w = rows_first_weight(modules[0][1])
         groups = 1 if spec.group_size is None else w.shape[0] // spec.group_size
-        clustered[id(w)] = packed_nbytes(w.numel(), spec.bits) + groups * spec.k * 2
+        clustered[id(modules[0][1].weight)] = packed_nbytes(w.numel(), spec.bits) + groups * spec.k * 2
     fp16 = sum(p.numel() * 2 for p in params.values())
     other = sum(p.numel() * 2 for key, p in params.items() if key not in clustered)
     return {

@@ -28,7 +28,7 @@ from torch import nn
 from .cluster import decode, dkm, hard_assign, kmeans1d
 from .cluster.sixteen import cast_straight_through
 from .config import LayerSpec, PalettizeConfig, matches
-from .lut import LUT_DTYPE, LUTModule, LUTWeight, WrappedLayer
+from .lut import LUT_DTYPE, LUTModule, LUTWeight, WrappedLayer, is_transposed, layer_kind, rows_first_weight
 
 def tau_scale(centroids: torch.Tensor) -> torch.Tensor:
     """Per-LUT unit of tau: the median squared gap between neighbouring sorted centroids."""
@@ -98,14 +98,14 @@ class ClusteredWeight(nn.Module):
 
 
 class DKMModule(WrappedLayer):
-    """nn.Linear / nn.Embedding whose weight is DKM-clustered on the fly."""
+    """A Linear / Embedding / Conv1D layer whose weight is DKM-clustered on the fly (output channels first)."""
 
     def __init__(self, base: nn.Module, clusterer: ClusteredWeight) -> None:
         super().__init__(base)
         self.clusterer = clusterer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._compute(x, self.clusterer(self.weight))
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return self._compute(x, self.clusterer(self.rows_first(self.weight)), *args, **kwargs)
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -114,8 +114,9 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def target_modules(model: nn.Module, config: PalettizeConfig) -> list[tuple[str, nn.Module]]:
-    types = tuple({"Linear": nn.Linear, "Embedding": nn.Embedding}[t] for t in config.modules)
-    found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, types)]
+    """(name, module) of every layer ``config`` clusters: its ``modules`` kinds (see :func:`edkm.lut.layer_kind`:
+    Linear includes transformers' Conv1D, subclasses included), after ``include`` / ``exclude``."""
+    found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if layer_kind(m) in config.modules]
     names = [n for n, _ in found]
     for kind, patterns in (("include", config.include or []), ("exclude", config.exclude), ("overrides", config.overrides)):
         for pattern in patterns:
@@ -128,6 +129,28 @@ def target_modules(model: nn.Module, config: PalettizeConfig) -> list[tuple[str,
     return [(n, m) for n, m in keep if not any(matches(p, n) for p in config.exclude)]
 
 
+def weight_plans(model: nn.Module, config: PalettizeConfig) -> list[tuple[list[tuple[str, nn.Module]], LayerSpec]]:
+    """Targeted layers grouped by the weight they hold (tied weights together) and that weight's LayerSpec:
+    the one of its module names with the most bits (the first such name in ``named_modules`` order).
+
+    >>> import torch, edkm
+    >>> emb = torch.nn.Embedding(8, 4); head = torch.nn.Linear(4, 8, bias=False); head.weight = emb.weight
+    >>> cfg = edkm.PalettizeConfig(bits=3, overrides={"1": {"bits": 8}})
+    >>> [([n for n, _ in mods], spec.bits) for mods, spec in weight_plans(torch.nn.Sequential(emb, head), cfg)]
+    [(['0', '1'], 8)]
+    """
+    groups: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in target_modules(model, config):
+        groups.setdefault(id(module.weight), []).append((name, module))
+    plans = []
+    for modules in groups.values():
+        if len({is_transposed(m) for _, m in modules}) > 1:
+            raise ValueError(f"tied weight of {[n for n, _ in modules]} is used in two layouts (Conv1D and Linear): cannot cluster it")
+        specs = [config.for_module(name) for name, _ in modules]
+        plans.append((modules, max(specs, key=lambda spec: spec.bits)))  # max keeps the first of equal bits
+    return plans
+
+
 def _clear_caches(module: nn.Module, _args: object) -> None:
     for m in module.modules():
         if isinstance(m, ClusteredWeight):
@@ -137,18 +160,18 @@ def _clear_caches(module: nn.Module, _args: object) -> None:
 def palettize_(model: nn.Module, config: PalettizeConfig | None = None) -> nn.Module:
     """Prepare ``model`` in place for train-time clustering; returns it.
 
-    Tied weights (one Parameter used by several modules) get one ClusteredWeight, whose settings
-    are those of the first module name in ``named_modules`` order.
+    Tied weights (one Parameter used by several modules) get one ClusteredWeight with the settings of
+    the module name asking for the most bits (see :func:`weight_plans`).
     """
     config = config or PalettizeConfig()
     dtype = getattr(torch, config.cluster_dtype)
-    shared: dict[int, ClusteredWeight] = {}
-    for name, module in target_modules(model, config):
-        weight = module.weight
-        if id(weight) not in shared:
-            shared[id(weight)] = ClusteredWeight(config.for_module(name), weight.shape, dtype).to(weight.device)
-        set_submodule(model, name, DKMModule(module, shared[id(weight)]))
-    if not shared:
+    plans = weight_plans(model, config)
+    for modules, spec in plans:
+        weight = rows_first_weight(modules[0][1])
+        clusterer = ClusteredWeight(spec, weight.shape, dtype).to(weight.device)
+        for name, module in modules:
+            set_submodule(model, name, DKMModule(module, clusterer))
+    if not plans:
         raise ValueError("palettize_ found no module to cluster")
     if not hasattr(model, "_edkm_hook"):
         model._edkm_hook = model.register_forward_pre_hook(_clear_caches)
@@ -175,10 +198,34 @@ def finalize_(model: nn.Module) -> nn.Module:
     for name, module in clustered_modules(model):
         cw = module.clusterer
         if id(cw) not in luts:
-            idx, lut = cw.hard(module.weight)
+            idx, lut = cw.hard(module.rows_first(module.weight))
             luts[id(cw)] = LUTWeight(lut, idx, cw.shape, cw.spec.bits, module.weight.dtype)
         set_submodule(model, name, LUTModule(module, luts[id(cw)]))
     hook = model.__dict__.pop("_edkm_hook", None)
     if hook is not None:
         hook.remove()
     return model
+
+
+def clustered_fraction(model: nn.Module) -> float:
+    """Share of the model's parameters (tied ones once) held by clustered weights, DKM or LUT layers.
+
+    >>> import torch, edkm
+    >>> model = edkm.ptq_kmeans_(torch.nn.Sequential(torch.nn.Linear(8, 4)), edkm.PalettizeConfig(bits=2, memory="plain"))
+    >>> round(clustered_fraction(model), 3)   # 32 clustered weights, 4 fp biases
+    0.889
+    """
+    clustered: dict[int, int] = {}
+    for module in model.modules():
+        if isinstance(module, DKMModule):
+            clustered[id(module.weight)] = module.weight.numel()
+        elif isinstance(module, LUTModule):
+            clustered[id(module.lut)] = module.lut.shape.numel()
+    other = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in clustered)
+    total = sum(clustered.values()) + other
+    return sum(clustered.values()) / total if total else 0.0
+
+
+def unclustered_weights(model: nn.Module) -> list[str]:
+    """Names of parameters of two or more dimensions left in floating point (weights nothing clusters)."""
+    return [n for n, p in model.named_parameters() if p.dim() >= 2 and not isinstance(model.get_submodule(n.rpartition(".")[0]), DKMModule)]
