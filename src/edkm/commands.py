@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .coreml.command import add_export_parser
+
 
 def _load_any(path: str) -> tuple[Any, Any]:
     """(model, tokenizer) from a packed ``.safetensors`` file (tokenizer from its folder) or an HF folder."""
@@ -106,6 +108,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def add_commands(sub: Any) -> None:
+    add_export_parser(sub)  # edkm export coreml (edkm.coreml.command)
     p = sub.add_parser("compress", help="fine-tune with eDKM clustering, export, evaluate (bundled model by default)")
     p.add_argument("--model", help="local Hugging Face checkpoint folder (default: bundled stories260K)")
     data = p.add_mutually_exclusive_group()
