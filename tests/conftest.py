@@ -23,3 +23,35 @@ def make_tokenizer():
         return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm():
+    """Factory: a tiny random Hugging Face causal LM of ``arch`` (llama, mistral, qwen2, phi3, gemma, gpt2, opt),
+    built offline from a config (vocab 128, hidden 32, 2 layers), weights N(0, 0.3) so logits are not all ~0."""
+
+    def build(arch: str):
+        import torch
+        import transformers
+
+        small = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=64)
+        configs = {
+            "llama": lambda: transformers.LlamaConfig(**small),
+            "mistral": lambda: transformers.MistralConfig(**small),
+            "qwen2": lambda: transformers.Qwen2Config(**small),
+            "phi3": lambda: transformers.Phi3Config(**small, pad_token_id=0),
+            "gemma": lambda: transformers.GemmaConfig(**small, head_dim=8),
+            "gpt2": lambda: transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+            "opt": lambda: transformers.OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                                  num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32),
+        }
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(configs[arch]())
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0, 0.3)
+        return model.eval()
+
+    return build

@@ -19,32 +19,11 @@ from edkm.export.format import read_header
 from edkm.lut import LUTModule
 from edkm.wrap import clustered_fraction, unclustered_weights
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 VOCAB = 128
-SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64)
-CONFIGS = {
-    "llama": lambda: transformers.LlamaConfig(**SMALL),
-    "mistral": lambda: transformers.MistralConfig(**SMALL),
-    "qwen2": lambda: transformers.Qwen2Config(**SMALL),
-    "phi3": lambda: transformers.Phi3Config(**SMALL, pad_token_id=0),
-    "gemma": lambda: transformers.GemmaConfig(**SMALL, head_dim=8),
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64),
-    "opt": lambda: transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                                          num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32),
-}
+ARCHS = ("llama", "mistral", "qwen2", "phi3", "gemma", "gpt2", "opt")
 PLAN = dict(bits=3, memory="plain", overrides={EMBEDDING_LAYERS: {"bits": 8}})
-
-
-def build(arch: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[arch]())
-    with torch.no_grad():  # HF's 0.02 init makes every logit ~0; a wider spread makes the comparisons meaningful
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.3)
-    return model.eval()
 
 
 def load_packed(path, model):
@@ -54,9 +33,9 @@ def load_packed(path, model):
 RELOADS = {"load_palettized": load_packed}  # one more way to load (e.g. from_pretrained) is one more entry
 
 
-@pytest.mark.parametrize("arch", list(CONFIGS))
-def test_train_finalize_save_reload(arch, tmp_path):
-    model = build(arch)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_train_finalize_save_reload(arch, tmp_path, tiny_causal_lm):
+    model = tiny_causal_lm(arch)
     x = torch.randint(3, VOCAB, (2, 12))
     edkm.palettize_(model, edkm.PalettizeConfig(**PLAN))
     assert unclustered_weights(model) == []  # no 2-D weight silently left in fp32 (Conv1D, subclasses included)
@@ -87,10 +66,10 @@ def test_train_finalize_save_reload(arch, tmp_path):
     print(f"{arch}: {fraction:.1%} of the parameters clustered")
 
 
-@pytest.mark.parametrize("arch", list(CONFIGS))
-def test_8bit_clustering_keeps_the_layers_own_forward(arch):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_8bit_clustering_keeps_the_layers_own_forward(arch, tiny_causal_lm):
     """At 8 bits every architecture stays close to its fp32 logits (Gemma's embedding scale, OPT's offset kept)."""
-    model = build(arch)
+    model = tiny_causal_lm(arch)
     x = torch.randint(3, VOCAB, (2, 12))
     with torch.no_grad():
         reference = model(x).logits
@@ -99,8 +78,8 @@ def test_8bit_clustering_keeps_the_layers_own_forward(arch):
     assert (clustered - reference).abs().mean() < 0.05 * scale, arch
 
 
-def test_tied_weight_gets_the_most_bits_any_name_asks_for(tmp_path):
-    model = build("gpt2")  # transformer.wte tied to lm_head
+def test_tied_weight_gets_the_most_bits_any_name_asks_for(tmp_path, tiny_causal_lm):
+    model = tiny_causal_lm("gpt2")  # transformer.wte tied to lm_head
     edkm.ptq_kmeans_(model, edkm.PalettizeConfig(bits=3, memory="plain", overrides={"lm_head": {"bits": 8}}))
     assert model.transformer.wte.lut is model.lm_head.lut and model.lm_head.lut.bits == 8
     assert model.transformer.h[0].attn.c_attn.lut.bits == 3
@@ -109,8 +88,8 @@ def test_tied_weight_gets_the_most_bits_any_name_asks_for(tmp_path):
     assert layer["bits"] == 8 and layer["modules"] == ["transformer.wte", "lm_head"]
 
 
-def test_conv1d_clusters_per_output_channel_group():
-    model = build("gpt2")
+def test_conv1d_clusters_per_output_channel_group(tiny_causal_lm):
+    model = tiny_causal_lm("gpt2")
     conv = model.transformer.h[0].mlp.c_fc  # weight stored (in=32, out=128)
     x = torch.randn(3, 32)
     edkm.ptq_kmeans_(model, edkm.PalettizeConfig(bits=2, group_size=16, memory="plain"))

@@ -109,3 +109,20 @@ def test_traced_wrappers_compute_the_models_logits(grouped):
         step(ids[:, :7], causal_mask(7, 7))  # prefill, then three tokens one at a time from the fp16 cache
         last = [step(ids[:, i:i + 1], causal_mask(1, i + 1))[0, -1] for i in range(7, 10)]
     assert torch.allclose(torch.stack(last), expected[0, 7:], atol=2e-2)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", *(pytest.param(a, marks=pytest.mark.slow) for a in ("llama", "mistral", "qwen2", "phi3", "gemma", "opt"))])
+def test_every_architecture_exports_bit_exact(arch, tiny_causal_lm, tmp_path):
+    """GPT-2: Conv1D weights (in, out), so its per-output-channel LUTs group along axis 1; tied wte/lm_head at 8 bits."""
+    from edkm.config import EMBEDDING_LAYERS
+    from edkm.coreml import export_coreml
+
+    model = tiny_causal_lm(arch)
+    group = 4 if arch == "gpt2" else None
+    edkm.ptq_kmeans_(model, edkm.PalettizeConfig(bits=3, memory="plain", group_size=group, overrides={EMBEDDING_LAYERS: {"bits": 8}}))
+    report = verify_mlpackage(export_coreml(model, tmp_path / f"{arch}.mlpackage", length=16), model)
+    assert report["ok"], report["problems"]
+    assert report["lut_ops"] == report["clustered_tensors"] and report["index_bits"][3] > 0
+    if arch == "gpt2":
+        conv = next(o for o in lut_ops(tmp_path / "gpt2.mlpackage") if "h_0_attn_c_attn" in o["name"])
+        assert conv["weight"].shape == (32, 96) and conv["lut"].shape == (1, 24, 8, 1)  # 96 output channels / 4

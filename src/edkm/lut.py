@@ -129,11 +129,16 @@ class WrappedLayer(nn.Module):
 
     def _compute(self, x: torch.Tensor, weight: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         """The layer's output for ``x`` computed with ``weight`` (output channels first)."""
-        if self.shell is not None:
-            self.shell.training = self.training
+        if self.shell is not None:  # the class's own forward, on the shell lent this layer's tensors for the call
+            shell = self.shell
             tensors = {k: v for k, v in {**self._parameters, **self._buffers}.items() if v is not None}
             tensors["weight"] = self.rows_first(weight)
-            return torch.func.functional_call(self.shell, tensors, (x, *args), kwargs)
+            shell.__dict__.update(tensors, training=self.training)  # plain attributes: found before nn.Module's registries
+            try:
+                return shell(x, *args, **kwargs)
+            finally:
+                for key in tensors:
+                    del shell.__dict__[key]
         if self.base_type == "Linear":
             return F.linear(x, weight, self.bias)
         return F.embedding(x, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
