@@ -21,6 +21,8 @@ from ..lut import LUTModule
 from .convert import import_coremltools
 from .layers import ios16_lut_size
 
+WEIGHTS_DIR = Path("Data", "com.apple.CoreML", "weights")  # the weight blobs inside a .mlpackage
+
 
 def package_bytes(path: str | os.PathLike) -> int:
     """Total size of the files in a .mlpackage folder."""
@@ -37,7 +39,7 @@ def lut_ops(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not (path / "Manifest.json").is_file():
         raise FileNotFoundError(f"no Core ML package at {path}")
     spec = ct.utils.load_spec(str(path))
-    program = load_program(spec, spec.specificationVersion, str(path / "Data" / "com.apple.CoreML" / "weights"))
+    program = load_program(spec, spec.specificationVersion, str(path / WEIGHTS_DIR))
     found = []
 
     def walk(block: Any) -> None:
@@ -95,7 +97,8 @@ def verify_mlpackage(path: str | os.PathLike, model: nn.Module, target: str = "i
     return {
         "ok": not problems, "problems": problems, "target": target, "lut_ops": len(ops),
         "clustered_tensors": len(_our_tensors(model)), "index_bits": dict(Counter(op["index_bits"] for op in ops)),
-        "mlpackage_bytes": package_bytes(path), "fp16_bytes": fp16_bytes(model),
+        "mlpackage_bytes": package_bytes(path), "weights_bytes": package_bytes(Path(path) / WEIGHTS_DIR),
+        "fp16_bytes": fp16_bytes(model),
     }
 
 
