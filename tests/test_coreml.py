@@ -126,3 +126,16 @@ def test_every_architecture_exports_bit_exact(arch, tiny_causal_lm, tmp_path):
     if arch == "gpt2":
         conv = next(o for o in lut_ops(tmp_path / "gpt2.mlpackage") if "h_0_attn_c_attn" in o["name"])
         assert conv["weight"].shape == (32, 96) and conv["lut"].shape == (1, 24, 8, 1)  # 96 output channels / 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["missing.edkm.safetensors", "--out", "m.mlpackage"], "no packed edkm model at missing.edkm.safetensors"),
+    (["{packed}", "--out", "m.mlmodel"], "--out must name a .mlpackage folder"),
+    (["{packed}", "--out", "m.mlpackage", "--length", "4096"], "exceeds the model's 512 positions"),
+])
+def test_bad_input_is_one_clear_error(grouped, tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["export", "coreml", *(a.format(packed=grouped[0]) for a in argv)])
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

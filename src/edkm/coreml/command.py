@@ -39,6 +39,8 @@ def cmd_export_coreml(args: argparse.Namespace) -> None:
     from .convert import export_coreml, import_coremltools
     from .verify import verify_mlpackage
 
+    if not args.out.endswith(".mlpackage"):
+        raise ValueError(f"--out must name a .mlpackage folder, got {args.out!r}")
     import_coremltools()  # fail before loading anything when the extra is missing
     packed = resolve_packed(args.model)
     model = load_palettized(packed).eval()
