@@ -77,7 +77,7 @@ def test_verification_catches_a_changed_weight(grouped, ios18):
 
 def test_ios16_pads_luts_to_16_entries(tmp_path_factory, tmp_path):
     path, _ = packed(tmp_path_factory, None)
-    report = export(path, tmp_path / "m16.mlpackage", "--target", "ios16")
+    report = export(path.parent, tmp_path / "m16.mlpackage", "--target", "ios16")  # the folder holding the packed file
     assert report["ok"] and report["index_bits"] == {"4": 35, "8": 1} and "padded" in report["note"]
     assert all(o["lut"].size in (16, 256) for o in lut_ops(tmp_path / "m16.mlpackage"))
 
