@@ -66,12 +66,16 @@ def conv1d_type() -> type | None:
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """"Linear" (``nn.Linear``, its subclasses, transformers' ``Conv1D``), "Embedding" (``nn.Embedding`` and
-    subclasses) or None (anything else, an already wrapped layer included).
+    """The kind of layer edkm can cluster: ``'Linear'`` (``nn.Linear``, its subclasses, transformers' ``Conv1D``),
+    ``'Embedding'`` (``nn.Embedding`` and subclasses), or None: anything else, an already wrapped layer, or a
+    subclass holding child modules (its own forward could not run on a wrapped copy; it stays unclustered and
+    :func:`edkm.wrap.unclustered_weights` lists it).
 
     >>> layer_kind(nn.Linear(2, 3)), layer_kind(nn.Embedding(4, 2)), layer_kind(nn.LayerNorm(2))
     ('Linear', 'Embedding', None)
     """
+    if next(module.children(), None) is not None:
+        return None
     if isinstance(module, nn.Linear) or (conv1d_type() is not None and isinstance(module, conv1d_type())):
         return "Linear"
     return "Embedding" if isinstance(module, nn.Embedding) else None
