@@ -45,6 +45,7 @@ def write_package(mlmodel: Any, path: Path) -> None:
     try:
         mlmodel.save(str(tmp / path.name))
         old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)  # left by an interrupted earlier save
         if path.exists():
             os.replace(path, old)
         os.replace(tmp / path.name, path)
