@@ -10,7 +10,9 @@ Quickstart (prepare -> train -> finalize -> save -> load)::
     edkm.save_palettized(model, "out/model.edkm.safetensors")
     model = edkm.load_palettized("out/model.edkm.safetensors")
 
-Importing edkm loads torch only (no transformers, no CUDA initialisation).
+Importing edkm loads torch only (no transformers, no CUDA initialisation). It registers the
+``edkm`` quantization method with transformers lazily, when transformers loads its quantizer
+registry, so ``AutoModelForCausalLM.from_pretrained(folder)`` works after ``import edkm``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from importlib import import_module
 from typing import Any
 
 from .cluster import decode, dkm, hard_assign, kmeans1d
+from .hf import install_import_hook
+
+install_import_hook()  # `from_pretrained` of an edkm folder works once transformers loads; imports nothing now
 
 __version__ = "0.1.0"
 
