@@ -167,9 +167,16 @@ def _load_hf(packed: PackedFile, tensors: dict[str, torch.Tensor]) -> nn.Module:
         raise FormatError(f"{where}: the saved model config is not a causal LM transformers can build: {err}") from err
     if getattr(config, "num_hidden_layers", 0) > len(packed.table):  # each layer stores tensors: refuse a crafted size
         raise FormatError(f"{where}: the model config asks for {config.num_hidden_layers} layers, the file holds {len(packed.table)} tensors")
-    with torch.device("meta"):
-        skeleton = model_class(config)
+    try:
+        with torch.device("meta"):
+            skeleton = model_class(config)
+    except Exception as err:
+        raise FormatError(f"{where}: transformers cannot build the saved model config: {type(err).__name__}: {err}") from err
     check_layout(skeleton, packed.layers, packed.table, where, "", packed.aliases)
+    stored = skeleton.state_dict().keys()
+    extra = sum(b.numel() * b.element_size() for name, b in skeleton.named_buffers() if name not in stored)
+    if extra > 2 * packed.path.stat().st_size + (64 << 20):  # buffers built from the config alone, e.g. masks
+        raise FormatError(f"{where}: the model config asks for {extra} bytes of buffers, far more than the file holds")
     lut_keys = {f"{name}.{part}" for name, layer in packed.layers.items() for part in layer.tensor_specs()}
     state = {k: v for k, v in tensors.items() if k not in lut_keys}
     state.update({alias: state[target] for alias, target in packed.aliases.items()})

@@ -68,11 +68,14 @@ def canonical_json(data: Any) -> bytes:
 
 
 def digest(tensors: Mapping[str, torch.Tensor], header: Any = None) -> str:
-    """sha256 over ``canonical_json(header)`` (when given) and every tensor's name and bytes in key order."""
+    """sha256 over every tensor's name and bytes in key order; with ``header`` (format version 3 on)
+    also over ``canonical_json(header)`` and every tensor's dtype and shape."""
     h = hashlib.sha256()
     if header is not None:
         h.update(canonical_json(header))
     for key in sorted(tensors):
         h.update(key.encode())
+        if header is not None:
+            h.update(f"{tensors[key].dtype}{list(tensors[key].shape)}".encode())
         h.update(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

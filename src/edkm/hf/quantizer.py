@@ -86,6 +86,17 @@ def verify_checksum(files: Sequence[str], header: dict[str, Any], expected: str 
         raise FormatError(f"{files[0]}: checksum mismatch, the folder is corrupted (model.safetensors or config.json)")
 
 
+UNCHECKED_CONFIG_KEYS = {"dtype", "torch_dtype", "architectures", "transformers_version", "_name_or_path", "name_or_path",
+                         "quantization_config", "_commit_hash", "_attn_implementation_autoset", "attn_implementation"}
+
+
+def checked_header(quantization_config: EdkmConfig, model_config: Any) -> dict[str, Any]:
+    """What the folder checksum covers besides the tensors: the quantization config and the model config
+    (less the fields transformers rewrites on every save or load)."""
+    config = {k: v for k, v in model_config.to_dict().items() if k not in UNCHECKED_CONFIG_KEYS}
+    return {**quantization_config.header(), "model_config": config}
+
+
 class EdkmHfQuantizer(HfQuantizer):
     """Loads pre-palettized edkm checkpoints (there is no on-the-fly quantization: use ``edkm compress``)."""
 
@@ -106,7 +117,8 @@ class EdkmHfQuantizer(HfQuantizer):
         if checkpoint_files:  # from a folder; a state_dict passed in memory was checked by its reader
             table, metadata = checkpoint_table(checkpoint_files)
             check_layout(model, layers, table, str(checkpoint_files[0]), INFIX)
-            verify_checksum(checkpoint_files, self.quantization_config.header(), metadata.get(CHECKSUM_KEY))
+            header = checked_header(self.quantization_config, model.config)
+            verify_checksum(checkpoint_files, header, metadata.get(CHECKSUM_KEY))
         for layer in layers.values():
             for i, name in enumerate(layer.modules):
                 set_submodule(model, name, PackedSlot(model.get_submodule(name), layer, owner=i == 0))
@@ -139,7 +151,7 @@ class EdkmHfQuantizer(HfQuantizer):
         for name, (lut, _) in layers.items():
             state.update({f"{name}.{INFIX}{part}": value for part, value in packed_parts(lut).items()})
         state = remove_tied_weights_from_state_dict(state, model)
-        return state, {CHECKSUM_KEY: digest(state, config.header())}
+        return state, {CHECKSUM_KEY: digest(state, checked_header(config, model.config))}
 
     def is_serializable(self, **kwargs: Any) -> bool:
         return True
