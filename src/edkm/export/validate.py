@@ -94,10 +94,10 @@ def parse_layer(name: str, spec: Any, where: str, default_levels: str | None = N
     if numel % groups:
         raise FormatError(f"{at}: {groups} groups do not divide the {numel} weights of shape {list(shape)}")
     dtype = spec.get("dtype")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise FormatError(f"{at}: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     levels = spec.get("levels", default_levels)
-    if levels not in LEVELS:
+    if not isinstance(levels, str) or levels not in LEVELS:
         raise FormatError(f"{at}: levels must be one of {list(LEVELS)}, got {levels!r}")
     modules = spec.get("modules")
     if not isinstance(modules, list) or not modules:
