@@ -47,6 +47,21 @@ def test_report_fields_and_eval_reproduces_exactly(single, small_text, capsys):
     assert json.loads(capsys.readouterr().out)["ppl"] == report["edkm_ppl"]
 
 
+def test_output_folder_loads_with_plain_from_pretrained_after_import_edkm(single):
+    out, report = single
+    code = (
+        "import sys, torch, edkm; assert 'transformers' not in sys.modules; "
+        "from transformers import AutoModelForCausalLM; "
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}); r = edkm.load_palettized({str(out)!r}); "
+        "x = torch.arange(40).reshape(2, 20); assert torch.equal(m(x).logits, r(x).logits); print('same logits')"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("same logits"), res.stderr[-3000:]
+    assert report["size_bytes"] == (out / "model.safetensors").stat().st_size
+    assert "| eDKM 3-bit, fine-tuned 4 steps |" in (out / "README.md").read_text()
+
+
 def test_control_and_edkm_train_at_their_own_learning_rates(single):
     import torch
 

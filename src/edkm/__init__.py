@@ -7,8 +7,9 @@ Quickstart (prepare -> train -> finalize -> save -> load)::
     edkm.palettize_(model, config)          # soft clustering inside every targeted layer
     ...train with any optimizer and loop...
     edkm.finalize_(model)                   # hard LUT + indices
-    edkm.save_palettized(model, "out/model.edkm.safetensors")
-    model = edkm.load_palettized("out/model.edkm.safetensors")
+    edkm.save_folder(model, "out", tokenizer)  # Hugging Face folder (from_pretrained("out") after import edkm)
+    edkm.save_palettized(model, "out/model.edkm.safetensors")  # or one packed file
+    model = edkm.load_palettized("out")         # either
 
 Importing edkm loads torch only (no transformers, no CUDA initialisation). It registers the
 ``edkm`` quantization method with transformers lazily, when transformers loads its quantizer
@@ -35,6 +36,7 @@ _LAZY = {
     "rtn_": "edkm.baselines",
     "save_palettized": "edkm.export",
     "load_palettized": "edkm.export",
+    "save_folder": "edkm.export",
 }
 
 __all__ = ["dkm", "kmeans1d", "hard_assign", "decode", *_LAZY]
