@@ -57,7 +57,7 @@ def is_edkm_folder(path: str | os.PathLike) -> bool:
     try:
         quant = json.loads(config.read_text()).get("quantization_config") or {}
         return isinstance(quant, dict) and quant.get("quant_method") == "edkm"
-    except (ValueError, OSError, AttributeError):
+    except (ValueError, OSError, AttributeError, RecursionError):
         return False
 
 

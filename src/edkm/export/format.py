@@ -44,7 +44,8 @@ from ..wrap import set_submodule
 from .atomic import atomic_path
 from .errors import FormatError
 from .layers import build_lut, describe, digest, lut_layers, packed_parts
-from .validate import PackedLayer, check_aliases, check_finite, check_layout, check_int, check_tensor, parse_layers
+from .validate import (PackedLayer, check_aliases, check_buffer_budget, check_finite, check_int, check_layout, check_tensor,
+                       parse_layers)
 
 FORMAT = "edkm-palettized"
 VERSION = 3  # 3: the checksum covers the header; 2: uniform levels stored as lo + step; 1: LUTs only
@@ -117,7 +118,7 @@ def inspect_file(path: str | os.PathLike) -> PackedFile:
         raise FormatError(f"{path} is a safetensors file but not an edkm packed model (no 'edkm' header)")
     try:
         header = json.loads(metadata["edkm"])
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise FormatError(f"{path}: the edkm header is not valid JSON: {err}") from err
     if not isinstance(header, dict):
         raise FormatError(f"{path}: the edkm header must be a JSON object")
@@ -166,17 +167,15 @@ def _load_hf(packed: PackedFile, tensors: dict[str, torch.Tensor]) -> nn.Module:
     except Exception as err:
         raise FormatError(f"{where}: the saved model config is not a causal LM transformers can build: {err}") from err
     if getattr(config, "num_hidden_layers", 0) > len(packed.table):  # each layer stores tensors: refuse a crafted size
-        raise FormatError(f"{where}: the model config asks for {config.num_hidden_layers} layers, the file holds {len(packed.table)} tensors")
+        raise FormatError(f"{where}: the model config asks for {config.num_hidden_layers} layers, "
+                          f"the file holds {len(packed.table)} tensors")
     try:
         with torch.device("meta"):
             skeleton = model_class(config)
     except Exception as err:
         raise FormatError(f"{where}: transformers cannot build the saved model config: {type(err).__name__}: {err}") from err
     check_layout(skeleton, packed.layers, packed.table, where, "", packed.aliases)
-    stored = skeleton.state_dict().keys()
-    extra = sum(b.numel() * b.element_size() for name, b in skeleton.named_buffers() if name not in stored)
-    if extra > 2 * packed.path.stat().st_size + (64 << 20):  # buffers built from the config alone, e.g. masks
-        raise FormatError(f"{where}: the model config asks for {extra} bytes of buffers, far more than the file holds")
+    check_buffer_budget(skeleton, packed.path.stat().st_size, where)
     lut_keys = {f"{name}.{part}" for name, layer in packed.layers.items() for part in layer.tensor_specs()}
     state = {k: v for k, v in tensors.items() if k not in lut_keys}
     state.update({alias: state[target] for alias, target in packed.aliases.items()})
@@ -185,13 +184,18 @@ def _load_hf(packed: PackedFile, tensors: dict[str, torch.Tensor]) -> nn.Module:
     palettize = packed.header.get("palettize_config") or {}
     config.quantization_config = EdkmConfig(
         layers={name: layer.to_json() for name, layer in packed.layers.items()},
-        bits=palettize.get("bits"), group_size=palettize.get("group_size"), palettize_config=packed.header.get("palettize_config"),
+        bits=palettize.get("bits"), group_size=palettize.get("group_size"),
+        palettize_config=packed.header.get("palettize_config"),
     ).to_dict()
     return model_class.from_pretrained(None, config=config, state_dict=state)
 
 
 def load_palettized(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Load a packed file, or an edkm Hugging Face folder. Without ``model``, build the Hugging Face model from the saved config."""
+    """Load a packed file or an edkm Hugging Face folder.
+
+    Without ``model``, build the Hugging Face model of the saved config (on the meta device, through
+    transformers and the edkm quantizer). Damaged or crafted input raises FormatError.
+    """
     from safetensors.torch import load_file
 
     if Path(path).is_dir():

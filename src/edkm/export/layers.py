@@ -58,7 +58,8 @@ def build_lut(layer: PackedLayer, parts: Mapping[str, torch.Tensor], dtype: torc
     indices = unpack_bits(parts["indices"], layer.bits, layer.numel).reshape(layer.groups, -1)
     dtype = dtype or layer.dtype
     if layer.levels == "uniform":
-        return LUTWeight.from_uniform(parts["lo"].float(), parts["step"].float(), indices, torch.Size(layer.shape), layer.bits, dtype)
+        lo, step = parts["lo"].float(), parts["step"].float()
+        return LUTWeight.from_uniform(lo, step, indices, torch.Size(layer.shape), layer.bits, dtype)
     return LUTWeight(parts["lut"].to(LUT_DTYPE), indices, torch.Size(layer.shape), layer.bits, dtype)
 
 

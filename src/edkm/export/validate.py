@@ -121,7 +121,8 @@ def parse_layers(layers: Any, where: str, default_levels: str | None = None) -> 
     return parsed
 
 
-def check_tensor(key: str, table: Mapping[str, tuple[str, tuple[int, ...]]], dtype: str, shape: tuple[int, ...], where: str) -> None:
+def check_tensor(key: str, table: Mapping[str, tuple[str, tuple[int, ...]]], dtype: str, shape: tuple[int, ...],
+                 where: str) -> None:
     """The file holds ``key`` with safetensors ``dtype`` and ``shape``."""
     if key not in table:
         raise FormatError(f"{where}: tensor {key!r} is missing")
@@ -204,3 +205,12 @@ def check_layout(model: nn.Module, layers: Mapping[str, PackedLayer], table: Map
         if tied in expected and tied not in stored:
             stored[tied] = expected[tied]
     check_state_keys(expected, stored, where)
+
+
+def check_buffer_budget(model: nn.Module, file_bytes: int, where: str) -> None:
+    """Refuse a (meta) model whose buffers built from the config alone (not stored, e.g. masks or rotary
+    tables) would take far more memory than the checkpoint itself: a crafted config must not allocate terabytes."""
+    stored = model.state_dict().keys()
+    extra = sum(b.numel() * b.element_size() for name, b in model.named_buffers() if name not in stored)
+    if extra > 2 * file_bytes + (64 << 20):
+        raise FormatError(f"{where}: the model config asks for {extra} bytes of buffers, far more than the checkpoint holds")

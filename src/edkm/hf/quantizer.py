@@ -14,6 +14,7 @@ in the safetensors metadata (``edkm_sha256``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..export.errors import FormatError
 from ..export.layers import build_lut, digest, lut_layers, packed_parts
-from ..export.validate import PackedLayer, check_finite, check_layout
+from ..export.validate import PackedLayer, check_buffer_budget, check_finite, check_layout
 from ..lut import LUTModule, WrappedLayer
 from ..wrap import set_submodule
 from .config import QUANT_METHOD, EdkmConfig
@@ -108,7 +109,8 @@ class EdkmHfQuantizer(HfQuantizer):
         layers = getattr(config.get_text_config(decoder=True), "num_hidden_layers", None)
         limit = 4 * len(self.quantization_config.layers) + 64
         if isinstance(layers, int) and layers > limit:
-            raise FormatError(f"config.json: num_hidden_layers {layers} does not fit the {len(self.quantization_config.layers)} clustered tensors")
+            raise FormatError(f"config.json: num_hidden_layers {layers} does not fit the "
+                              f"{len(self.quantization_config.layers)} clustered tensors")
         return config
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: Sequence[str] | None = None,
@@ -117,6 +119,7 @@ class EdkmHfQuantizer(HfQuantizer):
         if checkpoint_files:  # from a folder; a state_dict passed in memory was checked by its reader
             table, metadata = checkpoint_table(checkpoint_files)
             check_layout(model, layers, table, str(checkpoint_files[0]), INFIX)
+            check_buffer_budget(model, sum(os.path.getsize(f) for f in checkpoint_files), str(checkpoint_files[0]))
             header = checked_header(self.quantization_config, model.config)
             verify_checksum(checkpoint_files, header, metadata.get(CHECKSUM_KEY))
         for layer in layers.values():
