@@ -93,7 +93,19 @@ def test_uniform_levels_round_trip(tmp_path):
     assert torch.equal(loaded(X).logits, model(X).logits)
 
 
-def test_plain_folder_is_not_an_edkm_model(tmp_path):
+def test_unclustered_tied_embedding_round_trips(tmp_path):
+    model, tok = load_causal_lm(None)
+    edkm.ptq_kmeans_(model, edkm.PalettizeConfig(bits=4, memory="plain", exclude=["embed_tokens", "lm_head"]))
+    edkm.save_folder(model, tmp_path / "hf", tok)
+    edkm.save_palettized(model, tmp_path / "m.safetensors")
+    for loaded in (edkm.load_palettized(tmp_path / "hf"), edkm.load_palettized(tmp_path / "m.safetensors")):
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied again by transformers
+        assert torch.equal(loaded(X).logits, model(X).logits)
+
+
+def test_plain_folder_is_not_an_edkm_model(folder, tmp_path):
+    with pytest.raises(FormatError, match="weights file of the edkm folder"):
+        edkm.load_palettized(folder / "model.safetensors")
     with pytest.raises(FormatError, match="quant_method 'edkm'"):
         edkm.load_palettized(BUNDLED_MODEL_DIR)
     with pytest.raises(FileNotFoundError):

@@ -12,3 +12,6 @@ class FormatError(ValueError):
         >>> issubclass(FormatError, ValueError)
         True
     """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))  # one line, whatever a library's error text held

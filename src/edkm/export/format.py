@@ -43,6 +43,7 @@ from ..lut import LUTModule
 from ..wrap import set_submodule
 from .atomic import atomic_path
 from .errors import FormatError
+from .folder import is_edkm_folder
 from .layers import build_lut, describe, digest, lut_layers, packed_parts
 from .validate import (PackedLayer, check_aliases, check_buffer_budget, check_finite, check_int, check_layout, check_tensor,
                        parse_layers)
@@ -115,7 +116,8 @@ def inspect_file(path: str | os.PathLike) -> PackedFile:
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise FormatError(f"{path} is not a readable safetensors file (corrupted or truncated?): {err}") from err
     if "edkm" not in metadata:
-        raise FormatError(f"{path} is a safetensors file but not an edkm packed model (no 'edkm' header)")
+        hint = f": it is the weights file of the edkm folder {path.parent}, load the folder" if is_edkm_folder(path.parent) else ""
+        raise FormatError(f"{path} is a safetensors file but not an edkm packed model (no 'edkm' header){hint}")
     try:
         header = json.loads(metadata["edkm"])
     except (ValueError, RecursionError) as err:
