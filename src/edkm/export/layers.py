@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -71,12 +71,17 @@ def canonical_json(data: Any) -> bytes:
 def digest(tensors: Mapping[str, torch.Tensor], header: Any = None) -> str:
     """sha256 over every tensor's name and bytes in key order; with ``header`` (format version 3 on)
     also over ``canonical_json(header)`` and every tensor's dtype and shape."""
+    return digest_items(((key, tensors[key]) for key in sorted(tensors)), header)
+
+
+def digest_items(items: Iterable[tuple[str, torch.Tensor]], header: Any = None) -> str:
+    """:func:`digest` of (key, tensor) pairs given in key order, one tensor in memory at a time."""
     h = hashlib.sha256()
     if header is not None:
         h.update(canonical_json(header))
-    for key in sorted(tensors):
+    for key, tensor in items:
         h.update(key.encode())
         if header is not None:
-            h.update(f"{tensors[key].dtype}{list(tensors[key].shape)}".encode())
-        h.update(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(f"{tensor.dtype}{list(tensor.shape)}".encode())
+        h.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

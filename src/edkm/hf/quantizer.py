@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quanti
 from transformers.quantizers.base import HfQuantizer
 
 from ..export.errors import FormatError
-from ..export.layers import build_lut, digest, lut_layers, packed_parts
+from ..export.layers import build_lut, digest, digest_items, lut_layers, packed_parts
 from ..export.validate import PackedLayer, check_buffer_budget, check_finite, check_layout
 from ..lut import LUTModule, WrappedLayer
 from ..wrap import set_submodule
@@ -76,14 +77,14 @@ def verify_checksum(files: Sequence[str], header: dict[str, Any], expected: str 
     """Recompute the checksum over ``header`` and every tensor of ``files``; FormatError when it differs."""
     if expected is None:
         raise FormatError(f"{files[0]}: no {CHECKSUM_KEY} in the safetensors metadata (not written by edkm?)")
-    tensors: dict[str, torch.Tensor] = {}
     try:
-        for path in files:
-            with safe_open(path, framework="pt") as f:
-                tensors.update({key: f.get_tensor(key) for key in f.keys()})
+        with ExitStack() as stack:
+            handles = [stack.enter_context(safe_open(path, framework="pt")) for path in files]
+            owner = {key: f for f in handles for key in f.keys()}
+            found = digest_items(((key, owner[key].get_tensor(key)) for key in sorted(owner)), header)
     except Exception as err:
         raise FormatError(f"{files[0]}: cannot read tensors (corrupted or truncated?): {err}") from err
-    if digest(tensors, header) != expected:
+    if found != expected:
         raise FormatError(f"{files[0]}: checksum mismatch, the folder is corrupted (model.safetensors or config.json)")
 
 
