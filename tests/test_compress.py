@@ -43,8 +43,23 @@ def test_report_fields_and_eval_reproduces_exactly(single, small_text, capsys):
         assert report[key] is not None, key
     assert report["bits"] == 3 and report["steps"] == 4 and len(report["losses"]) == 4
     assert report["size_bytes"] < report["fp_size_bytes"] / 2
-    main(["eval", str(out / "model.edkm.safetensors"), "--text", str(small_text), "--holdout", "0.2", "--context", "32"])
+    main(["eval", str(out), "--text", str(small_text), "--holdout", "0.2", "--context", "32"])
     assert json.loads(capsys.readouterr().out)["ppl"] == report["edkm_ppl"]
+
+
+def test_output_folder_loads_with_plain_from_pretrained_after_import_edkm(single):
+    out, report = single
+    code = (
+        "import sys, torch, edkm; assert 'transformers' not in sys.modules; "
+        "from transformers import AutoModelForCausalLM; "
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}); r = edkm.load_palettized({str(out)!r}); "
+        "x = torch.arange(40).reshape(2, 20); assert torch.equal(m(x).logits, r(x).logits); print('same logits')"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("same logits"), res.stderr[-3000:]
+    assert report["size_bytes"] == (out / "model.safetensors").stat().st_size
+    assert "| eDKM 3-bit, fine-tuned 4 steps |" in (out / "README.md").read_text()
 
 
 def test_control_and_edkm_train_at_their_own_learning_rates(single):
@@ -61,16 +76,16 @@ def test_control_and_edkm_train_at_their_own_learning_rates(single):
 
 def test_zero_shot_eval_of_packed_model(single, capsys):
     out, _ = single
-    main(["eval", str(out / "model.edkm.safetensors"), "--tasks", "piqa,winogrande", "--limit", "4"])
+    main(["eval", str(out), "--tasks", "piqa,winogrande", "--limit", "4"])
     tasks = json.loads(capsys.readouterr().out)["tasks"]
     assert tasks["piqa"]["n"] == 4 and 0 <= tasks["piqa"]["acc"] <= 1 and 0 <= tasks["winogrande"]["acc"] <= 1
 
 
 def test_generate_from_packed_model(single, capsys):
     out, _ = single
-    main(["generate", str(out / "model.edkm.safetensors"), "--prompt", "Once upon a time", "--max-new-tokens", "8"])
+    main(["generate", str(out), "--prompt", "Once upon a time", "--max-new-tokens", "8"])
     assert capsys.readouterr().out.startswith("Once upon a time")
-    main(["generate", str(out / "model.edkm.safetensors"), "--temperature", "0.8", "--max-new-tokens", "8"])
+    main(["generate", str(out), "--temperature", "0.8", "--max-new-tokens", "8"])
     assert capsys.readouterr().out.strip()
 
 

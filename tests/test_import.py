@@ -9,6 +9,7 @@ def test_import_is_light():
         "import sys, edkm, torch; "
         "assert 'transformers' not in sys.modules, 'transformers imported'; "
         "assert not torch.cuda.is_initialized(), 'CUDA initialised'; "
+        "assert any(type(f).__name__ == '_RegisterAfterImport' for f in sys.meta_path), 'no transformers hook'; "
         "print(sorted(edkm.__all__))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -149,15 +149,20 @@ def test_rtn_stores_min_and_scale_and_reloads_exactly(tmp_path):
 
 
 def test_version_1_files_still_load(tmp_path):
-    model = edkm.ptq_kmeans_(Tiny(), edkm.PalettizeConfig(bits=3, memory="plain"))
-    edkm.save_palettized(model, tmp_path / "v2.safetensors")
+    from safetensors.torch import load_file
 
-    def to_v1(header):
+    from edkm.export.layers import digest
+
+    model = edkm.ptq_kmeans_(Tiny(), edkm.PalettizeConfig(bits=3, memory="plain"))
+    edkm.save_palettized(model, tmp_path / "v3.safetensors")
+
+    def to_v1(header):  # version 1: no "levels", checksum over the tensors only
         header["version"] = 1
+        header["sha256"] = digest(load_file(tmp_path / "v3.safetensors"))
         for layer in header["layers"].values():
             del layer["levels"]
 
-    rewrite_header(tmp_path / "v2.safetensors", tmp_path / "v1.safetensors", to_v1)
+    rewrite_header(tmp_path / "v3.safetensors", tmp_path / "v1.safetensors", to_v1)
     loaded = edkm.load_palettized(tmp_path / "v1.safetensors", Tiny())
     x = torch.randint(0, 64, (2, 8))
     assert torch.equal(loaded(x), model(x))

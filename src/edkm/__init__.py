@@ -7,10 +7,13 @@ Quickstart (prepare -> train -> finalize -> save -> load)::
     edkm.palettize_(model, config)          # soft clustering inside every targeted layer
     ...train with any optimizer and loop...
     edkm.finalize_(model)                   # hard LUT + indices
-    edkm.save_palettized(model, "out/model.edkm.safetensors")
-    model = edkm.load_palettized("out/model.edkm.safetensors")
+    edkm.save_folder(model, "out", tokenizer)  # Hugging Face folder (from_pretrained("out") after import edkm)
+    edkm.save_palettized(model, "out/model.edkm.safetensors")  # or one packed file
+    model = edkm.load_palettized("out")         # either
 
-Importing edkm loads torch only (no transformers, no CUDA initialisation).
+Importing edkm loads torch only (no transformers, no CUDA initialisation). It registers the
+``edkm`` quantization method with transformers lazily, when transformers loads its quantizer
+registry, so ``AutoModelForCausalLM.from_pretrained(folder)`` works after ``import edkm``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from importlib import import_module
 from typing import Any
 
 from .cluster import decode, dkm, hard_assign, kmeans1d
+from .hf import install_import_hook
+
+install_import_hook()  # `from_pretrained` of an edkm folder works once transformers loads; imports nothing now
 
 __version__ = "0.1.0"
 
@@ -30,6 +36,7 @@ _LAZY = {
     "rtn_": "edkm.baselines",
     "save_palettized": "edkm.export",
     "load_palettized": "edkm.export",
+    "save_folder": "edkm.export",
 }
 
 __all__ = ["dkm", "kmeans1d", "hard_assign", "decode", *_LAZY]

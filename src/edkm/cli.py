@@ -1,8 +1,8 @@
 """The `edkm` command line: compress, eval, generate, size, bench.
 
     edkm compress --out runs/default          # fine-tune the bundled model with eDKM, export, report
-    edkm eval runs/default/model.edkm.safetensors --text my.txt
-    edkm generate runs/default/model.edkm.safetensors --prompt "Once upon a time"
+    edkm eval runs/default --text my.txt
+    edkm generate runs/default --prompt "Once upon a time"
     edkm size llama-7b --bits 3 --override 'embed_tokens|lm_head=8'
     edkm bench memory --shape 4096 4096 --bits 3
 """

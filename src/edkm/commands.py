@@ -14,16 +14,17 @@ from .coreml.command import add_export_parser
 
 
 def _load_any(path: str) -> tuple[Any, Any]:
-    """(model, tokenizer) from a packed ``.safetensors`` file (tokenizer from its folder) or an HF folder."""
+    """(model, tokenizer) from a packed ``.safetensors`` file (tokenizer from its folder), an edkm folder or an HF folder."""
     from transformers import AutoTokenizer
 
-    from .export import load_palettized
+    from .export import is_edkm_folder, load_palettized
     from .models import BUNDLED_MODEL_DIR, load_causal_lm
 
     p = Path(path)
-    if p.suffix == ".safetensors" or p.is_file():
+    if p.suffix == ".safetensors" or p.is_file() or is_edkm_folder(p):
         model = load_palettized(p).eval()
-        tok_dir = p.parent if (p.parent / "tokenizer_config.json").is_file() else BUNDLED_MODEL_DIR
+        folder = p if p.is_dir() else p.parent
+        tok_dir = folder if (folder / "tokenizer_config.json").is_file() else BUNDLED_MODEL_DIR
         return model, AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     return load_causal_lm(p)
 

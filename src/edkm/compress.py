@@ -1,7 +1,8 @@
 """`edkm compress`: the user's whole job on one model.
 
 load -> baselines (RTN, post-training k-means) -> fine-tune with eDKM (and, as the fair control,
-without clustering) -> finalize -> save packed -> reload -> evaluate -> ``report.json``.
+without clustering) -> finalize -> save as a Hugging Face folder (packed, see :mod:`edkm.export.folder`)
+-> reload -> evaluate -> ``report.json`` and the model card ``README.md``.
 Every perplexity is measured on the same held-out text with the same context. Under ``torchrun``
 every rank trains (DDP, gloo on CPU / nccl on GPU); rank 0 evaluates and writes.
 """
@@ -25,12 +26,12 @@ from .baselines import ptq_kmeans_, rtn_
 from .config import PalettizeConfig
 from .data import PackedDataset, check_seq_len, load_alpaca, load_text, split_records, split_text, tokenize_alpaca, tokenize_text
 from .eval.perplexity import perplexity
-from .export import load_palettized, save_palettized
+from .export import load_palettized, save_folder, save_palettized, write_model_card
+from .export.card import model_card
+from .export.folder import WEIGHTS
 from .models import BUNDLED_TEXT, load_causal_lm
 from .train import TrainConfig, train, world
 from .wrap import clustered_fraction, finalize_, palettize_
-
-MODEL_FILE = "model.edkm.safetensors"
 
 
 @dataclass
@@ -147,10 +148,9 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     report: dict[str, Any] = {}
     if rank == 0:
         finalize_(model)
-        path = out / MODEL_FILE
-        save_palettized(model, path)
-        tokenizer.save_pretrained(out)  # `edkm eval/generate out/model.edkm.safetensors` find it here
-        loaded = load_palettized(path)
+        save_folder(model, out, tokenizer)  # a Hugging Face folder: config.json, model.safetensors, tokenizer
+        path = out / WEIGHTS
+        loaded = load_palettized(out)
         report = {
             "model": cfg.model or "bundled:stories260K",
             "fp_ppl": done.get("fp_ppl"), "fp_finetuned_ppl": done.get("fp_finetuned_ppl"),
@@ -164,6 +164,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
             "sample": generate_text(loaded, tokenizer),
         }
         _write_json(out / "report.json", report)
+        write_model_card(out, model_card(report))
     if size > 1:
         dist.barrier()
     return report

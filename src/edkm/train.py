@@ -118,7 +118,10 @@ def train(
     if resume:
         if path is None or not path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, weights_only=False)
+        try:  # weights_only: tensors and plain containers, never arbitrary unpickling
+            state = torch.load(path, weights_only=True)
+        except Exception as err:
+            raise ValueError(f"--resume: {path} is not a readable edkm checkpoint: {err}") from err
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, losses = state["step"], state["losses"]

@@ -1,4 +1,4 @@
-"""The packed on-disk format: one safetensors file, written atomically.
+"""The packed single-file format: one safetensors file, validated before anything is built, written atomically.
 
 Tensors: ``<layer>.lut`` (fp16, (G, 2^b)) and ``<layer>.indices`` (uint8, b-bit values packed
 densely, see :mod:`edkm.export.pack`) for every clustered weight, plus every other tensor of the
@@ -6,12 +6,17 @@ model's state dict as it is. Evenly spaced levels (round-to-nearest) are stored 
 and ``<layer>.step`` (fp32, (G, 1)) instead of the LUT. The safetensors metadata holds one JSON
 header under ``"edkm"``::
 
-    {"format": "edkm-palettized", "version": 2,
+    {"format": "edkm-palettized", "version": 3,
      "layers": {name: {"bits", "shape", "groups", "dtype", "levels": "lut" | "uniform",
-                       "modules": [tied module names]}},
+                       "modules": [tied module names, the first is name]}},
      "aliases": {state-dict key: key it shares storage with},
      "model_config": Hugging Face config dict or null, "palettize_config": ... or null,
-     "sha256": digest of every tensor's bytes in key order}
+     "sha256": digest of the rest of the header and every tensor's bytes in key order}
+
+Version 3 made the checksum cover the header; versions 1 and 2 (checksum over tensors only) still
+load. Any damaged or crafted file raises :class:`~edkm.export.errors.FormatError` naming the problem.
+A file with a Hugging Face config loads through transformers' ``from_pretrained`` with the
+``edkm`` quantizer: the model is built on the meta device, no fp32 weight is materialised.
 
 Example:
     >>> import torch, edkm, tempfile, os
@@ -25,64 +30,40 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..lut import LUTModule, LUTWeight
+from ..lut import LUTModule
 from ..wrap import set_submodule
-from .pack import pack_bits, unpack_bits
+from .atomic import atomic_path
+from .errors import FormatError
+from .folder import is_edkm_folder
+from .layers import build_lut, describe, digest, lut_layers, packed_parts
+from .validate import (PackedLayer, check_aliases, check_buffer_budget, check_finite, check_int, check_layout, check_tensor,
+                       parse_layers)
 
 FORMAT = "edkm-palettized"
-VERSION = 2  # 2: uniform levels stored as lo + step (version-1 files hold LUTs only)
-
-
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        h.update(key.encode())
-        h.update(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _lut_layers(model: nn.Module) -> dict[str, tuple[LUTWeight, list[str]]]:
-    layers: dict[int, tuple[str, LUTWeight, list[str]]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, LUTModule):
-            layers.setdefault(id(module.lut), (name, module.lut, []))[2].append(name)
-    return {name: (lut, names) for name, lut, names in layers.values()}
-
-
-def _hf_config(model: nn.Module) -> dict[str, Any] | None:
-    config = getattr(model, "config", None)
-    return config.to_dict() if hasattr(config, "to_dict") else None
+VERSION = 3  # 3: the checksum covers the header; 2: uniform levels stored as lo + step; 1: LUTs only
 
 
 def save_palettized(model: nn.Module, path: str | os.PathLike) -> None:
     """Write a finalized model (see :func:`edkm.finalize_`) to ``path`` atomically."""
     from safetensors.torch import save_file
 
-    layers = _lut_layers(model)
+    layers = lut_layers(model)
     if not layers:
         raise ValueError("the model has no LUT layers: call edkm.finalize_ (or ptq_kmeans_/rtn_) before saving")
     tensors: dict[str, torch.Tensor] = {}
     header: dict[str, Any] = {"format": FORMAT, "version": VERSION, "layers": {}, "aliases": {}}
     for name, (lut, names) in layers.items():
-        levels = {"lo": lut.lo, "step": lut.step} if lut.uniform else {"lut": lut.lut}
-        for part, value in levels.items():
-            tensors[f"{name}.{part}"] = value.detach().cpu().contiguous()
-        tensors[f"{name}.indices"] = pack_bits(lut.indices.cpu(), lut.bits)
-        header["layers"][name] = {
-            "bits": lut.bits, "shape": list(lut.shape), "groups": lut.lut.shape[0],
-            "dtype": str(lut.dtype).removeprefix("torch."), "levels": "uniform" if lut.uniform else "lut",
-            "modules": names,
-        }
+        tensors.update({f"{name}.{part}": value for part, value in packed_parts(lut).items()})
+        header["layers"][name] = describe(lut, names).to_json()
     lut_keys = tuple(f"{n}.lut." for _, names in layers.values() for n in names)
     seen: dict[tuple[int, tuple[int, ...], torch.dtype], str] = {}
     for key, value in model.state_dict().items():
@@ -95,26 +76,34 @@ def save_palettized(model: nn.Module, path: str | os.PathLike) -> None:
             seen[ident] = key
             tensors[key] = value.detach().cpu().contiguous()
     config = getattr(model, "edkm_config", None)
-    header["model_config"] = _hf_config(model)
+    hf_config = getattr(model, "config", None)
+    header["model_config"] = hf_config.to_dict() if hasattr(hf_config, "to_dict") else None
+    if header["model_config"] is not None:
+        header["model_config"].pop("quantization_config", None)  # the layers say it all
     header["palettize_config"] = config.to_dict() if config is not None else None
-    header["sha256"] = _digest(tensors)
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    header["sha256"] = digest(tensors, header)
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"edkm": json.dumps(header)})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
-def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of a packed file, validated; clear errors for anything else."""
+@dataclass
+class PackedFile:
+    """A single-file model whose header is validated against its tensor table (nothing loaded yet)."""
+
+    path: Path
+    header: dict[str, Any]
+    layers: dict[str, PackedLayer]
+    aliases: dict[str, str]
+    table: dict[str, tuple[str, tuple[int, ...]]]
+
+    def checksum_ok(self, tensors: dict[str, torch.Tensor]) -> bool:
+        if self.header["version"] < 3:
+            return digest(tensors) == self.header["sha256"]
+        return digest(tensors, {k: v for k, v in self.header.items() if k != "sha256"}) == self.header["sha256"]
+
+
+def inspect_file(path: str | os.PathLike) -> PackedFile:
+    """Read and validate a packed file's header and tensor table; FormatError for anything wrong."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -123,60 +112,125 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
+            table = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
     except Exception as err:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{path} is not a readable safetensors file (corrupted or truncated?): {err}") from err
+        raise FormatError(f"{path} is not a readable safetensors file (corrupted or truncated?): {err}") from err
     if "edkm" not in metadata:
-        raise ValueError(f"{path} is a safetensors file but not an edkm packed model (no 'edkm' header)")
-    header = json.loads(metadata["edkm"])
+        hint = f": it is the weights file of the edkm folder {path.parent}, load the folder" if is_edkm_folder(path.parent) else ""
+        raise FormatError(f"{path} is a safetensors file but not an edkm packed model (no 'edkm' header){hint}")
+    try:
+        header = json.loads(metadata["edkm"])
+    except (ValueError, RecursionError) as err:
+        raise FormatError(f"{path}: the edkm header is not valid JSON: {err}") from err
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: the edkm header must be a JSON object")
     if header.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown format {header.get('format')!r}, expected {FORMAT!r}")
-    if int(header.get("version", 0)) > VERSION:
-        raise ValueError(f"{path} has format version {header['version']}, newer than this edkm reads ({VERSION}); upgrade edkm")
-    return header
+        raise FormatError(f"{path}: unknown format {header.get('format')!r}, expected {FORMAT!r}")
+    version = check_int(header.get("version"), "version", 1, 1 << 30, str(path))
+    if version > VERSION:
+        raise FormatError(f"{path} has format version {version}, newer than this edkm reads ({VERSION}); upgrade edkm")
+    layers = parse_layers(header.get("layers"), str(path), "lut" if version == 1 else None)
+    lut_keys = set()
+    for name, layer in layers.items():
+        if layer.modules[0] != name:
+            raise FormatError(f"{path}: layer {name!r} must list itself first in modules, got {list(layer.modules)}")
+        for part, (dtype, shape) in layer.tensor_specs().items():
+            check_tensor(f"{name}.{part}", table, dtype, shape, str(path))
+            lut_keys.add(f"{name}.{part}")
+    aliases = check_aliases(header.get("aliases", {}), set(table) - lut_keys, str(path))
+    for key in ("model_config", "palettize_config"):
+        if header.get(key) is not None and not isinstance(header[key], dict):
+            raise FormatError(f"{path}: {key} must be an object or null")
+    if not isinstance(header.get("sha256"), str):
+        raise FormatError(f"{path}: the header has no sha256 checksum")
+    return PackedFile(path, header, layers, aliases, table)
 
 
-def _build_model(header: dict[str, Any]) -> nn.Module:
-    if header.get("model_config") is None:
-        raise ValueError("this file has no Hugging Face model config: pass the model to load into (model=...)")
-    from transformers import AutoConfig, AutoModelForCausalLM
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a packed file, validated; FormatError for anything else."""
+    return inspect_file(path).header
 
-    cfg = dict(header["model_config"])
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    return AutoModelForCausalLM.from_config(config)
+
+def _load_hf(packed: PackedFile, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Build the Hugging Face model of the saved config with transformers, through the edkm quantizer."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from ..hf import register
+    from ..hf.config import EdkmConfig
+    from ..hf.quantizer import INFIX
+
+    register()
+    where = str(packed.path)
+    cfg = dict(packed.header["model_config"])
+    try:
+        config = AutoConfig.for_model(cfg.pop("model_type", None), **cfg)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except Exception as err:
+        raise FormatError(f"{where}: the saved model config is not a causal LM transformers can build: {err}") from err
+    if getattr(config, "num_hidden_layers", 0) > len(packed.table):  # each layer stores tensors: refuse a crafted size
+        raise FormatError(f"{where}: the model config asks for {config.num_hidden_layers} layers, "
+                          f"the file holds {len(packed.table)} tensors")
+    try:
+        with torch.device("meta"):
+            skeleton = model_class(config)
+    except Exception as err:
+        raise FormatError(f"{where}: transformers cannot build the saved model config: {type(err).__name__}: {err}") from err
+    check_layout(skeleton, packed.layers, packed.table, where, "", packed.aliases)
+    check_buffer_budget(skeleton, packed.path.stat().st_size, where)
+    lut_keys = {f"{name}.{part}" for name, layer in packed.layers.items() for part in layer.tensor_specs()}
+    state = {k: v for k, v in tensors.items() if k not in lut_keys}
+    state.update({alias: state[target] for alias, target in packed.aliases.items()})
+    for name, layer in packed.layers.items():
+        state.update({f"{name}.{INFIX}{part}": tensors[f"{name}.{part}"] for part in layer.tensor_specs()})
+    palettize = packed.header.get("palettize_config") or {}
+    config.quantization_config = EdkmConfig(
+        layers={name: layer.to_json() for name, layer in packed.layers.items()},
+        bits=palettize.get("bits"), group_size=palettize.get("group_size"),
+        palettize_config=packed.header.get("palettize_config"),
+    ).to_dict()
+    return model_class.from_pretrained(None, config=config, state_dict=state)
 
 
 def load_palettized(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Load a packed model. Without ``model``, rebuild the Hugging Face model from the saved config."""
+    """Load a packed file or an edkm Hugging Face folder.
+
+    Without ``model``, build the Hugging Face model of the saved config (on the meta device, through
+    transformers and the edkm quantizer). Damaged or crafted input raises FormatError.
+    """
     from safetensors.torch import load_file
 
-    header = read_header(path)
+    if Path(path).is_dir():
+        from .folder import load_folder
+
+        return load_folder(path)
+    packed = inspect_file(path)
     try:
         tensors = load_file(path)
     except Exception as err:
-        raise ValueError(f"{path}: cannot read tensors (corrupted or truncated?): {err}") from err
-    if _digest(tensors) != header["sha256"]:
-        raise ValueError(f"{path}: checksum mismatch, the file is corrupted")
-    model = model if model is not None else _build_model(header)
-    for name, layer in header["layers"].items():
-        shape, bits, groups = torch.Size(layer["shape"]), layer["bits"], layer["groups"]
-        indices = unpack_bits(tensors.pop(f"{name}.indices"), bits, shape.numel()).reshape(groups, -1)
-        dtype = getattr(torch, layer["dtype"])
-        if layer.get("levels", "lut") == "uniform":
-            lut = LUTWeight.from_uniform(tensors.pop(f"{name}.lo"), tensors.pop(f"{name}.step"), indices, shape, bits, dtype)
-        else:
-            lut = LUTWeight(tensors.pop(f"{name}.lut"), indices, shape, bits, dtype)
-        for module_name in layer["modules"]:
-            try:
-                base = model.get_submodule(module_name)
-            except AttributeError as err:
-                raise ValueError(f"{path}: the model has no module {module_name!r} to load a LUT into") from err
+        raise FormatError(f"{path}: cannot read tensors (corrupted or truncated?): {err}") from err
+    if not packed.checksum_ok(tensors):
+        raise FormatError(f"{path}: checksum mismatch, the file is corrupted")
+    for name, layer in packed.layers.items():
+        check_finite(layer, {part: tensors[f"{name}.{part}"] for part in layer.tensor_specs()}, str(path))
+    if model is None:
+        if packed.header.get("model_config") is None:
+            raise FormatError(f"{path} has no Hugging Face model config: pass the model to load into (model=...)")
+        return _load_hf(packed, tensors)
+    check_layout(model, packed.layers, packed.table, str(path), "", packed.aliases)
+    for name, layer in packed.layers.items():
+        first = model.get_submodule(name)
+        dtype = first.lut.dtype if isinstance(first, LUTModule) else first.weight.dtype  # decode in the model's dtype
+        lut = build_lut(layer, {part: tensors.pop(f"{name}.{part}") for part in layer.tensor_specs()}, dtype)
+        for module_name in layer.modules:
+            base = model.get_submodule(module_name)
             base = base if isinstance(base, LUTModule) else LUTModule(base, lut)
             base.lut = lut
             set_submodule(model, module_name, base)
-    for alias, key in header["aliases"].items():
+    for alias, key in packed.aliases.items():
         tensors[alias] = tensors[key]
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if ".lut." not in k]
     if missing or unexpected:
-        raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise FormatError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
