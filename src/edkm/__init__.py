@@ -10,7 +10,8 @@ Quickstart (prepare -> train -> finalize -> save -> load)::
     edkm.save_palettized(model, "out/model.edkm.safetensors")
     model = edkm.load_palettized("out/model.edkm.safetensors")
 
-Importing edkm loads torch only (no transformers, no CUDA initialisation).
+Importing edkm is instant: torch loads on first use of an attribute (no transformers, no CUDA
+initialisation), so ``edkm --help`` and ``edkm --version`` answer without it.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .cluster import decode, dkm, hard_assign, kmeans1d
-
 __version__ = "0.1.0"
 
 _LAZY = {
+    "dkm": "edkm.cluster",
+    "kmeans1d": "edkm.cluster",
+    "hard_assign": "edkm.cluster",
+    "decode": "edkm.cluster",
     "PalettizeConfig": "edkm.config",
     "palettize_": "edkm.wrap",
     "finalize_": "edkm.wrap",
@@ -32,7 +35,7 @@ _LAZY = {
     "load_palettized": "edkm.export",
 }
 
-__all__ = ["dkm", "kmeans1d", "hard_assign", "decode", *_LAZY]
+__all__ = [*_LAZY]
 
 
 def __getattr__(name: str) -> Any:
