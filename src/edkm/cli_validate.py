@@ -87,10 +87,10 @@ def check_compress(args: argparse.Namespace, bundled_model_dir: Path) -> None:
 
 def check_eval(args: argparse.Namespace) -> None:
     """``edkm eval``: something to evaluate, --holdout only with --text, the text file present."""
-    if not args.text and not args.tasks:
-        raise ValueError("nothing to evaluate: give --text FILE and/or --tasks piqa,arc_easy,...")
     if args.holdout is not None and not args.text:
         raise ValueError("--holdout needs --text (it selects the held-out part of that file)")
+    if not args.text and not args.tasks:
+        raise ValueError("nothing to evaluate: give --text FILE and/or --tasks piqa,arc_easy,...")
     check_file(args.text, "--text")
 
 

@@ -48,7 +48,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def first_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
     """'--FLAG new differs from the checkpoint's old' for the first differing setting, else None."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(current)))  # tuples as lists
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             show = lambda v: "none" if v is None else json.dumps(v) if isinstance(v, (dict, list)) else str(v)  # noqa: E731
@@ -67,7 +67,8 @@ def check_resume(out: Path, settings: dict[str, Any], resume: bool, write: bool 
     """Compare ``settings`` with the run in ``out``; returns "fresh", "resume" or "complete".
 
     Raises ValueError naming the first difference when resuming with other settings. A fresh start
-    (no ``--resume``, or nothing to resume) writes ``settings`` when ``write`` (rank 0).
+    (no ``--resume``, or nothing to resume) deletes the folder's old checkpoints and progress and writes
+    ``settings`` when ``write`` (rank 0).
     """
     path = out / SETTINGS_FILE
     saved = json.loads(path.read_text()) if path.is_file() else None
@@ -77,7 +78,9 @@ def check_resume(out: Path, settings: dict[str, Any], resume: bool, write: bool 
         if diff:
             raise ValueError(f"--resume: {diff} ({path}); drop --resume to start over, or use another --out")
         return "complete" if (out / "report.json").is_file() and is_complete(out) else "resume"
-    if write:
+    if write:  # a fresh start: nothing of an earlier run in this folder may be resumed later
+        for name in (*CHECKPOINTS, "progress.json"):
+            (out / name).unlink(missing_ok=True)
         write_json(path, settings)
     return "fresh"
 
