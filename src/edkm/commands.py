@@ -62,6 +62,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
                          plan=plan, train=train, fp_control=not args.no_fp_control, control_lr=args.control_lr,
                          distill=args.distill, resume=args.resume, threads=args.threads,
                          keep_checkpoints=args.keep_checkpoints)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar either
     _init_distributed()
     try:
         report = compress(cfg)

@@ -9,7 +9,7 @@ the result, and ``--resume`` of a finished run prints its report again without r
 
 Example:
     >>> first_difference({"plan": {"bits": 3}, "train": {"steps": 300}}, {"plan": {"bits": 4}, "train": {"steps": 300}})
-    '--bits 4 differs from the checkpoint\\'s 3'
+    "--bits 4 differs from the checkpoint's 3"
     >>> resume_command(["compress", "--steps", "20"])
     'edkm compress --steps 20 --resume'
 """
