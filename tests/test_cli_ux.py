@@ -97,6 +97,25 @@ def test_inputs_checked_before_the_model_loads(argv, message, tmp_path, capsys, 
     assert message in capsys.readouterr().err
 
 
+def test_job_eta_scales_the_cost_ahead_by_the_pace_so_far():
+    import io
+
+    from edkm.progress import JobProgress
+
+    job = JobProgress({"a": 1.0, "b": 3.0}, stream=io.StringIO())
+    job.start -= 10.0  # 10 s elapsed
+    assert job.eta() == 0.0  # nothing done yet: no estimate
+    assert job.eta("a", 0.5) == pytest.approx(10.0 * 3.5 / 0.5, rel=0.01)
+    job.finished.add("a")
+    assert job.eta() == pytest.approx(30.0, rel=0.01)
+    with job.phase("b", total=2) as bar:
+        bar.update(loss_ce="2.0")  # not a terminal: a line at most every 30 s, and at the end
+        bar.update(loss_ce="1.9")
+    lines = job.stream.getvalue().splitlines()
+    assert lines[0] == "[2/2] b (2 steps)" and lines[1].startswith("[2/2] b: 2/2 steps (loss_ce 1.9, job ETA")
+    assert len(lines) == 3 and lines[2].startswith("[2/2] b done in")
+
+
 def test_bench_writes_to_a_run_folder_by_default():
     from edkm.bench.configs import BenchOptions
 
@@ -160,7 +179,7 @@ def test_ctrl_c_prints_the_resume_command(small_text, tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     lines = [line for line in err.splitlines() if line.strip() and "torchao" not in line and "pytree" not in line]
-    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert proc.returncode == 130 and "Traceback" not in err and "[1/5]" not in err, err[-2000:]  # --quiet: no progress
     assert lines[-1].startswith("edkm compress: interrupted; continue with: edkm compress ")
     assert lines[-1].endswith("--quiet --resume")
 

@@ -76,6 +76,10 @@ def check_compress(args: argparse.Namespace, bundled_model_dir: Path) -> None:
     """Every cross-flag and file check of ``edkm compress`` (ranges are checked by argparse)."""
     check_file(args.text, "--text")
     check_file(args.alpaca, "--alpaca")
+    if args.alpaca:
+        from .data import load_alpaca
+
+        load_alpaca(args.alpaca)  # every record checked now, not after the model has loaded
     if args.batch_size % args.grad_accum:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by --grad-accum {args.grad_accum}")
     limit = model_context(args.model or bundled_model_dir)
