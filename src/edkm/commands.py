@@ -50,6 +50,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     check_compress(args, BUNDLED_MODEL_DIR)  # every flag and file, before anything loads
     from .compress import CompressConfig, compress
     from .config import PalettizeConfig
+    from .runtime import configure_threads
     from .train import TrainConfig
 
     overrides = {"embed_tokens|lm_head": {"bits": args.embed_bits}} if args.embed_bits else {}
@@ -60,8 +61,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
                         checkpoint_every=args.checkpoint_every)
     cfg = CompressConfig(model=args.model, text=args.text, alpaca=args.alpaca, context=args.context, out=args.out,
                          plan=plan, train=train, fp_control=not args.no_fp_control, control_lr=args.control_lr,
-                         distill=args.distill, resume=args.resume, threads=args.threads,
-                         keep_checkpoints=args.keep_checkpoints)
+                         distill=args.distill, resume=args.resume, keep_checkpoints=args.keep_checkpoints)
+    configure_threads(args.model or BUNDLED_MODEL_DIR, args.threads)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
@@ -169,7 +170,7 @@ def add_compress_parser(sub: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out (refused if its settings differ)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the training checkpoints when the run completes")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch threads per process (default: OMP_NUM_THREADS, else 1 for models under 20 M parameters, "
+                   help="torch threads per process (default: OMP_NUM_THREADS, else 1 for weight files under 64 MiB, "
                         "else the cores / processes)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_compress)

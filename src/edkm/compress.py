@@ -30,7 +30,7 @@ from .cli_validate import MODEL_FILE
 from .models import BUNDLED_TEXT, load_causal_lm
 from .progress import JobProgress, PhaseBar
 from .runstate import check_resume, prune_checkpoints, write_json
-from .runtime import configure_threads, run_environment
+from .runtime import run_environment
 from .train import TrainConfig, batch_indices, train, world
 from .wrap import finalize_, palettize_
 
@@ -51,7 +51,6 @@ class CompressConfig:
     control_lr: float | None = 5e-4  # peak lr of the fp control (None = train.lr); its best measured, see README
     distill: float = 1.0  # weight of KL(teacher || model) in the eDKM loss (0 = plain cross-entropy)
     resume: bool = False
-    threads: int | None = None  # torch intra-op threads (None: edkm.runtime.pick_threads)
     keep_checkpoints: bool = False  # keep the training checkpoints of a finished run
 
     def settings(self) -> dict[str, Any]:
@@ -146,7 +145,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     start = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    say = (lambda line: print(line, file=sys.stderr, flush=True)) if rank == 0 and cfg.train.progress else (lambda line: None)
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if rank == 0 else (lambda line: None)  # even --quiet
     state = check_resume(out, cfg.settings(), cfg.resume, write=rank == 0)
     if state == "complete":
         say(f"{out} holds a finished run with these settings: its report, not recomputed")
@@ -164,7 +163,6 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_causal_lm(cfg.model)
     params = {id(p): p for p in model.parameters()}.values()
-    threads = configure_threads(sum(p.numel() for p in params), cfg.threads)
     check_seq_len(cfg.context, model.config)
     data, held = _data(cfg, tokenizer)
     batch_indices(0, len(data), cfg.train)  # a batch larger than the data fails here, before any baseline
@@ -173,7 +171,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     fp_bytes = sum(p.numel() * 2 for p in params)
     job = JobProgress(job_costs(cfg, held.numel()), enabled=cfg.train.progress and rank == 0)
     job.print(f"edkm compress: {sum(p.numel() for p in params):,} parameters, {len(data)} training sequences of "
-              f"{cfg.context} tokens, {held.numel():,} held-out tokens, {threads} torch thread(s) x {size} process(es)")
+              f"{cfg.context} tokens, {held.numel():,} held-out tokens, {torch.get_num_threads()} torch thread(s) x {size} process(es)")
 
     if "rtn_ppl" in done or rank != 0:
         job.skip("baselines", "restored from progress.json" if rank == 0 else "rank 0 only")

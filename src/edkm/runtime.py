@@ -25,12 +25,19 @@ import platform
 from collections.abc import Mapping
 from typing import Any
 
-SMALL_MODEL_PARAMS = 20_000_000  # below this, one intra-op thread (see module docstring)
+SMALL_MODEL_BYTES = 64 << 20  # weight files below this: one intra-op thread (~16 M fp32 / 32 M 16-bit parameters)
 
 
-def pick_threads(n_params: int, requested: int | None = None, env: Mapping[str, str] | None = None,
+def weight_bytes(model_dir: str | os.PathLike) -> int:
+    """Total size of the weight files (``*.safetensors``, ``*.bin``) in a checkpoint folder."""
+    from pathlib import Path
+
+    return sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin") for p in Path(model_dir).glob(pattern))
+
+
+def pick_threads(model_bytes: int, requested: int | None = None, env: Mapping[str, str] | None = None,
                  cores: int | None = None) -> int:
-    """Intra-op threads for a model of ``n_params`` parameters (rule in the module docstring)."""
+    """Intra-op threads for a model of ``model_bytes`` of weights (rule in the module docstring)."""
     env = os.environ if env is None else env
     if requested is not None:
         if requested < 1:
@@ -39,17 +46,17 @@ def pick_threads(n_params: int, requested: int | None = None, env: Mapping[str, 
     omp = env.get("OMP_NUM_THREADS", "").strip()
     if omp.isdigit() and int(omp) > 0:
         return int(omp)
-    if n_params < SMALL_MODEL_PARAMS:
+    if model_bytes < SMALL_MODEL_BYTES:
         return 1
     local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1))
     return max(1, (cores or os.cpu_count() or 1) // local)
 
 
-def configure_threads(n_params: int, requested: int | None = None) -> int:
-    """Apply :func:`pick_threads` to torch in this process; returns the thread count."""
+def configure_threads(model_dir: str | os.PathLike, requested: int | None = None) -> int:
+    """Apply :func:`pick_threads` for the model in ``model_dir`` to torch in this (CLI) process."""
     import torch
 
-    threads = pick_threads(n_params, requested)
+    threads = pick_threads(weight_bytes(model_dir), requested)
     torch.set_num_threads(threads)
     return threads
 
@@ -73,4 +80,4 @@ def run_environment(device: str = "cpu") -> dict[str, Any]:
     }
 
 
-__all__ = ["SMALL_MODEL_PARAMS", "configure_threads", "pick_threads", "run_environment"]
+__all__ = ["SMALL_MODEL_BYTES", "configure_threads", "pick_threads", "run_environment", "weight_bytes"]
