@@ -81,6 +81,8 @@ def test_bad_numbers_fail_at_parse_time_in_one_line(argv, message):
     (["compress", "--batch-size", "6", "--grad-accum", "4"], "divisible by --grad-accum"),
     (["compress", "--context", "100000"], "exceeds the model's context"),
     (["compress", "--model", "/tmp"], "no config.json"),
+    (["compress", "--group-size", "7"], "group_size 7 does not divide"),
+    (["compress", "--memory", "bogus"], "unknown memory mode"),
     (["eval", str(BUNDLED_MODEL_DIR), "--holdout", "0.2", "--tasks", "piqa"], "--holdout needs --text"),
     (["eval", str(BUNDLED_MODEL_DIR), "--tasks", "piqa,nope"], "unknown task(s) nope"),
 ])

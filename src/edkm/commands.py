@@ -56,6 +56,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
     overrides = {"embed_tokens|lm_head": {"bits": args.embed_bits}} if args.embed_bits else {}
     plan = PalettizeConfig(bits=args.bits, group_size=args.group_size, tau=args.tau, iters=args.iters,
                            memory=args.memory, overrides=overrides)
+    if args.group_size:  # must divide every clustered layer's rows: checked on the config's shapes, as `edkm size` does
+        from .size import load_config, meta_model, palettized_size
+
+        palettized_size(meta_model(load_config(str(args.model or BUNDLED_MODEL_DIR))), plan)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                         tau_start=args.tau, tau_end=args.tau_end, seed=args.seed, progress=not args.quiet,
                         checkpoint_every=args.checkpoint_every)
