@@ -104,8 +104,8 @@ class JobProgress:
         if name not in self.costs:
             raise ValueError(f"unknown phase {name!r}; phases: {', '.join(self.costs)}")
         index = list(self.costs).index(name) + 1
+        self.print(f"[{index}/{len(self.costs)}] {name} ({total} {unit}s{', ' + detail if detail else ''})")
         bar = PhaseBar(self, index, name, total, unit)
-        self.print(f"{bar.label} ({total} {unit}s{', ' + detail if detail else ''})")
         t0 = time.perf_counter()
         try:
             yield bar
