@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-MODEL_FILE = "model.edkm.safetensors"  # the packed model inside a run folder (`edkm compress --out`)
+from .runstate import MODEL_FILE
 
 
 def _number(kind: Callable[[str], float], ok: Callable[[float], bool], what: str) -> Callable[[str], float]:
@@ -119,6 +119,6 @@ def find_model(path: str, tokenizer: str | None = None) -> tuple[Path, Path | No
 
 
 __all__ = [
-    "MODEL_FILE", "bits", "bits_or_zero", "check_compress", "check_eval", "check_file", "find_model", "fraction",
+    "bits", "bits_or_zero", "check_compress", "check_eval", "check_file", "find_model", "fraction",
     "model_context", "nonnegative_float", "nonnegative_int", "positive_float", "positive_int", "top_p", "unit_weight",
 ]

@@ -26,10 +26,9 @@ from .config import PalettizeConfig
 from .data import PackedDataset, check_seq_len, load_alpaca, load_text, split_records, split_text, tokenize_alpaca, tokenize_text
 from .eval.perplexity import perplexity
 from .export import load_palettized, save_palettized
-from .cli_validate import MODEL_FILE
 from .models import BUNDLED_TEXT, load_causal_lm
 from .progress import JobProgress, PhaseBar
-from .runstate import check_resume, prune_checkpoints, write_json
+from .runstate import MODEL_FILE, check_resume, prune_checkpoints, write_json
 from .runtime import run_environment
 from .train import TrainConfig, batch_indices, train, world
 from .wrap import finalize_, palettize_

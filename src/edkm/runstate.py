@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+MODEL_FILE = "model.edkm.safetensors"  # the packed model of a run folder
 SETTINGS_FILE = "settings.json"
 CHECKPOINTS = ("checkpoint_fp.pt", "checkpoint_edkm.pt")
 NOT_COMPARED = {"plan.memory", "train.progress", "train.checkpoint_every", "plan.format_version"}
@@ -108,5 +109,5 @@ def resume_command(argv: Sequence[str]) -> str:
     return shlex.join(["edkm", *args, *([] if "--resume" in args else ["--resume"])])
 
 
-__all__ = ["CHECKPOINTS", "SETTINGS_FILE", "check_resume", "first_difference", "is_complete", "prune_checkpoints",
+__all__ = ["CHECKPOINTS", "MODEL_FILE", "SETTINGS_FILE", "check_resume", "first_difference", "is_complete", "prune_checkpoints",
            "resume_command", "write_json"]
