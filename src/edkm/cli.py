@@ -12,12 +12,14 @@ Building the parser imports neither torch nor transformers: `--help` and `--vers
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import __version__
 from .cli_validate import bits, positive_int
+from .runstate import resume_command
 from .size_presets import PRESETS
 
 
@@ -99,6 +101,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"edkm {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (rank 0 only under torchrun)
+        if os.environ.get("RANK", "0") == "0":
+            hint = f"; continue with: {resume_command(argv)}" if args.command == "compress" else ""
+            print(f"\nedkm {args.command}: interrupted{hint}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

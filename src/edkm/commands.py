@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ from .cli_validate import (
     bits, bits_or_zero, check_compress, check_eval, find_model, fraction, nonnegative_float, nonnegative_int,
     positive_float, positive_int, top_p, unit_weight,
 )
-from .runstate import resume_command
 
 
 def _load_any(path: str, tokenizer: str | None = None) -> tuple[Any, Any]:
@@ -72,13 +70,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
         hf_logging.disable_progress_bar()  # no "Loading weights" bar either
     _init_distributed()
-    try:
-        report = compress(cfg)
-    except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":
-            command = resume_command(getattr(args, "argv", ["compress"]))
-            print(f"\nedkm compress: interrupted; continue with: {command}", file=sys.stderr)
-        raise SystemExit(130) from None
+    report = compress(cfg)  # Ctrl-C: `cli.main` prints the --resume command
     if report:
         print(format_report(report))
 
