@@ -1,6 +1,12 @@
 """Shared test fixtures."""
 
+import os
+
 import pytest
+
+# tiny models: one intra-op thread per process (child processes inherit it) unless the caller set one
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,14 @@ def small_text(tmp_path_factory):
     return path
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cli(*args, env=None, **kw):
     return subprocess.run([sys.executable, "-m", "edkm.cli", *args], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
@@ -31,7 +39,8 @@ def run_cli(*args, env=None, **kw):
 @pytest.fixture(scope="module")
 def single(small_text, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    res = run_cli("compress", "--text", str(small_text), "--out", str(out), "--memory", "marshal+unique", *FAST, timeout=600)
+    res = run_cli("compress", "--text", str(small_text), "--out", str(out), "--memory", "marshal+unique", *FAST,
+                  "--keep-checkpoints", timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return out, json.loads((out / "report.json").read_text())
 
@@ -93,7 +102,7 @@ def test_generate_from_packed_model(single, capsys):
 def test_two_process_ddp_with_sharding_matches_single(single, small_text, tmp_path):
     _, report = single
     res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
          "-m", "edkm.cli", "compress", "--text", str(small_text), "--out", str(tmp_path),
          "--memory", "marshal+unique+shard", *FAST],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})

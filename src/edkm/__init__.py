@@ -11,7 +11,8 @@ Quickstart (prepare -> train -> finalize -> save -> load)::
     edkm.save_palettized(model, "out/model.edkm.safetensors")  # or one packed file
     model = edkm.load_palettized("out")         # either
 
-Importing edkm loads torch only (no transformers, no CUDA initialisation). It registers the
+Importing edkm is instant: torch loads on first use of an attribute (no transformers, no CUDA
+initialisation), so ``edkm --help`` and ``edkm --version`` answer without it. It registers the
 ``edkm`` quantization method with transformers lazily, when transformers loads its quantizer
 registry, so ``AutoModelForCausalLM.from_pretrained(folder)`` works after ``import edkm``.
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .cluster import decode, dkm, hard_assign, kmeans1d
 from .hf import install_import_hook
 
 install_import_hook()  # `from_pretrained` of an edkm folder works once transformers loads; imports nothing now
@@ -29,6 +29,10 @@ install_import_hook()  # `from_pretrained` of an edkm folder works once transfor
 __version__ = "0.1.0"
 
 _LAZY = {
+    "dkm": "edkm.cluster",
+    "kmeans1d": "edkm.cluster",
+    "hard_assign": "edkm.cluster",
+    "decode": "edkm.cluster",
     "PalettizeConfig": "edkm.config",
     "palettize_": "edkm.wrap",
     "finalize_": "edkm.wrap",
@@ -39,7 +43,7 @@ _LAZY = {
     "save_folder": "edkm.export",
 }
 
-__all__ = ["dkm", "kmeans1d", "hard_assign", "decode", *_LAZY]
+__all__ = [*_LAZY]
 
 
 def __getattr__(name: str) -> Any:

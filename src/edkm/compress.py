@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,8 +30,13 @@ from .export import load_palettized, save_folder, save_palettized, write_model_c
 from .export.card import model_card
 from .export.folder import WEIGHTS
 from .models import BUNDLED_TEXT, load_causal_lm
-from .train import TrainConfig, train, world
+from .progress import JobProgress, PhaseBar
+from .runstate import check_resume, prune_checkpoints, write_json
+from .runtime import run_environment
+from .train import TrainConfig, batch_indices, train, world
 from .wrap import clustered_fraction, finalize_, palettize_
+
+__all__ = ["CompressConfig", "compress", "generate_text", "job_costs", "loss_label"]
 
 
 @dataclass
@@ -48,6 +53,14 @@ class CompressConfig:
     control_lr: float | None = 5e-4  # peak lr of the fp control (None = train.lr); its best measured, see README
     distill: float = 1.0  # weight of KL(teacher || model) in the eDKM loss (0 = plain cross-entropy)
     resume: bool = False
+    keep_checkpoints: bool = False  # keep the training checkpoints of a finished run
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the result (compared on --resume): paths resolved, no output/progress knobs."""
+        resolve = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
+        return {"model": resolve(self.model), "text": resolve(self.text), "alpaca": resolve(self.alpaca),
+                "holdout": self.holdout, "context": self.context, "plan": self.plan.to_dict(), "train": asdict(self.train),
+                "fp_control": self.fp_control, "control_lr": self.control_lr, "distill": self.distill}
 
 
 def _data(cfg: CompressConfig, tokenizer: Any) -> tuple[PackedDataset, torch.Tensor]:
@@ -64,7 +77,7 @@ def _data(cfg: CompressConfig, tokenizer: Any) -> tuple[PackedDataset, torch.Ten
 
 def _finetune(
     model: nn.Module, data: PackedDataset, cfg: TrainConfig, checkpoint: Path, resume: bool,
-    teacher: nn.Module | None = None, distill: float = 0.0,
+    teacher: nn.Module | None = None, distill: float = 0.0, bar: PhaseBar | None = None,
 ) -> list[float]:
     """Fine-tune on next-token cross-entropy, mixed with ``distill`` x KL(teacher || model) per token."""
     net: nn.Module = model
@@ -82,13 +95,34 @@ def _finetune(
         return (1 - distill) * loss + distill * kl[y != -100].sum()
 
     inputs, targets = data.input_ids[:, :-1], data.labels[:, 1:]
-    return train(loss_fn, model, inputs, targets, cfg, checkpoint, resume and checkpoint.is_file())
+    name = loss_label(distill if teacher is not None else 0.0)
+    on_step = None if bar is None else lambda done, loss: bar.update(done - bar.done, **{name: f"{loss:.4f}"})
+    return train(loss_fn, model, inputs, targets, cfg, checkpoint, resume and checkpoint.is_file(), on_step)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)  # atomic: a killed run never leaves half a JSON
+def loss_label(distill: float) -> str:
+    """What the training loss is, per token: cross-entropy, distillation KL or their mix.
+
+    >>> loss_label(0.0), loss_label(1.0), loss_label(0.25)
+    ('CE', 'KL(teacher||model)', '0.75 CE + 0.25 KL')
+    """
+    if distill == 0:
+        return "CE"
+    return "KL(teacher||model)" if distill == 1 else f"{1 - distill:g} CE + {distill:g} KL"
+
+
+def job_costs(cfg: CompressConfig, heldout_tokens: int) -> dict[str, float]:
+    """Estimated cost of each phase in training tokens (only the ratios matter: the ETA rescales
+    them by the measured pace). Measured on the bundled model at one thread: scoring a token costs
+    ~0.25 of training on it, an eDKM step ~2x an fp step, k-means baselines ~0.4 of one evaluation."""
+    step, evaluation = cfg.train.batch_size * cfg.context, 0.25 * heldout_tokens
+    return {
+        "baselines": 3.4 * evaluation,
+        "fp control": cfg.train.steps * step if cfg.fp_control else 0.0,
+        "eDKM": 2.0 * cfg.train.steps * step,
+        "export": 0.05 * evaluation,
+        "evaluation": 1.1 * evaluation,
+    }
 
 
 def _file_size(model: nn.Module, path: Path) -> int:
@@ -105,66 +139,112 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str = "", max_new_to
 
 
 def compress(cfg: CompressConfig) -> dict[str, Any]:
-    """Run the whole job; returns the report (also written to ``<out>/report.json`` by rank 0)."""
+    """Run the whole job; returns the report (also written to ``<out>/report.json`` by rank 0).
+
+    Progress goes to stderr in five numbered phases (``cfg.train.progress``); see ``edkm.progress``.
+    """
     rank, size = world()
     start = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if rank == 0 else (lambda line: None)  # even --quiet
+    state = check_resume(out, cfg.settings(), cfg.resume, write=rank == 0)
+    if state == "complete":
+        say(f"{out} holds a finished run with these settings: its report, not recomputed")
+        return json.loads((out / "report.json").read_text()) if rank == 0 else {}
+    if cfg.resume and state == "fresh":
+        say(f"--resume: no checkpoint in {out}: starting fresh")
     progress_path = out / "progress.json"
-    done: dict[str, Any] = json.loads(progress_path.read_text()) if cfg.resume and progress_path.is_file() else {}
+    done: dict[str, Any] = json.loads(progress_path.read_text()) if state == "resume" and progress_path.is_file() else {}
 
     def record(**values: Any) -> None:
         done.update(values)
         if rank == 0:
-            _write_json(progress_path, done)
+            write_json(progress_path, done)
 
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_causal_lm(cfg.model)
+    params = {id(p): p for p in model.parameters()}.values()
     check_seq_len(cfg.context, model.config)
     data, held = _data(cfg, tokenizer)
+    batch_indices(0, len(data), cfg.train)  # a batch larger than the data fails here, before any baseline
     ppl = lambda m: perplexity(m, held, context=cfg.context)  # noqa: E731
     bits = cfg.plan.bits
-    fp_bytes = sum(p.numel() * 2 for p in {id(p): p for p in model.parameters()}.values())
+    fp_bytes = sum(p.numel() * 2 for p in params)
+    job = JobProgress(job_costs(cfg, held.numel()), enabled=cfg.train.progress and rank == 0)
+    job.print(f"edkm compress: {sum(p.numel() for p in params):,} parameters, {len(data)} training sequences of "
+              f"{cfg.context} tokens, {held.numel():,} held-out tokens, {torch.get_num_threads()} torch thread(s) x {size} process(es)")
 
-    if rank == 0 and "rtn_ppl" not in done:
-        fp_ppl = ppl(model)
-        rtn = rtn_(copy.deepcopy(model), cfg.plan)
-        km = ptq_kmeans_(copy.deepcopy(model), cfg.plan)
-        record(fp_ppl=fp_ppl, rtn_ppl=ppl(rtn), rtn_size_bytes=_file_size(rtn, out / "rtn.edkm.safetensors"),
-               kmeans_ptq_ppl=ppl(km), kmeans_ptq_size_bytes=_file_size(km, out / "kmeans.edkm.safetensors"))
-        del rtn, km
+    if "rtn_ppl" in done or rank != 0:
+        job.skip("baselines", "restored from progress.json" if rank == 0 else "rank 0 only")
+    else:
+        with job.phase("baselines", total=5, unit="eval", detail="fp, RTN and post-training k-means perplexity") as bar:
+            fp_ppl = ppl(model)
+            bar.update(note=f"fp32 original ppl {fp_ppl:.3f}")
+            rtn = rtn_(copy.deepcopy(model), cfg.plan)
+            rtn_size = _file_size(rtn, out / "rtn.edkm.safetensors")
+            bar.update(note=f"RTN {bits}-bit built ({rtn_size / 1e3:.0f} kB)")
+            rtn_ppl = ppl(rtn)
+            bar.update(note=f"RTN {bits}-bit ppl {rtn_ppl:.3f}")
+            km = ptq_kmeans_(copy.deepcopy(model), cfg.plan)
+            km_size = _file_size(km, out / "kmeans.edkm.safetensors")
+            km_ppl = ppl(km)
+            bar.update(2, note=f"k-means {bits}-bit ppl {km_ppl:.3f}")
+            record(fp_ppl=fp_ppl, rtn_ppl=rtn_ppl, rtn_size_bytes=rtn_size, kmeans_ptq_ppl=km_ppl, kmeans_ptq_size_bytes=km_size)
+            del rtn, km
     teacher: nn.Module | None = None
     if cfg.fp_control:
         teacher = copy.deepcopy(model)  # trained here, or reloaded from its final checkpoint on --resume
         control = replace(cfg.train, lr=cfg.control_lr or cfg.train.lr)
-        fp_losses = _finetune(teacher, data, control, out / "checkpoint_fp.pt", cfg.resume)
-        if "fp_finetuned_ppl" not in done:
-            record(fp_finetuned_ppl=ppl(teacher) if rank == 0 else None, fp_losses=fp_losses)
+        with job.phase("fp control", total=cfg.train.steps, detail=f"fine-tuning without clustering, loss {loss_label(0)}") as bar:
+            fp_losses = _finetune(teacher, data, control, out / "checkpoint_fp.pt", state == "resume", bar=bar)
+            if "fp_finetuned_ppl" not in done:
+                record(fp_finetuned_ppl=ppl(teacher) if rank == 0 else None, fp_losses=fp_losses)
+                bar.update(0, note=f"fine-tuned fp32 ppl {done['fp_finetuned_ppl'] or 0:.3f}")
+    else:
+        job.skip("fp control", "skipped (--no-fp-control)")
     # distillation teacher: the fine-tuned control when there is one, else the original model
     teacher = (teacher or copy.deepcopy(model)).eval().requires_grad_(False) if cfg.distill else None
 
     palettize_(model, cfg.plan)
-    losses = _finetune(model, data, cfg.train, out / "checkpoint_edkm.pt", cfg.resume, teacher, cfg.distill)
+    loss_name = loss_label(cfg.distill if teacher is not None else 0.0)
+    with job.phase("eDKM", total=cfg.train.steps, detail=f"fine-tuning with {bits}-bit clustering, loss {loss_name}") as bar:
+        losses = _finetune(model, data, cfg.train, out / "checkpoint_edkm.pt", state == "resume", teacher, cfg.distill, bar)
     report: dict[str, Any] = {}
     if rank == 0:
-        finalize_(model)
-        save_folder(model, out, tokenizer)  # a Hugging Face folder: config.json, model.safetensors, tokenizer
-        path = out / WEIGHTS
-        loaded = load_palettized(out)
+        with job.phase("export", total=3, unit="file", detail="hard LUTs, packed save, reload") as bar:
+            finalize_(model)
+            save_folder(model, out, tokenizer)  # a Hugging Face folder: config.json, model.safetensors, tokenizer
+            path = out / WEIGHTS
+            bar.update(2, note=f"{path} ({path.stat().st_size / 1e3:.0f} kB)")
+            loaded = load_palettized(out)
+            bar.update()
+        with job.phase("evaluation", total=2, unit="eval", detail="held-out perplexity of the reloaded model, a sample") as bar:
+            edkm_ppl = ppl(loaded)
+            bar.update(note=f"eDKM ppl {edkm_ppl:.3f}")
+            sample = generate_text(loaded, tokenizer)
+            bar.update()
+        control_ppl = done.get("fp_finetuned_ppl")
         report = {
             "model": cfg.model or "bundled:stories260K",
-            "fp_ppl": done.get("fp_ppl"), "fp_finetuned_ppl": done.get("fp_finetuned_ppl"),
+            "fp_ppl": done.get("fp_ppl"), "fp_finetuned_ppl": control_ppl,
             "rtn_ppl": done.get("rtn_ppl"), "kmeans_ptq_ppl": done.get("kmeans_ptq_ppl"),
-            "edkm_ppl": ppl(loaded), "bits": bits, "plan": cfg.plan.to_dict(), "clustered_fraction": clustered_fraction(loaded),
+            "edkm_ppl": edkm_ppl, "gap_to_control": edkm_ppl / control_ppl - 1 if control_ppl else None,
+            "bits": bits, "plan": cfg.plan.to_dict(), "clustered_fraction": clustered_fraction(loaded),
             "size_bytes": path.stat().st_size, "fp_size_bytes": fp_bytes,
             "rtn_size_bytes": done.get("rtn_size_bytes"), "kmeans_ptq_size_bytes": done.get("kmeans_ptq_size_bytes"),
             "steps": cfg.train.steps, "context": cfg.context, "heldout_tokens": int(held.numel()) - 1,
             "world_size": size, "seconds": round(time.perf_counter() - start, 1),  # this invocation (a resumed run counts from the resume)
-            "train": asdict(cfg.train), "distill": cfg.distill, "control_lr": cfg.control_lr, "losses": losses, "fp_losses": done.get("fp_losses"),
-            "sample": generate_text(loaded, tokenizer),
+            "train": asdict(cfg.train), "distill": cfg.distill, "control_lr": cfg.control_lr,
+            "loss": loss_name, "losses": losses, "fp_loss": loss_label(0), "fp_losses": done.get("fp_losses"),
+            "environment": {**run_environment(), "world_size": size},
+            "sample": sample,
         }
-        _write_json(out / "report.json", report)
+        write_json(out / "report.json", report)
         write_model_card(out, model_card(report))
+        record(complete=True)
+        if not cfg.keep_checkpoints:
+            prune_checkpoints(out)
     if size > 1:
         dist.barrier()
     return report

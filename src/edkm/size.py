@@ -3,6 +3,7 @@
 Example (LLaMA-7B, 3-bit decoder linears, 8-bit embedding and output layer)::
 
     $ edkm size llama-7b --bits 3 --override 'embed_tokens|lm_head=8'
+    parameters: 6.738 B, clustered: 6.738 B
     fp16: 12.55 GiB -> palettized: 2.51 GiB (5.0x smaller)
 """
 
@@ -16,25 +17,20 @@ import torch
 from torch import nn
 
 from .config import PalettizeConfig
+from .size_presets import PRESETS
 from .export.pack import packed_nbytes
 from .lut import rows_first_weight
 from .wrap import weight_plans
 
 GiB = 1 << 30
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000),
-    "llama-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, vocab_size=32000),
-    "llama-30b": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52, vocab_size=32000),
-}
-
-
 def load_config(spec: str) -> Any:
     """A transformers config from a preset name, a config.json path, or a checkpoint folder."""
-    from transformers import AutoConfig, LlamaConfig
+    from transformers import AutoConfig
 
     if spec in PRESETS:
-        return LlamaConfig(**PRESETS[spec], tie_word_embeddings=False)
+        fields = dict(PRESETS[spec])
+        return AutoConfig.for_model(fields.pop("model_type"), **fields, tie_word_embeddings=False)
     path = Path(spec)
     if path.is_dir():
         path = path / "config.json"
@@ -63,6 +59,9 @@ def palettized_size(model: nn.Module, config: PalettizeConfig) -> dict[str, int]
     clustered: dict[int, int] = {}
     for modules, spec in weight_plans(model, config):
         w = rows_first_weight(modules[0][1])
+        if spec.group_size is not None and w.shape[0] % spec.group_size:
+            raise ValueError(f"group_size {spec.group_size} does not divide the {w.shape[0]} output channels of "
+                             f"{modules[0][0]} {tuple(w.shape)}")
         groups = 1 if spec.group_size is None else w.shape[0] // spec.group_size
         clustered[id(modules[0][1].weight)] = packed_nbytes(w.numel(), spec.bits) + groups * spec.k * 2
     fp16 = sum(p.numel() * 2 for p in params.values())

@@ -97,8 +97,12 @@ def train(
     cfg: TrainConfig,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train ``model`` in place; returns the loss of every step (mean over the global batch).
+
+    ``on_step(steps_done, loss)`` is called on rank 0 after every step; with it, the loop shows no
+    progress bar of its own (the caller reports progress).
 
     ``loss_fn(x, y)`` returns the summed token loss of a micro-batch divided by nothing: the loop
     normalises by the global number of target tokens (labels != -100), so ranks and micro-batches
@@ -129,7 +133,7 @@ def train(
         random.setstate(state["rng"][1])
 
     bar = None
-    if cfg.progress and rank == 0:
+    if cfg.progress and rank == 0 and on_step is None:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
@@ -160,6 +164,8 @@ def train(
         if bar is not None:
             bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens_seen / (time.perf_counter() - t0):.0f}")
             bar.update(1)
+        if on_step is not None and rank == 0:
+            on_step(step + 1, losses[-1])
         done = step + 1
         if path is not None and rank == 0 and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
             _save_checkpoint(path, model, opt, done, losses)

@@ -49,7 +49,7 @@ class BenchOptions:
 
     shape: tuple[int, int] = (4096, 4096)
     bits: int = 3
-    out: str | None = "benchmarks/results/memory.json"
+    out: str | None = "runs/bench/memory.json"  # benchmarks/results/ (committed) only when --out says so
     md: str | None = None  # default: ``out`` with the suffix .md
     iters: int = 3
     projections: int = 4

@@ -1,4 +1,5 @@
-"""Zero-shot multiple-choice accuracy (PIQA, ARC-Easy, ARC-Challenge, WinoGrande, HellaSwag).
+"""Zero-shot multiple-choice accuracy (PIQA, ARC-Easy, ARC-Challenge, WinoGrande, HellaSwag, BoolQ,
+OpenBookQA, Social IQa).
 
 We implement lm-evaluation-harness's (v0.4) scoring rules rather than depend on it. lm-eval
 itself can run offline here (checked with lm-eval 0.4.13 in a throwaway venv: task YAMLs with
@@ -13,7 +14,12 @@ task YAMLs and ``HFLM``:
 * prompts: PIQA ``"Question: {goal}\\nAnswer:"`` + ``" {sol}"``; ARC ``"Question: {question}\\nAnswer:"``
   + ``" {choice}"``; HellaSwag ``preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize())``
   + ``" " + preprocess(ending)``; WinoGrande partial scoring: context ``sentence[:blank] + option``,
-  continuation ``" " + sentence[blank + 1:].strip()`` (the shared suffix), scored per option.
+  continuation ``" " + sentence[blank + 1:].strip()`` (the shared suffix), scored per option;
+  OpenBookQA ``question_stem`` + ``" {choice}"`` (acc, acc_norm); Social IQa ``"Q: {context} {question}\nA:"``
+  + ``" {answer}"`` (acc only; LLM-Adapters joins context and question with one space, as lm-eval's
+  template does); BoolQ ``"{passage}\nQuestion: {question}?\nAnswer:"`` + ``" no"`` / ``" yes"`` (acc
+  only) **without the passage**: the shipped LLM-Adapters copy has none, so our BoolQ is the
+  closed-book variant ``"Question: {question}?\nAnswer:"`` and not comparable with published BoolQ.
 * a choice's score is the summed log-probability of its continuation tokens, which are the tokens
   of ``tok.encode(context + continuation)`` past the ``len(tok.encode(context))`` context tokens
   (trailing spaces of the context move to the continuation first; the tokenizer's default
@@ -22,8 +28,8 @@ task YAMLs and ``HFLM``:
 * ``acc`` = argmax score == gold; ``acc_norm`` = argmax score / ``len(choice)``, in characters of
   the choice text without the leading space (lm-eval's ``acc_norm``); ``acc_bytes`` = the same in
   UTF-8 bytes (lm-eval's ``acc_bytes``; differs for the ~1-2 % of choices with non-ASCII text).
-  lm-eval reports only ``acc`` for WinoGrande (both options score the same continuation), so
-  ``acc_norm`` and ``acc_bytes`` are ``None`` there.
+  lm-eval reports only ``acc`` for WinoGrande (both options score the same continuation), BoolQ and
+  Social IQa, so ``acc_norm`` and ``acc_bytes`` are ``None`` there.
 
 Data. ``data_dir=None`` reads the 50-item subsets bundled in ``edkm/assets/eval/<task>.jsonl``
 (one ``{"context", "choices", "label"}`` object per line, see ``MCDoc``). ``data_dir=<dir>`` reads
@@ -135,6 +141,16 @@ def _parse_winogrande(rec: dict, where: str) -> MCDoc:
     return MCDoc(sentence, (option1, option2), _answer_index(rec["answer"], "option", 2, where))
 
 
+def _parse_boolq(rec: dict, where: str) -> MCDoc:
+    question, _ = _strip_affixes(
+        rec["instruction"], "Please answer the following question with true or false, question: ",
+        r"\?\n\nAnswer format: true/false\s*$", where,
+    )  # fmt: skip
+    if rec["answer"].strip() not in ("true", "false"):
+        raise ValueError(f"{where}: bad answer {rec['answer']!r} (true/false)")
+    return MCDoc(question, ("no", "yes"), int(rec["answer"].strip() == "true"))
+
+
 def read_llm_adapters(path: Path, parse: Callable[[dict, str], MCDoc]) -> list[MCDoc]:
     """Read an LLM-Adapters ``test.json`` (list of ``{"instruction", "answer", ...}``)."""
     records = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -209,6 +225,18 @@ def _question_answer(doc: MCDoc) -> list[tuple[str, str]]:
     return [(f"Question: {doc.context}\nAnswer:", f" {c}") for c in doc.choices]
 
 
+def _boolq(doc: MCDoc) -> list[tuple[str, str]]:
+    return [(f"Question: {doc.context}?\nAnswer:", f" {c}") for c in doc.choices]
+
+
+def _siqa(doc: MCDoc) -> list[tuple[str, str]]:
+    return [(f"Q: {doc.context}\nA:", f" {c}") for c in doc.choices]
+
+
+def _bare(doc: MCDoc) -> list[tuple[str, str]]:
+    return [(doc.context, f" {c}") for c in doc.choices]
+
+
 def _winogrande(doc: MCDoc) -> list[tuple[str, str]]:
     blank = doc.context.index("_")
     suffix = doc.context[blank + 1 :].strip()
@@ -246,6 +274,10 @@ TASKS: dict[str, Task] = {
              _question_answer, lambda d: list(d.choices)),
         Task("winogrande", _adapters("winogrande"), lambda p: read_llm_adapters(p, _parse_winogrande), _winogrande,
              None),
+        Task("boolq", _adapters("boolq"), lambda p: read_llm_adapters(p, _parse_boolq), _boolq, None),
+        Task("openbookqa", _adapters("openbookqa"), lambda p: read_llm_adapters(p, _parse_arc), _bare,
+             lambda d: list(d.choices)),
+        Task("social_i_qa", _adapters("social_i_qa"), lambda p: read_llm_adapters(p, _parse_arc), _siqa, None),
         Task("hellaswag", tuple(f"{d}hellaswag_val_full.txt{z}" for d in ("", "hellaswag/") for z in (".bz2", "")),
              read_hellaswag_llamacpp, _hellaswag, lambda d: [_hellaswag_preprocess(c) for c in d.choices]),
     )

@@ -1,0 +1,127 @@
+"""Progress of a long job on stderr: numbered phases, one bar (or a line every 30 s when stderr is
+not a terminal) per phase, and the ETA of the whole job, not only of the current phase.
+
+The job's phases get estimated costs up front (any unit, e.g. seconds on a reference machine);
+the overall ETA is the elapsed time scaled by the estimated cost still ahead over the cost done,
+so it corrects itself for a faster or slower machine as soon as work is measured.
+
+Example:
+    >>> import io
+    >>> job = JobProgress({"baselines": 1.0, "train": 3.0}, stream=io.StringIO())
+    >>> with job.phase("baselines", total=2, unit="eval") as bar:
+    ...     bar.update(note="fp ppl 5.53")
+    ...     bar.update()
+    >>> print(job.stream.getvalue().splitlines()[0])
+    [1/2] baselines (2 evals)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, TextIO
+
+LINE_EVERY_S = 30.0  # a plain progress line at most this often when stderr is not a terminal
+
+
+def clock(seconds: float) -> str:
+    """``m:ss`` (or ``h:mm:ss``) of a duration.
+
+    >>> clock(75.4), clock(3725)
+    ('1:15', '1:02:05')
+    """
+    s = int(round(seconds))
+    h, rest = divmod(s, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+class PhaseBar:
+    """The progress of one phase: ``update`` after each unit of work (with loss or a note)."""
+
+    def __init__(self, job: JobProgress, index: int, name: str, total: int, unit: str) -> None:
+        self.job, self.name, self.total, self.unit = job, name, max(1, total), unit
+        self.label = f"[{index}/{len(job.costs)}] {name}"
+        self.done, self.last_line = 0, time.perf_counter()
+        self.bar: Any = None
+        if job.enabled and job.is_tty:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc=self.label, unit=unit, file=job.stream, dynamic_ncols=True, leave=True)
+
+    def update(self, n: int = 1, note: str | None = None, **values: Any) -> None:
+        """Count ``n`` units done; ``values`` (e.g. ``loss_ce=2.31``) show beside the bar."""
+        self.done += n
+        fields = {**values, "job ETA": clock(self.job.eta(self.name, self.done / self.total))}
+        if self.bar is not None:
+            if note:
+                self.bar.write(f"{self.label}: {note}", file=self.job.stream)
+            self.bar.set_postfix(fields, refresh=False)
+            self.bar.update(n)
+            return
+        if not self.job.enabled:
+            return
+        now = time.perf_counter()
+        if note or now - self.last_line >= LINE_EVERY_S or self.done == self.total:
+            self.last_line = now
+            shown = ", ".join(f"{k} {v}" for k, v in fields.items())
+            self.job.print(f"{self.label}: {self.done}/{self.total} {self.unit}s{': ' + note if note else ''} ({shown})")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class JobProgress:
+    """Numbered phases with estimated ``costs`` (phase name -> cost, in order); output to ``stream``
+    (default stderr), nothing at all when ``enabled`` is False."""
+
+    def __init__(self, costs: Mapping[str, float], enabled: bool = True, stream: TextIO | None = None) -> None:
+        self.costs = dict(costs)
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.is_tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start = time.perf_counter()
+        self.finished: set[str] = set()
+
+    def print(self, line: str) -> None:
+        if self.enabled:
+            print(line, file=self.stream, flush=True)
+
+    def eta(self, current: str | None = None, fraction: float = 0.0) -> float:
+        """Seconds left for the whole job, from the time so far and the cost done (0 if nothing done yet)."""
+        done = sum(c for name, c in self.costs.items() if name in self.finished)
+        if current is not None:
+            done += self.costs.get(current, 0.0) * min(1.0, fraction)
+        total = sum(self.costs.values())
+        elapsed = time.perf_counter() - self.start
+        return elapsed * (total - done) / done if done > 0 else 0.0
+
+    @contextlib.contextmanager
+    def phase(self, name: str, total: int, unit: str = "step", detail: str = "") -> Iterator[PhaseBar]:
+        """A phase of ``total`` units; prints its start and, at the end, its time and the job's."""
+        if name not in self.costs:
+            raise ValueError(f"unknown phase {name!r}; phases: {', '.join(self.costs)}")
+        index = list(self.costs).index(name) + 1
+        self.print(f"[{index}/{len(self.costs)}] {name} ({total} {unit}s{', ' + detail if detail else ''})")
+        bar = PhaseBar(self, index, name, total, unit)
+        t0 = time.perf_counter()
+        try:
+            yield bar
+        finally:
+            bar.close()
+        self.finished.add(name)
+        elapsed = time.perf_counter() - self.start
+        left = f", about {clock(self.eta())} left" if len(self.finished) < len(self.costs) else ""
+        self.print(f"{bar.label} done in {clock(time.perf_counter() - t0)} (job: {clock(elapsed)} so far{left})")
+
+    def skip(self, name: str, reason: str) -> None:
+        """Mark a phase done without work (e.g. restored by --resume)."""
+        index = list(self.costs).index(name) + 1
+        self.costs[name] = 0.0
+        self.finished.add(name)
+        self.print(f"[{index}/{len(self.costs)}] {name}: {reason}")
+
+
+__all__ = ["JobProgress", "PhaseBar", "clock", "LINE_EVERY_S"]

@@ -1,0 +1,230 @@
+"""The first hour with edkm: fast --help, validation before loading, honest progress, clean Ctrl-C,
+--resume checks, run folders for eval/generate, size presets, report metadata (issue 13)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from edkm.cli import build_parser, main
+from edkm.models import BUNDLED_MODEL_DIR, BUNDLED_TEXT
+
+TINY = ["--context", "32", "--steps", "2", "--batch-size", "4", "--checkpoint-every", "1"]
+
+
+def run_cli(*args, env=None, timeout=300):
+    env = {**os.environ, **(env or {})}
+    env = {k: v for k, v in env.items() if v is not None}
+    return subprocess.run([sys.executable, "-m", "edkm", *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "small.txt"
+    path.write_text(BUNDLED_TEXT.read_text()[:12_000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(small_text, tmp_path_factory):
+    """A finished run started with --resume on an empty folder, progress on, OMP_NUM_THREADS unset."""
+    out = tmp_path_factory.mktemp("run")
+    res = run_cli("compress", "--text", str(small_text), "--out", str(out), *TINY, "--resume",
+                  env={"OMP_NUM_THREADS": None, "MKL_NUM_THREADS": None})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res
+
+
+# ------------------------------------------------------------------ conventions, parse-time checks
+def test_help_and_version_import_no_torch():
+    code = ("import sys; from edkm.cli import build_parser; build_parser(); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    res = run_cli("--version")
+    assert res.returncode == 0 and res.stdout.strip() == "edkm 0.1.0"
+
+
+@pytest.mark.parametrize("command", ["compress", "eval", "generate", "size", "bench memory"])
+def test_every_option_has_help_and_shows_its_default(command):
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command.split()[0]]
+    if " " in command:
+        sub = sub._subparsers._group_actions[0].choices[command.split()[1]]
+    formatter = sub._get_formatter()
+    for action in sub._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{command} {action.option_strings[0]} has no help"
+            if action.default is not None and action.default is not False:
+                assert "default" in formatter._get_help_string(action), action.option_strings[0]
+    assert "(default: " in sub.format_help()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["compress", "--batch-size", "0"], "--batch-size: must be an integer >= 1"),
+    (["compress", "--distill", "1.5"], "--distill: must be a number from 0 to 1"),
+    (["generate", "x", "--temperature", "-1"], "--temperature: must be a number >= 0"),
+    (["size", "llama-2-7b", "--group-size", "0"], "--group-size: must be an integer >= 1"),
+])
+def test_bad_numbers_fail_at_parse_time_in_one_line(argv, message):
+    res = run_cli(*argv, timeout=60)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["compress", "--text", "/nonexistent.txt"], "--text /nonexistent.txt: no such file"),
+    (["compress", "--batch-size", "6", "--grad-accum", "4"], "divisible by --grad-accum"),
+    (["compress", "--context", "100000"], "exceeds the model's context"),
+    (["compress", "--model", "/tmp"], "no config.json"),
+    (["compress", "--group-size", "7"], "group_size 7 does not divide"),
+    (["compress", "--memory", "bogus"], "unknown memory mode"),
+    (["eval", str(BUNDLED_MODEL_DIR), "--holdout", "0.2", "--tasks", "piqa"], "--holdout needs --text"),
+    (["eval", str(BUNDLED_MODEL_DIR), "--tasks", "piqa,nope"], "unknown task(s) nope"),
+])
+def test_inputs_checked_before_the_model_loads(argv, message, tmp_path, capsys, monkeypatch):
+    import edkm.models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(edkm.models, "load_causal_lm", no_load)
+    monkeypatch.setattr("edkm.compress.load_causal_lm", no_load)
+    with pytest.raises(SystemExit):
+        main([*argv, *(["--out", str(tmp_path)] if argv[0] == "compress" else [])])
+    assert message in capsys.readouterr().err
+
+
+def test_job_eta_scales_the_cost_ahead_by_the_pace_so_far():
+    import io
+
+    from edkm.progress import JobProgress
+
+    job = JobProgress({"a": 1.0, "b": 3.0}, stream=io.StringIO())
+    job.start -= 10.0  # 10 s elapsed
+    assert job.eta() == 0.0  # nothing done yet: no estimate
+    assert job.eta("a", 0.5) == pytest.approx(10.0 * 3.5 / 0.5, rel=0.01)
+    job.finished.add("a")
+    assert job.eta() == pytest.approx(30.0, rel=0.01)
+    with job.phase("b", total=2) as bar:
+        bar.update(loss_ce="2.0")  # not a terminal: a line at most every 30 s, and at the end
+        bar.update(loss_ce="1.9")
+    lines = job.stream.getvalue().splitlines()
+    assert lines[0] == "[2/2] b (2 steps)" and lines[1].startswith("[2/2] b: 2/2 steps (loss_ce 1.9, job ETA")
+    assert len(lines) == 3 and lines[2].startswith("[2/2] b done in")
+
+
+def test_bench_writes_to_a_run_folder_by_default():
+    from edkm.bench.configs import BenchOptions
+
+    args = build_parser().parse_args(["bench", "memory", "--shape", "1024", "1024"])
+    assert args.out.startswith("runs/bench/") and not BenchOptions().out.startswith("benchmarks/results")
+
+
+# ------------------------------------------------------------------ the job: progress, resume, report
+def test_progress_labels_each_phase_with_job_eta_and_named_losses(run):
+    _, res = run
+    err = res.stderr
+    for label in ("[1/5] baselines", "[2/5] fp control", "[3/5] eDKM", "[4/5] export", "[5/5] evaluation"):
+        assert f"{label} done in" in err, label
+    assert "fp32 original ppl" in err and "k-means 3-bit ppl" in err and "eDKM ppl" in err  # no silent phases
+    assert "loss CE" in err and "loss KL(teacher||model)" in err and "job ETA" in err
+    assert "--resume: no checkpoint in" in err and "starting fresh" in err
+    assert "[1/5]" not in res.stdout  # progress on stderr, the table on stdout
+    assert "| eDKM 3-bit per tensor, fine-tuned |" in res.stdout
+
+
+def test_report_carries_versions_threads_and_gap(run):
+    out, _ = run
+    report = json.loads((out / "report.json").read_text())
+    env = report["environment"]
+    assert env["edkm_version"] == "0.1.0" and env["torch_version"].startswith("2.")
+    assert env["torch_threads"] == 1 and env["omp_num_threads_env"] is None  # tiny model: one thread by default
+    assert env["timestamp_utc"].endswith("+00:00") and env["device"] == "cpu"
+    assert report["gap_to_control"] == pytest.approx(report["edkm_ppl"] / report["fp_finetuned_ppl"] - 1)
+    assert report["loss"] == "KL(teacher||model)" and report["fp_loss"] == "CE"
+
+
+def test_finished_run_keeps_no_checkpoints_and_resume_reprints(run, small_text):
+    out, _ = run
+    assert not list(out.glob("checkpoint_*.pt"))
+    res = run_cli("compress", "--text", str(small_text), "--out", str(out), *TINY, "--resume", "--memory", "plain")
+    assert res.returncode == 0 and "finished run" in res.stderr and "eDKM 3-bit" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--bits", "4", "--bits 4 differs from the checkpoint's 3"),
+    ("--steps", "3", "--steps 3 differs from the checkpoint's 2"),
+    ("--model", str(BUNDLED_MODEL_DIR), "--model"),
+])
+def test_resume_with_other_settings_is_refused_in_one_line(run, small_text, flag, value, message, capsys):
+    out, _ = run
+    args = dict(zip(TINY[::2], TINY[1::2]), **{flag: value})
+    with pytest.raises(SystemExit):
+        main(["compress", "--text", str(small_text), "--out", str(out), "--resume", *[x for kv in args.items() for x in kv]])
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_ctrl_c_prints_the_resume_command(small_text, tmp_path):
+    args = ["compress", "--text", str(small_text), "--out", str(tmp_path), "--context", "32", "--steps", "500",
+            "--batch-size", "4", "--checkpoint-every", "1", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "edkm", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 600
+    while not (tmp_path / "checkpoint_fp.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip() and "torchao" not in line and "pytree" not in line]
+    assert (tmp_path / "checkpoint_fp.pt").exists(), "no checkpoint before the deadline"
+    assert proc.returncode == 130 and "Traceback" not in err and "[1/5]" not in err, err[-2000:]  # --quiet: no progress
+    assert lines[-1].startswith("edkm compress: interrupted; continue with: edkm compress ")
+    assert lines[-1].endswith("--quiet --resume")
+
+
+# ------------------------------------------------------------------ eval / generate / size
+def test_eval_and_generate_find_the_model_in_a_run_folder(run, capsys):
+    out, _ = run
+    main(["eval", str(out), "--tasks", "boolq,openbookqa,social_i_qa", "--limit", "3"])
+    tasks = json.loads(capsys.readouterr().out)["tasks"]
+    assert all(tasks[t]["n"] == 3 for t in ("boolq", "openbookqa", "social_i_qa"))
+    assert tasks["boolq"]["acc_norm"] is None and tasks["openbookqa"]["acc_norm"] is not None
+    main(["generate", str(out), "--prompt", "Once upon a time", "--max-new-tokens", "4"])
+    assert capsys.readouterr().out.startswith("Once upon a time")
+
+
+def test_packed_model_without_tokenizer_needs_tokenizer_flag(run, tmp_path, capsys):
+    out, _ = run
+    import edkm
+
+    edkm.save_palettized(edkm.load_palettized(out), tmp_path / "m.safetensors")  # a packed file alone
+    with pytest.raises(SystemExit):
+        main(["generate", str(tmp_path / "m.safetensors"), "--max-new-tokens", "2"])
+    assert "pass --tokenizer" in capsys.readouterr().err
+    main(["generate", str(tmp_path / "m.safetensors"), "--tokenizer", str(out), "--max-new-tokens", "2"])
+    assert capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset,params", [
+    ("llama-2-7b", 6_738_415_616), ("llama-2-13b", 13_015_864_320), ("llama-2-70b", 68_976_648_192),
+    ("llama-3-8b", 8_030_261_248), ("mistral-7b", 7_241_732_096), ("qwen2-7b", 7_615_616_512),
+])
+def test_size_presets_match_published_parameter_counts(preset, params):
+    from edkm.config import PalettizeConfig
+    from edkm.size import load_config, meta_model, palettized_size
+
+    assert palettized_size(meta_model(load_config(preset)), PalettizeConfig(memory="plain"))["params"] == params
+
+
+def test_size_readable_units_and_group_size_checked(capsys):
+    main(["size", str(BUNDLED_MODEL_DIR)])
+    out = capsys.readouterr().out
+    assert "260.0 K" in out and "KiB" in out and "0.00 GiB" not in out
+    with pytest.raises(SystemExit):
+        main(["size", str(BUNDLED_MODEL_DIR), "--group-size", "7"])
+    assert "does not divide" in capsys.readouterr().err
