@@ -3,8 +3,11 @@
 ``palettize_`` swaps every targeted ``nn.Linear`` / ``nn.Embedding`` for a DKM module that
 computes with soft-clustered weights in training mode and hard-clustered ones in eval mode. The
 weight Parameter is kept as it is (fp32 master weights train with any optimizer); each step it is
-rounded to 16 bits (gradient straight through) and clustered by :func:`edkm.dkm`. Tied weights
-(embedding = output layer) share one :class:`ClusteredWeight`, computed once per forward.
+rounded to 16 bits (gradient straight through) and clustered by
+:func:`edkm.memory.layer.cluster_weight`, which keeps for backward only small tables (a Linear
+recomputes W_hat when backward needs it). Tied weights (embedding = output layer) share one
+:class:`ClusteredWeight`, computed once per model forward (a scope opened by a forward pre-hook
+on the model and dropped by its forward hook: nothing is cached between steps).
 ``finalize_`` replaces the DKM modules by LUT modules holding an fp16 LUT and uint8 indices.
 
 Example:
@@ -22,13 +25,15 @@ Example:
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
-from .cluster import decode, dkm, hard_assign, kmeans1d
-from .cluster.sixteen import cast_straight_through
+from .cluster import decode, hard_assign, kmeans1d
 from .config import LayerSpec, PalettizeConfig, matches
 from .lut import LUT_DTYPE, LUTModule, LUTWeight, WrappedLayer
+from .memory.layer import Clustered, cluster_weight, clustered_linear
 
 def tau_scale(centroids: torch.Tensor) -> torch.Tensor:
     """Per-LUT unit of tau: the median squared gap between neighbouring sorted centroids."""
@@ -51,7 +56,7 @@ class ClusteredWeight(nn.Module):
         self.register_buffer("centroids", torch.zeros(self.groups, spec.k))
         self.register_buffer("scale", torch.zeros(self.groups))
         self.register_buffer("initialized", torch.tensor(False))
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._scope: dict | None = None  # clustered weights of the current model forward (tied weights)
 
     def extra_repr(self) -> str:
         return f"bits={self.spec.bits}, groups={self.groups}, iters={self.spec.iters}, memory={self.spec.memory!r}"
@@ -77,24 +82,40 @@ class ClusteredWeight(nn.Module):
         idx, lut = self.hard(weight)
         return decode(lut, idx, self.shape, weight.dtype)
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+    def cluster(self, weight: torch.Tensor) -> Clustered:
+        """This step's clustered weight (training: DKM, advancing the warm start; eval: hard)."""
         key = (weight._version, self.training, torch.is_grad_enabled())
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]  # a tied weight already clustered in this forward
+        if self._scope is not None and key in self._scope:
+            return self._scope[key]  # a tied weight already clustered in this forward
         if self.training:
-            w16 = weight if weight.dtype == self.cluster_dtype else cast_straight_through(weight, self.cluster_dtype)
             if not self.initialized:
-                self.initialize(w16.detach())
+                self.initialize(weight.detach().to(self.cluster_dtype))
             tau = self.tau * self.scale if self.groups > 1 else float(self.tau * self.scale)
-            w_hat, c = dkm(w16, self.centroids, tau=tau, iters=self.spec.iters, eps=self.spec.eps, memory=self.spec.memory)
-            self.centroids.copy_(c.detach().reshape(self.centroids.shape))
-            out = w_hat.to(weight.dtype)
+            out = cluster_weight(weight, self.centroids, tau=tau, iters=self.spec.iters, eps=self.spec.eps,
+                                 dtype=self.cluster_dtype, memory=self.spec.memory)
+            self.centroids.copy_(out.centroids.reshape(self.centroids.shape))
             if self.spec.hard_forward:
-                out = out + (self.hard_weight(weight) - out).detach()
+                soft = out.w_hat
+                hard = soft + (self.hard_weight(weight) - soft).detach()
+                out = out.replaced(hard, partial(hard_forward_recompute, out.recompute, self.cluster_dtype),
+                                   [out.centroids, *out.tables])
         else:
-            out = self.hard_weight(weight)
-        self._cache = (key, out)
+            w = self.hard_weight(weight)
+            out = Clustered(weight, w, self.centroids, lambda _w: w)
+        if self._scope is not None:
+            self._scope[key] = out
         return out
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.cluster(weight).w_hat
+
+
+def hard_forward_recompute(soft_recompute, cluster_dtype: torch.dtype, weight: torch.Tensor, centroids: torch.Tensor,
+                           *tables: torch.Tensor) -> torch.Tensor:
+    """The hard_forward value W_soft + (W_hard - W_soft) again, from the step's centroids."""
+    soft = soft_recompute(weight, *tables)
+    idx, lut = hard_assign(weight.detach().to(cluster_dtype), centroids.reshape(-1, centroids.shape[-1]))
+    return soft + (decode(lut.to(LUT_DTYPE), idx, weight.shape, weight.dtype) - soft)
 
 
 class DKMModule(WrappedLayer):
@@ -105,7 +126,10 @@ class DKMModule(WrappedLayer):
         self.clusterer = clusterer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._compute(x, self.clusterer(self.weight))
+        clustered = self.clusterer.cluster(self.weight)
+        if self.base_type == "Linear":
+            return clustered_linear(x, clustered, self.bias)  # keeps x and small tables, not W_hat
+        return self._compute(x, clustered.w_hat)  # F.embedding keeps only its indices
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -128,10 +152,16 @@ def target_modules(model: nn.Module, config: PalettizeConfig) -> list[tuple[str,
     return [(n, m) for n, m in keep if not any(matches(p, n) for p in config.exclude)]
 
 
-def _clear_caches(module: nn.Module, _args: object) -> None:
+def _open_scope(module: nn.Module, _args: object) -> None:
     for m in module.modules():
         if isinstance(m, ClusteredWeight):
-            m._cache = None
+            m._scope = {}
+
+
+def _close_scope(module: nn.Module, _args: object, _out: object) -> None:
+    for m in module.modules():
+        if isinstance(m, ClusteredWeight):
+            m._scope = None
 
 
 def palettize_(model: nn.Module, config: PalettizeConfig | None = None) -> nn.Module:
@@ -150,8 +180,9 @@ def palettize_(model: nn.Module, config: PalettizeConfig | None = None) -> nn.Mo
         set_submodule(model, name, DKMModule(module, shared[id(weight)]))
     if not shared:
         raise ValueError("palettize_ found no module to cluster")
-    if not hasattr(model, "_edkm_hook"):
-        model._edkm_hook = model.register_forward_pre_hook(_clear_caches)
+    if not hasattr(model, "_edkm_hook"):  # tied weights are clustered once per forward, shared only within it
+        model._edkm_hook = (model.register_forward_pre_hook(_open_scope),
+                            model.register_forward_hook(_close_scope, always_call=True))
     model.edkm_config = config  # recorded in exports
     return model
 
@@ -178,7 +209,6 @@ def finalize_(model: nn.Module) -> nn.Module:
             idx, lut = cw.hard(module.weight)
             luts[id(cw)] = LUTWeight(lut, idx, cw.shape, cw.spec.bits, module.weight.dtype)
         set_submodule(model, name, LUTModule(module, luts[id(cw)]))
-    hook = model.__dict__.pop("_edkm_hook", None)
-    if hook is not None:
+    for hook in model.__dict__.pop("_edkm_hook", ()):
         hook.remove()
     return model

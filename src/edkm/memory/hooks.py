@@ -83,6 +83,7 @@ class SavedTensorHooks:
         # drop the forward-only lookup tables and the device index (the stored one is in IndexStore)
         self.registry = Registry(self.registry.max_hops)
         self.unique = None
+        self._index = None  # the packed maps that need it hold it: freed with them after backward
 
     def _per_weight(self, t: torch.Tensor) -> bool:
         return t.dim() >= 2 and t.shape[0] == self.groups and t.shape[1] == self.per_group
