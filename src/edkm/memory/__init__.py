@@ -48,18 +48,19 @@ def dkm_with_memory(
     """DKM (same arguments and results as ``edkm.cluster.dkm.dkm_autograd``) under a memory spec.
 
     Raises:
-        ValueError: unknown spec; "unique" on weights that are not exact 16-bit values.
+        ValueError: unknown spec; "unique"/"fused" on weights that are not exact 16-bit values (on
+            every rank alike).
         RuntimeError: "shard" without an initialised process group, or with weights or centroids
-            that differ between ranks.
+            that differ between ranks; ranks that disagree on whether the weights are 16-bit.
     """
     from ..cluster.dkm import dkm_autograd
 
-    plan = (memory if isinstance(memory, MemoryPlan) else parse_memory(memory)).resolve(weights)
+    plan, dtype = (memory if isinstance(memory, MemoryPlan) else parse_memory(memory)).decide(weights)
     if plan.fused:
         from .fused import fused_dkm
 
-        return fused_dkm(weights, centroids, tau=tau, iters=iters, eps=eps)
+        return fused_dkm(weights, centroids, tau=tau, iters=iters, eps=eps, dtype=dtype)
     if plan.plain:
         return dkm_autograd(weights, centroids, tau, iters, eps)
-    with SavedTensorHooks(plan, weights, centroids):
+    with SavedTensorHooks(plan, weights, centroids, dtype=dtype):
         return dkm_autograd(weights, centroids, tau, iters, eps)
