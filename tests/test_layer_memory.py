@@ -126,3 +126,19 @@ def test_modes_match_plain_dkm_on_fp32_master_weights(memory):
             assert float((got - want).norm() / want.norm()) < 1e-4
         else:
             assert torch.equal(got, want)  # bit-identical, as before
+
+
+def test_grouped_kmeans_matches_one_group_at_a_time():
+    from edkm.cluster.kmeans import kmeans1d
+
+    w = (torch.randn(256, 64, generator=torch.Generator().manual_seed(3)) * 0.02).bfloat16()
+    w[5] = 0.25  # one distinct value: every centroid takes it
+    together = kmeans1d(w, 8, groups=256)
+    alone = torch.cat([kmeans1d(row, 8) for row in w])
+
+    def sse(c: torch.Tensor) -> torch.Tensor:
+        return (w.double().unsqueeze(-1) - c.double().unsqueeze(1)).square().min(-1).values.sum(1)
+
+    assert torch.equal(together[5], alone[5])
+    assert (sse(together) <= sse(alone) * 1.01 + 1e-12).all()
+    assert (together == alone).all(1).float().mean() > 0.9  # mostly the very same local optimum

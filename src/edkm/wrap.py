@@ -37,9 +37,9 @@ from .memory.layer import Clustered, cluster_weight, clustered_linear
 
 def tau_scale(centroids: torch.Tensor) -> torch.Tensor:
     """Per-LUT unit of tau: the median squared gap between neighbouring sorted centroids."""
-    gaps = torch.diff(torch.sort(centroids, dim=-1).values, dim=-1).square()
-    scale = torch.stack([g[g > 0].median() if (g > 0).any() else g.new_tensor(1e-12) for g in gaps.reshape(len(centroids), -1)])
-    return scale
+    gaps = torch.diff(torch.sort(centroids, dim=-1).values, dim=-1).square().reshape(len(centroids), -1)
+    scale = gaps.where(gaps > 0, torch.nan).nanmedian(dim=-1).values  # lower median of the positive gaps
+    return scale.nan_to_num(1e-12)
 
 
 class ClusteredWeight(nn.Module):
