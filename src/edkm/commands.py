@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .device import add_device_argument, init_distributed, resolve_device
 
 
 def _load_any(path: str) -> tuple[Any, Any]:
@@ -26,12 +27,6 @@ def _load_any(path: str) -> tuple[Any, Any]:
     return load_causal_lm(p)
 
 
-def _init_distributed() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-
-
 def cmd_compress(args: argparse.Namespace) -> None:
     from .compress import CompressConfig, compress
     from .config import PalettizeConfig
@@ -45,8 +40,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
                         checkpoint_every=args.checkpoint_every)
     cfg = CompressConfig(model=args.model, text=args.text, alpaca=args.alpaca, context=args.context, out=args.out,
                          plan=plan, train=train, fp_control=not args.no_fp_control, control_lr=args.control_lr,
-                         distill=args.distill, resume=args.resume)
-    _init_distributed()
+                         distill=args.distill, resume=args.resume, device=str(resolve_device(args.device)))
+    init_distributed(torch.device(cfg.device))  # NCCL only for CUDA tensors
     report = compress(cfg)
     if report:
         print(format_report(report))
@@ -75,6 +70,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .eval.perplexity import perplexity
 
     model, tok = _load_any(args.model)
+    model.to(resolve_device(args.device))
     result: dict[str, Any] = {}
     if args.text:
         text = load_text(args.text)
@@ -94,6 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .compress import generate_text
 
     model, tok = _load_any(args.model)
+    model.to(resolve_device(args.device))
     torch.manual_seed(args.seed)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {"do_sample": False}
     print(generate_text(model, tok, args.prompt, args.max_new_tokens, **sampling))
@@ -132,6 +129,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints in --out")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_argument(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", help="perplexity on a text file and/or zero-shot tasks")
@@ -143,6 +141,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--tasks", help="comma-separated: piqa,arc_easy,arc_challenge,winogrande,hellaswag")
     p.add_argument("--data-dir", type=Path, default=None, help="task files (default: bundled subsets)")
     p.add_argument("--limit", type=int, default=None)
+    add_device_argument(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample from a model")
@@ -152,6 +151,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
+    add_device_argument(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="benchmarks")

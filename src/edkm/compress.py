@@ -47,6 +47,7 @@ class CompressConfig:
     control_lr: float | None = 5e-4  # peak lr of the fp control (None = train.lr); its best measured, see README
     distill: float = 1.0  # weight of KL(teacher || model) in the eDKM loss (0 = plain cross-entropy)
     resume: bool = False
+    device: str = "cpu"  # model, data and DKM state live here ("cuda", "cuda:1", ...)
 
 
 def _data(cfg: CompressConfig, tokenizer: Any) -> tuple[PackedDataset, torch.Tensor]:
@@ -68,7 +69,9 @@ def _finetune(
     """Fine-tune on next-token cross-entropy, mixed with ``distill`` x KL(teacher || model) per token."""
     net: nn.Module = model
     if world()[1] > 1:
-        net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        device = next(model.parameters()).device
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                  broadcast_buffers=False)
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = net(x).logits.float()
@@ -98,6 +101,7 @@ def _file_size(model: nn.Module, path: Path) -> int:
 def generate_text(model: nn.Module, tokenizer: Any, prompt: str = "", max_new_tokens: int = 80, **sampling: Any) -> str:
     """Decode a continuation of ``prompt`` (greedy unless ``do_sample=True`` with temperature/top_p)."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids if prompt else torch.tensor([[tokenizer.bos_token_id]])
+    ids = ids.to(next(model.parameters()).device)
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id, **sampling)
     return tokenizer.decode(out[0], skip_special_tokens=True)
@@ -119,6 +123,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
 
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_causal_lm(cfg.model)
+    model.to(cfg.device)  # before palettize_: the DKM state is created beside the weights
     check_seq_len(cfg.context, model.config)
     data, held = _data(cfg, tokenizer)
     ppl = lambda m: perplexity(m, held, context=cfg.context)  # noqa: E731
@@ -150,7 +155,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         path = out / MODEL_FILE
         save_palettized(model, path)
         tokenizer.save_pretrained(out)  # `edkm eval/generate out/model.edkm.safetensors` find it here
-        loaded = load_palettized(path)
+        loaded = load_palettized(path).to(cfg.device)
         report = {
             "model": cfg.model or "bundled:stories260K",
             "fp_ppl": done.get("fp_ppl"), "fp_finetuned_ppl": done.get("fp_finetuned_ppl"),

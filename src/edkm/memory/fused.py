@@ -48,7 +48,7 @@ from ..cluster.dkm import TINY, converged
 from ..cluster.sixteen import SIXTEEN_BIT, sixteen_bit_dtype
 from .domain import Domain
 
-__all__ = ["fused_dkm", "fused_recompute"]
+__all__ = ["fused_dkm", "fused_recompute", "run_updates", "final_table", "backward_tables"]
 
 KEEP_FRACTION = 16  # save the pair domain for backward when it is <= 1/16 of the weights' bytes
 
@@ -58,7 +58,7 @@ def _assign(u: torch.Tensor, c: torch.Tensor, tau: torch.Tensor) -> torch.Tensor
     return torch.softmax(-(u - c).square() / tau, dim=-1)
 
 
-def _update_sums(dom: Domain, c: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def update_sums(dom: Domain, c: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Masses sum_u n_u A_uj and moments sum_u n_u A_uj u, (G, k) fp64."""
     mass = torch.zeros(c.shape, dtype=torch.float64, device=c.device)
     moment = torch.zeros_like(mass)
@@ -71,7 +71,7 @@ def _update_sums(dom: Domain, c: torch.Tensor, tau: torch.Tensor) -> tuple[torch
     return mass, moment
 
 
-def _final_table(dom: Domain, c: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+def final_table(dom: Domain, c: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """W_hat(u) = sum_j A(u, c)_j c_j per pair, fp32."""
     out = torch.empty(dom.size, dtype=torch.float32, device=c.device)
     for r0, r1, g in dom.chunks(c.shape[1]):
@@ -80,7 +80,7 @@ def _final_table(dom: Domain, c: torch.Tensor, tau: torch.Tensor) -> torch.Tenso
     return out
 
 
-def _final_backward(dom: Domain, c: torch.Tensor, tau: torch.Tensor, need_f: bool):
+def final_backward(dom: Domain, c: torch.Tensor, tau: torch.Tensor, need_f: bool):
     """F(u) = dW_hat(u)/du at fixed c (per pair), and dL/dc = sum_u G_u dW_hat(u)/dc (G, k) fp64."""
     grad_c = torch.zeros(c.shape, dtype=torch.float64, device=c.device)
     f = torch.empty(dom.size, dtype=torch.float32, device=c.device) if need_f else None
@@ -95,7 +95,7 @@ def _final_backward(dom: Domain, c: torch.Tensor, tau: torch.Tensor, need_f: boo
     return f, grad_c
 
 
-def _step_backward(dom: Domain, c, c_next, mass, tau, grad_next, r_acc):
+def step_backward(dom: Domain, c, c_next, mass, tau, grad_next, r_acc):
     """Reverse one centroid update c -> c_next; adds each pair's per-weight gradient into r_acc."""
     kept = mass.float() > TINY
     gs = torch.where(kept, grad_next / mass.clamp_min(TINY), 0.0).float()  # dL/d(moment_j)
@@ -115,6 +115,35 @@ def _step_backward(dom: Domain, c, c_next, mass, tau, grad_next, r_acc):
     return grad_c
 
 
+def run_updates(dom: Domain, c: torch.Tensor, tau: torch.Tensor, iters: int, eps: float):
+    """The ``iters`` soft k-means updates from centroids ``c`` (G, k): ([c_0, ..., c_T], [mass_1, ..., mass_T])."""
+    cs, masses = [c], []
+    for _ in range(iters):
+        mass, moment = update_sums(dom, c, tau)
+        new = torch.where(mass.float() > TINY, (moment / mass.clamp_min(TINY)).float(), c)
+        stop = converged(c, new, eps)
+        cs.append(new)
+        masses.append(mass)
+        c = new
+        if stop:
+            break
+    return cs, masses
+
+
+def backward_tables(dom: Domain, cs: torch.Tensor, masses: torch.Tensor, tau: torch.Tensor, gc: torch.Tensor,
+                    has_grad: bool, need_w: bool):
+    """Per-pair tables (F, R) and dL/dc_0 (G, k) from the bucketed gradient ``dom.gsum`` (set when ``has_grad``)
+    and ``gc``, the gradient arriving at the final centroids: dL/dw_i = g_i F(w_i) + R(w_i)."""
+    f = None
+    if has_grad:
+        f, gc_final = final_backward(dom, cs[-1], tau, need_w)
+        gc = gc + gc_final
+    r = torch.zeros(dom.size, dtype=torch.float32, device=cs.device) if need_w else None
+    for t in reversed(range(masses.shape[0])):
+        gc = step_backward(dom, cs[t], cs[t + 1], masses[t], tau, gc, r)
+    return f, r, gc
+
+
 class _FusedDKM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights, centroids, tau, iters, eps, dtype, out_dtype, tables):  # type: ignore[override]
@@ -123,23 +152,16 @@ class _FusedDKM(torch.autograd.Function):
         c = centroids.detach().float().reshape(-1, k)
         w2 = weights.detach().reshape(c.shape[0], -1)
         dom = Domain(w2, dtype)
-        cs, masses = [c], []
-        for _ in range(iters):
-            mass, moment = _update_sums(dom, c, tau)
-            new = torch.where(mass.float() > TINY, (moment / mass.clamp_min(TINY)).float(), c)
-            stop = converged(c, new, eps)
-            cs.append(new)
-            masses.append(mass)
-            c = new
-            if stop:
-                break
-        table = _final_table(dom, c, tau)
+        cs, masses = run_updates(dom, c, tau, iters, eps)
+        c = cs[-1]
+        table = final_table(dom, c, tau)
         out = torch.empty(w2.shape, dtype=out_dtype, device=weights.device)
         dom.scatter_pairs([table], None, out)
         mass_stack = torch.stack(masses) if masses else c.new_zeros((0, *c.shape), dtype=torch.float64)
+        cs = torch.stack(cs)
         keep = dom.nbytes() * KEEP_FRACTION <= weights.numel() * weights.element_size()
         keys, counts = dom.saved() if keep else (None, None)
-        ctx.save_for_backward(weights, torch.stack(cs), mass_stack, tau, keys, counts)
+        ctx.save_for_backward(weights, cs, mass_stack, tau, keys, counts)
         if tables is not None:  # what recomputes W_hat later (fused_recompute)
             tables.extend([keys, table] if keep else [c, tau])
         ctx.dtype = dtype
@@ -160,13 +182,7 @@ class _FusedDKM(torch.autograd.Function):
         gc = torch.zeros((groups, k), dtype=torch.float64, device=cs.device)
         if grad_c is not None:
             gc += grad_c.reshape(groups, k)
-        f = None
-        if g2 is not None:
-            f, gc_final = _final_backward(dom, cs[-1], tau, need_w)
-            gc += gc_final
-        r = torch.zeros(dom.size, dtype=torch.float32, device=cs.device) if need_w else None
-        for t in reversed(range(masses.shape[0])):
-            gc = _step_backward(dom, cs[t], cs[t + 1], masses[t], tau, gc, r)
+        f, r, gc = backward_tables(dom, cs, masses, tau, gc, g2 is not None, need_w)
         grad_weights = grad_centroids = None
         if need_w:
             out = torch.empty(w2.shape, dtype=weights.dtype, device=weights.device)
@@ -250,7 +266,7 @@ def fused_recompute(weights: torch.Tensor, *tables: torch.Tensor, groups: int, d
         table = second
     else:
         dom = Domain(w2, dtype)
-        table = _final_table(dom, first, second)
+        table = final_table(dom, first, second)
     out = torch.empty(w2.shape, dtype=out_dtype, device=weights.device)
     dom.scatter_pairs([table], None, out)
     return out.reshape(weights.shape)
