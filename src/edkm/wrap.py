@@ -33,7 +33,9 @@ from torch import nn
 from .cluster import decode, hard_assign, kmeans1d
 from .config import LayerSpec, PalettizeConfig, matches
 from .lut import LUT_DTYPE, LUTModule, LUTWeight, WrappedLayer
+from .memory.fused_layer import fused_embedding, fused_linear, supports
 from .memory.layer import Clustered, cluster_weight, clustered_linear
+from .memory.plan import parse_memory
 
 def tau_scale(centroids: torch.Tensor) -> torch.Tensor:
     """Per-LUT unit of tau: the median squared gap between neighbouring sorted centroids."""
@@ -57,6 +59,8 @@ class ClusteredWeight(nn.Module):
         self.register_buffer("scale", torch.zeros(self.groups))
         self.register_buffer("initialized", torch.tensor(False))
         self._scope: dict | None = None  # clustered weights of the current model forward (tied weights)
+        self.tied = False  # set by palettize_ when several modules share the weight
+        self.plan = parse_memory(spec.memory)
 
     def extra_repr(self) -> str:
         return f"bits={self.spec.bits}, groups={self.groups}, iters={self.spec.iters}, memory={self.spec.memory!r}"
@@ -109,6 +113,27 @@ class ClusteredWeight(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return self.cluster(weight).w_hat
 
+    def fused_layer(self, module: WrappedLayer, x: torch.Tensor) -> torch.Tensor | None:
+        """The training output of ``module`` by the fused layer kernels (no W_hat built; see
+        :mod:`edkm.memory.fused_layer`), or None where they do not apply (tied, grouped or small
+        weights, a paper memory mode, hard_forward, eval, no grad, embedding options)."""
+        weight, spec = module.weight, self.spec
+        if not (self.training and torch.is_grad_enabled() and not self.tied and not spec.hard_forward
+                and (self.plan.fused or self.plan.auto) and supports(weight, self.centroids)):
+            return None
+        embedding = module.base_type == "Embedding"
+        if embedding and (module.max_norm is not None or module.scale_grad_by_freq or module.sparse):
+            return None
+        if not self.initialized:
+            self.initialize(weight.detach().to(self.cluster_dtype))
+        opts = dict(tau=float(self.tau * self.scale), iters=spec.iters, eps=spec.eps, dtype=self.cluster_dtype)
+        if embedding:
+            out, c = fused_embedding(x, weight, self.centroids, padding_idx=module.padding_idx, **opts)
+        else:
+            out, c = fused_linear(x, weight, module.bias, self.centroids, **opts)
+        self.centroids.copy_(c.reshape(self.centroids.shape))
+        return out
+
 
 def hard_forward_recompute(soft_recompute, cluster_dtype: torch.dtype, weight: torch.Tensor, centroids: torch.Tensor,
                            *tables: torch.Tensor) -> torch.Tensor:
@@ -126,6 +151,9 @@ class DKMModule(WrappedLayer):
         self.clusterer = clusterer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.clusterer.fused_layer(self, x)
+        if out is not None:
+            return out
         clustered = self.clusterer.cluster(self.weight)
         if self.base_type == "Linear":
             return clustered_linear(x, clustered, self.bias)  # keeps x and small tables, not W_hat
@@ -177,6 +205,8 @@ def palettize_(model: nn.Module, config: PalettizeConfig | None = None) -> nn.Mo
         weight = module.weight
         if id(weight) not in shared:
             shared[id(weight)] = ClusteredWeight(config.for_module(name), weight.shape, dtype).to(weight.device)
+        else:
+            shared[id(weight)].tied = True
         set_submodule(model, name, DKMModule(module, shared[id(weight)]))
     if not shared:
         raise ValueError("palettize_ found no module to cluster")
