@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import torch
 
-from .sixteen import SIXTEEN_BIT, unique16
+from .sixteen import SIXTEEN_BIT, count16
 
 
 def _distinct(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Distinct values (float64, ascending) and counts (float64) of a 1-D tensor."""
     try:
-        values, counts, _ = unique16(x, x.dtype if x.dtype in SIXTEEN_BIT else None)
+        values, counts = count16(x, x.dtype if x.dtype in SIXTEEN_BIT else None)
     except ValueError:  # not 16-bit: fall back to a sort
         values, counts = torch.unique(x.float(), sorted=True, return_counts=True)
     return values.double(), counts.double()
