@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .bench.train import add_train_parser
 from .device import add_device_argument, init_distributed, resolve_device
 
 
@@ -154,8 +155,8 @@ def add_commands(sub: Any) -> None:
     add_device_argument(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("which", choices=["memory"])
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="which", required=True)
+    p = bench.add_parser("memory", help="DKM's saved tensors in each memory mode (one LLaMA-7B attention block)")
     p.add_argument("--shape", type=int, nargs=2, default=[4096, 4096])
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--out", default="benchmarks/results/memory.json")
@@ -171,3 +172,4 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--memory-limit-gib", type=float, default=12.0, help="memory all processes of one measurement may use")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement process")
     p.set_defaults(func=cmd_bench)
+    add_train_parser(bench)  # edkm bench train

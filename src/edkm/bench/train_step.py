@@ -94,14 +94,19 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
         t3 = time.perf_counter()
         return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0}
 
+    cuda = device.type == "cuda"
+    if cuda:  # device memory: the CUDA caching allocator's counters
+        reset_peak_now, current, peak_now = torch.cuda.reset_peak_memory_stats, torch.cuda.memory_allocated, torch.cuda.max_memory_allocated
+    else:  # host memory: the process's resident set
+        reset_peak_now, current, peak_now = reset_peak, rss, peak
     gc.collect()
-    exact = reset_peak()
-    start = rss()
+    exact = reset_peak_now() is not False
+    start = current()
     first = step()
-    first_peak = peak() - start
-    reset_peak()
+    first_peak = peak_now() - start
+    reset_peak_now()
     times = [step() for _ in range(spec["steps"])]
-    steady_peak = peak() - start
+    steady_peak = peak_now() - start
     median = {k: statistics.median(t[k] for t in times) for k in times[0]}
     row: dict[str, Any] = {
         "start_rss_bytes": start, "peak_above_start_bytes": steady_peak, "first_step_peak_above_start_bytes": first_peak,
@@ -110,6 +115,7 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_second": spec["batch"] * spec["seq"] / median["step"],
         "parameters": sum(p.numel() for p in model.parameters()), "loadavg_1min_end": os.getloadavg()[0],
         "threads": torch.get_num_threads(), "device": str(device),
+        "memory_kind": "CUDA allocated bytes" if cuda else "process RSS (VmRSS / VmHWM)",
     }
     if spec.get("profile"):
         row["profile_top_ops"] = profile_step(step)
