@@ -9,6 +9,19 @@
 * "fused" computes DKM in the unique domain (:mod:`edkm.memory.fused`, SPEC §4);
 * "auto" picks fused for exact 16-bit weights, else marshal (+ shard under torch.distributed).
 
+Layer level (what ``palettize_`` uses; the public core others build on):
+
+* :func:`cluster_weight(weight, centroids, *, tau, iters, eps=0.0, dtype=torch.bfloat16, memory="auto")
+  <edkm.memory.layer.cluster_weight>` -> :class:`Clustered` ``(weight, w_hat, centroids, recompute, tables)``:
+  DKM of a master weight rounded to 16 bits inside the autograd function (gradient straight
+  through); W_hat can be recomputed from the small tables (``Clustered.again()``);
+* :func:`clustered_linear(x, clustered, bias=None) <edkm.memory.layer.clustered_linear>`: a Linear on
+  it that keeps x and the tables for backward, never W_hat;
+* :func:`fused_linear(x, weight, bias, centroids, *, tau, iters, eps=0.0, dtype=torch.bfloat16)
+  <edkm.memory.fused_layer.fused_linear>` and :func:`fused_embedding(ids, weight, centroids, *, tau,
+  iters, eps=0.0, dtype=torch.bfloat16, padding_idx=None) <edkm.memory.fused_layer.fused_embedding>`
+  -> ``(output, new centroids)``: one LUT per tensor, W_hat never built (row blocks).
+
 Measure with :func:`track_saved`::
 
     with edkm.memory.track_saved() as stats:
@@ -21,11 +34,18 @@ from __future__ import annotations
 
 import torch
 
+from .fused_layer import fused_embedding, fused_linear
 from .hooks import SavedTensorHooks
+from .layer import Clustered, cluster_weight, clustered_linear
 from .plan import MemoryPlan, parse_memory
 from .stats import SavedStats, current_stats, track_saved
 
 __all__ = [
+    "Clustered",
+    "cluster_weight",
+    "clustered_linear",
+    "fused_linear",
+    "fused_embedding",
     "MemoryPlan",
     "parse_memory",
     "dkm_with_memory",
