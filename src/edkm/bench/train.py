@@ -66,7 +66,8 @@ def model_dims(args: Any) -> dict[str, int]:
 def weight_shapes(d: dict[str, int]) -> list[tuple[str, int, int]]:
     """(name, weights, bits-kind) of every clustered tensor: 'linear' or 'embed'."""
     h, i, v = d["hidden"], d["intermediate"], d["vocab"]
-    per_layer = [("attn", 4 * h * h), ("mlp", 3 * h * i)]
+    per_layer = [(name, h * h) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    per_layer += [(name, h * i) for name in ("gate_proj", "up_proj", "down_proj")]
     return [("embed_tokens", v * h, "embed"), ("lm_head", v * h, "embed")] + [
         (f"layers.{n}.{name}", size, "linear") for n in range(d["layers"]) for name, size in per_layer]
 
@@ -115,8 +116,8 @@ def coreml_rows(d: dict[str, int], args: Any, plain: dict | None) -> list[dict[s
              "note": f"one forward+backward+palettizer.step of DKMPalettizer on this layer alone in its own process "
                      f"(batch = the model's tokens), kmeans_n_init=1 for the first step: saved for backward "
                      f"{r['footprint_bytes'] / GiB:.2f} GiB, peak RSS {r['peak_rss_bytes'] / GiB:.2f} GiB, "
-                     f"{r['seconds']:.1f} s; the largest part measured on the shared machine (the 7B layers need "
-                     f"~11 GB each at 3 bits, the 8-bit embedding ~{d['vocab'] * d['hidden'] * 256 * 4 * 20 / 1e12:.0f} TB)"}
+                     f"{r['seconds']:.1f} s; the largest part measured on the shared machine (a 4096 x 4096 projection "
+                     f"needs ~11 GB at 3 bits, the 8-bit embedding ~{d['vocab'] * d['hidden'] * 256 * 4 * 20 / 1e12:.0f} TB)"}
     pairs = sum(n * (1 << (args.embed_bits if kind == "embed" else args.bits)) for _, n, kind in weight_shapes(d))
     saved = r["footprint_bytes"] / units * pairs
     whole = {"config": "coremltools DKMPalettizer, whole model", "measured": False,
@@ -133,7 +134,8 @@ def computed_paper_row(d: dict[str, int], args: Any) -> dict[str, Any]:
     return {"config": "edkm-plain/M/U/S (paper modes) incl. 8-bit embedding", "measured": False,
             "note": f"not run: one |W| x |C| fp32 map of the 8-bit embedding is {emb * 256 * 4 / GiB:.0f} GiB, of the "
                     f"largest 3-bit Linear {big * 8 * 4 / GiB:.1f} GiB (DKM builds several per update); "
-                    "edkm-M+U runs them on the 3-bit Linears only"}
+                    "`--rows edkm-M+U` runs M+U on the 3-bit Linears only, fused on the embedding/head (not in the "
+                    "committed run: its transient maps put it over the shared machine's ~10 GiB per-run budget)"}
 
 
 def summarize(rows: list[dict], d: dict[str, int]) -> list[dict[str, Any]]:

@@ -2,7 +2,7 @@
 
     >>> print(format_markdown({"rows": [{"config": "plain", "measured": True, "peak_above_start_bytes": 2**30,
     ...     "step_seconds": 2.0, "tokens_per_second": 256.0}], "targets": []}).splitlines()[2])
-    | plain | yes | 1.00 | - | - | 2.00 | - | 256 | - | - |
+    | plain | yes | 1.00 | - | - | 2.00 | - | 256.0 | - | - |
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def format_markdown(result: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([
             r["config"], measured, _gib(r.get("peak_above_start_bytes")), _f(r.get("peak_vs_plain"), "{:.3f}x"),
             _gib(r.get("first_step_peak_above_start_bytes")), _f(r.get("step_seconds")), _f(r.get("step_vs_plain"), "{:.2f}x"),
-            _f(r.get("tokens_per_second"), "{:.0f}"), phase, _f(r.get("loadavg_1min_end"), "{:.1f}")]) + " |")
+            _f(r.get("tokens_per_second"), "{:.1f}"), phase, _f(r.get("loadavg_1min_end"), "{:.1f}")]) + " |")
         for key in ("note", "error"):
             if r.get(key):
                 notes.append(f"- {r['config']}: {r[key]}")
