@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,9 @@ from .cli_validate import (
     bits, bits_or_zero, check_compress, check_eval, find_model, fraction, nonnegative_float, nonnegative_int,
     positive_float, positive_int, top_p, unit_weight,
 )
+from .bench.train import add_train_parser
 from .coreml.command import add_export_parser
+from .device import add_device_argument, init_distributed, resolve_device
 
 
 def _load_any(path: str, tokenizer: str | None = None) -> tuple[Any, Any]:
@@ -33,14 +34,6 @@ def _load_any(path: str, tokenizer: str | None = None) -> tuple[Any, Any]:
         return model, AutoTokenizer.from_pretrained(tok_dir or (p if p.is_dir() else p.parent), local_files_only=True)
     model, tok = load_causal_lm(p)
     return model, AutoTokenizer.from_pretrained(tok_dir, local_files_only=True) if tok_dir else tok
-
-
-def _init_distributed() -> None:
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
@@ -64,13 +57,14 @@ def cmd_compress(args: argparse.Namespace) -> None:
                         checkpoint_every=args.checkpoint_every)
     cfg = CompressConfig(model=args.model, text=args.text, alpaca=args.alpaca, context=args.context, out=args.out,
                          plan=plan, train=train, fp_control=not args.no_fp_control, control_lr=args.control_lr,
-                         distill=args.distill, resume=args.resume, keep_checkpoints=args.keep_checkpoints)
+                         distill=args.distill, resume=args.resume, keep_checkpoints=args.keep_checkpoints,
+                         device=str(resolve_device(args.device)))
     configure_threads(args.model or BUNDLED_MODEL_DIR, args.threads)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # no "Loading weights" bar either
-    _init_distributed()
+    init_distributed(resolve_device(args.device))  # NCCL only for CUDA tensors
     report = compress(cfg)  # Ctrl-C: `cli.main` prints the --resume command
     if report:
         print(format_report(report))
@@ -109,6 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if unknown:
         raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
     model, tok = _load_any(args.model, args.tokenizer)
+    model.to(resolve_device(args.device))
     result: dict[str, Any] = {}
     if args.text:
         text = load_text(args.text)
@@ -126,6 +121,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .compress import generate_text
 
     model, tok = _load_any(args.model, args.tokenizer)
+    model.to(resolve_device(args.device))
     torch.manual_seed(args.seed)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {"do_sample": False}
     print(generate_text(model, tok, args.prompt, args.max_new_tokens, **sampling))
@@ -170,6 +166,7 @@ def add_compress_parser(sub: Any) -> None:
                    help="torch threads per process (default: OMP_NUM_THREADS, else 1 for weight files under 64 MiB, "
                         "else the cores / processes)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_device_argument(p)
     p.set_defaults(func=cmd_compress)
 
 
@@ -185,6 +182,7 @@ def add_eval_parser(sub: Any) -> None:
                                    "hellaswag, boolq, openbookqa, social_i_qa")
     p.add_argument("--data-dir", type=Path, default=None, help="task files (default: the bundled 50-item subsets)")
     p.add_argument("--limit", type=positive_int, default=None, help="first N items of each task (default: all)")
+    add_device_argument(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -197,6 +195,7 @@ def add_generate_parser(sub: Any) -> None:
     p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=top_p, default=0.9, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    add_device_argument(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -232,3 +231,4 @@ def add_commands(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks (results go to runs/bench/ unless --out says otherwise)")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     add_bench_memory_parser(bench_sub)  # `edkm bench NAME` benchmarks register on bench_sub
+    add_train_parser(bench_sub)  # edkm bench train

@@ -54,6 +54,7 @@ class CompressConfig:
     distill: float = 1.0  # weight of KL(teacher || model) in the eDKM loss (0 = plain cross-entropy)
     resume: bool = False
     keep_checkpoints: bool = False  # keep the training checkpoints of a finished run
+    device: str = "cpu"  # model, data and DKM state live here ("cuda", "cuda:1", ...)
 
     def settings(self) -> dict[str, Any]:
         """What decides the result (compared on --resume): paths resolved, no output/progress knobs."""
@@ -82,7 +83,9 @@ def _finetune(
     """Fine-tune on next-token cross-entropy, mixed with ``distill`` x KL(teacher || model) per token."""
     net: nn.Module = model
     if world()[1] > 1:
-        net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        device = next(model.parameters()).device
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                  broadcast_buffers=False)
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = net(x).logits.float()
@@ -133,6 +136,7 @@ def _file_size(model: nn.Module, path: Path) -> int:
 def generate_text(model: nn.Module, tokenizer: Any, prompt: str = "", max_new_tokens: int = 80, **sampling: Any) -> str:
     """Decode a continuation of ``prompt`` (greedy unless ``do_sample=True`` with temperature/top_p)."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids if prompt else torch.tensor([[tokenizer.bos_token_id]])
+    ids = ids.to(next(model.parameters()).device)
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id, **sampling)
     return tokenizer.decode(out[0], skip_special_tokens=True)
@@ -164,6 +168,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
 
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_causal_lm(cfg.model)
+    model.to(cfg.device)  # before palettize_: the DKM state is created beside the weights
     params = {id(p): p for p in model.parameters()}.values()
     check_seq_len(cfg.context, model.config)
     data, held = _data(cfg, tokenizer)
@@ -217,7 +222,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
             save_folder(model, out, tokenizer)  # a Hugging Face folder: config.json, model.safetensors, tokenizer
             path = out / WEIGHTS
             bar.update(2, note=f"{path} ({path.stat().st_size / 1e3:.0f} kB)")
-            loaded = load_palettized(out)
+            loaded = load_palettized(out).to(cfg.device)
             bar.update()
         with job.phase("evaluation", total=2, unit="eval", detail="held-out perplexity of the reloaded model, a sample") as bar:
             edkm_ppl = ppl(loaded)

@@ -138,6 +138,7 @@ def train(
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
     model.train()
+    device = next(model.parameters()).device  # batches go where the model is
     tokens_seen, t0 = 0, time.perf_counter()
     for step in range(start, cfg.steps):
         tau = tau_at(step, cfg)
@@ -148,9 +149,10 @@ def train(
         batch = batch_indices(step, len(inputs), cfg)
         n_tokens = (labels[batch] != -100).sum().item()  # over the global batch: ranks combine exactly
         idx = batch[rank::size]
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=device)
         for micro in idx.split(per_rank // cfg.grad_accum):
-            loss = loss_fn(inputs[micro], labels[micro]) / n_tokens
+            x, y = (t[micro].to(device, non_blocking=True) for t in (inputs, labels))
+            loss = loss_fn(x, y) / n_tokens
             (loss * size).backward()  # DDP averages over ranks: undo it so the sum is exact
             total += loss.detach().double()
         if size > 1:

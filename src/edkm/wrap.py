@@ -3,8 +3,11 @@
 ``palettize_`` swaps every targeted ``nn.Linear`` / ``nn.Embedding`` for a DKM module that
 computes with soft-clustered weights in training mode and hard-clustered ones in eval mode. The
 weight Parameter is kept as it is (fp32 master weights train with any optimizer); each step it is
-rounded to 16 bits (gradient straight through) and clustered by :func:`edkm.dkm`. Tied weights
-(embedding = output layer) share one :class:`ClusteredWeight`, computed once per forward.
+rounded to 16 bits (gradient straight through) and clustered by
+:func:`edkm.memory.layer.cluster_weight`, which keeps for backward only small tables (a Linear
+recomputes W_hat when backward needs it). Tied weights (embedding = output layer) share one
+:class:`ClusteredWeight`, computed once per model forward (a scope opened by a forward pre-hook
+on the model and dropped by its forward hook: nothing is cached between steps).
 ``finalize_`` replaces the DKM modules by LUT modules holding an fp16 LUT and uint8 indices.
 
 Example:
@@ -22,19 +25,24 @@ Example:
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
-from .cluster import decode, dkm, hard_assign, kmeans1d
-from .cluster.sixteen import cast_straight_through
+from .cluster import decode, hard_assign, kmeans1d
 from .config import LayerSpec, PalettizeConfig, matches
 from .lut import LUT_DTYPE, LUTModule, LUTWeight, WrappedLayer, is_transposed, layer_kind, rows_first_weight
+from .memory.fused_layer import fused_embedding, fused_linear, supports
+from .memory.layer import Clustered, cluster_weight, clustered_linear
+from .memory.plan import parse_memory
+
 
 def tau_scale(centroids: torch.Tensor) -> torch.Tensor:
     """Per-LUT unit of tau: the median squared gap between neighbouring sorted centroids."""
-    gaps = torch.diff(torch.sort(centroids, dim=-1).values, dim=-1).square()
-    scale = torch.stack([g[g > 0].median() if (g > 0).any() else g.new_tensor(1e-12) for g in gaps.reshape(len(centroids), -1)])
-    return scale
+    gaps = torch.diff(torch.sort(centroids, dim=-1).values, dim=-1).square().reshape(len(centroids), -1)
+    scale = gaps.where(gaps > 0, torch.nan).nanmedian(dim=-1).values  # lower median of the positive gaps
+    return scale.nan_to_num(1e-12)
 
 
 class ClusteredWeight(nn.Module):
@@ -51,7 +59,9 @@ class ClusteredWeight(nn.Module):
         self.register_buffer("centroids", torch.zeros(self.groups, spec.k))
         self.register_buffer("scale", torch.zeros(self.groups))
         self.register_buffer("initialized", torch.tensor(False))
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._scope: dict | None = None  # clustered weights of the current model forward (tied weights)
+        self.tied = False  # set by palettize_ when several modules share the weight
+        self.plan = parse_memory(spec.memory)
 
     def extra_repr(self) -> str:
         return f"bits={self.spec.bits}, groups={self.groups}, iters={self.spec.iters}, memory={self.spec.memory!r}"
@@ -77,24 +87,61 @@ class ClusteredWeight(nn.Module):
         idx, lut = self.hard(weight)
         return decode(lut, idx, self.shape, weight.dtype)
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+    def cluster(self, weight: torch.Tensor) -> Clustered:
+        """This step's clustered weight (training: DKM, advancing the warm start; eval: hard)."""
         key = (weight._version, self.training, torch.is_grad_enabled())
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]  # a tied weight already clustered in this forward
+        if self._scope is not None and key in self._scope:
+            return self._scope[key]  # a tied weight already clustered in this forward
         if self.training:
-            w16 = weight if weight.dtype == self.cluster_dtype else cast_straight_through(weight, self.cluster_dtype)
             if not self.initialized:
-                self.initialize(w16.detach())
+                self.initialize(weight.detach().to(self.cluster_dtype))
             tau = self.tau * self.scale if self.groups > 1 else float(self.tau * self.scale)
-            w_hat, c = dkm(w16, self.centroids, tau=tau, iters=self.spec.iters, eps=self.spec.eps, memory=self.spec.memory)
-            self.centroids.copy_(c.detach().reshape(self.centroids.shape))
-            out = w_hat.to(weight.dtype)
+            out = cluster_weight(weight, self.centroids, tau=tau, iters=self.spec.iters, eps=self.spec.eps,
+                                 dtype=self.cluster_dtype, memory=self.spec.memory)
+            self.centroids.copy_(out.centroids.reshape(self.centroids.shape))
             if self.spec.hard_forward:
-                out = out + (self.hard_weight(weight) - out).detach()
+                soft = out.w_hat
+                hard = soft + (self.hard_weight(weight) - soft).detach()
+                out = out.replaced(hard, partial(hard_forward_recompute, out.recompute, self.cluster_dtype),
+                                   [out.centroids, *out.tables])
         else:
-            out = self.hard_weight(weight)
-        self._cache = (key, out)
+            w = self.hard_weight(weight)
+            out = Clustered(weight, w, self.centroids, lambda _w: w)
+        if self._scope is not None:
+            self._scope[key] = out
         return out
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.cluster(weight).w_hat
+
+    def fused_layer(self, module: WrappedLayer, x: torch.Tensor) -> torch.Tensor | None:
+        """The training output of ``module`` by the fused layer kernels (no W_hat built; see
+        :mod:`edkm.memory.fused_layer`), or None where they do not apply (tied, grouped or small
+        weights, a paper memory mode, hard_forward, eval, no grad, embedding options)."""
+        weight, spec = module.weight, self.spec
+        if not (self.training and torch.is_grad_enabled() and not self.tied and not spec.hard_forward
+                and (self.plan.fused or self.plan.auto) and supports(weight, self.centroids)):
+            return None
+        embedding = module.base_type == "Embedding"
+        if embedding and (module.max_norm is not None or module.scale_grad_by_freq or module.sparse):
+            return None
+        if not self.initialized:
+            self.initialize(weight.detach().to(self.cluster_dtype))
+        opts = dict(tau=float(self.tau * self.scale), iters=spec.iters, eps=spec.eps, dtype=self.cluster_dtype)
+        if embedding:
+            out, c = fused_embedding(x, weight, self.centroids, padding_idx=module.padding_idx, **opts)
+        else:
+            out, c = fused_linear(x, weight, module.bias, self.centroids, **opts)
+        self.centroids.copy_(c.reshape(self.centroids.shape))
+        return out
+
+
+def hard_forward_recompute(soft_recompute, cluster_dtype: torch.dtype, weight: torch.Tensor, centroids: torch.Tensor,
+                           *tables: torch.Tensor) -> torch.Tensor:
+    """The hard_forward value W_soft + (W_hard - W_soft) again, from the step's centroids."""
+    soft = soft_recompute(weight, *tables)
+    idx, lut = hard_assign(weight.detach().to(cluster_dtype), centroids.reshape(-1, centroids.shape[-1]))
+    return soft + (decode(lut.to(LUT_DTYPE), idx, weight.shape, weight.dtype) - soft)
 
 
 class DKMModule(WrappedLayer):
@@ -105,7 +152,15 @@ class DKMModule(WrappedLayer):
         self.clusterer = clusterer
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        return self._compute(x, self.clusterer(self.rows_first(self.weight)), *args, **kwargs)
+        if self.shell is not None or self.transposed:  # Conv1D, or a subclass's own forward, on the clustered weight
+            return self._compute(x, self.clusterer(self.rows_first(self.weight)), *args, **kwargs)
+        out = self.clusterer.fused_layer(self, x)
+        if out is not None:
+            return out
+        clustered = self.clusterer.cluster(self.weight)
+        if self.base_type == "Linear":
+            return clustered_linear(x, clustered, self.bias)  # keeps x and small tables, not W_hat
+        return self._compute(x, clustered.w_hat)  # F.embedding keeps only its indices
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -151,10 +206,16 @@ def weight_plans(model: nn.Module, config: PalettizeConfig) -> list[tuple[list[t
     return plans
 
 
-def _clear_caches(module: nn.Module, _args: object) -> None:
+def _open_scope(module: nn.Module, _args: object) -> None:
     for m in module.modules():
         if isinstance(m, ClusteredWeight):
-            m._cache = None
+            m._scope = {}
+
+
+def _close_scope(module: nn.Module, _args: object, _out: object) -> None:
+    for m in module.modules():
+        if isinstance(m, ClusteredWeight):
+            m._scope = None
 
 
 def palettize_(model: nn.Module, config: PalettizeConfig | None = None) -> nn.Module:
@@ -169,12 +230,14 @@ def palettize_(model: nn.Module, config: PalettizeConfig | None = None) -> nn.Mo
     for modules, spec in plans:
         weight = rows_first_weight(modules[0][1])
         clusterer = ClusteredWeight(spec, weight.shape, dtype).to(weight.device)
+        clusterer.tied = len(modules) > 1
         for name, module in modules:
             set_submodule(model, name, DKMModule(module, clusterer))
     if not plans:
         raise ValueError("palettize_ found no module to cluster")
-    if not hasattr(model, "_edkm_hook"):
-        model._edkm_hook = model.register_forward_pre_hook(_clear_caches)
+    if not hasattr(model, "_edkm_hook"):  # tied weights are clustered once per forward, shared only within it
+        model._edkm_hook = (model.register_forward_pre_hook(_open_scope),
+                            model.register_forward_hook(_close_scope, always_call=True))
     model.edkm_config = config  # recorded in exports
     return model
 
@@ -201,8 +264,7 @@ def finalize_(model: nn.Module) -> nn.Module:
             idx, lut = cw.hard(module.rows_first(module.weight))
             luts[id(cw)] = LUTWeight(lut, idx, cw.shape, cw.spec.bits, module.weight.dtype)
         set_submodule(model, name, LUTModule(module, luts[id(cw)]))
-    hook = model.__dict__.pop("_edkm_hook", None)
-    if hook is not None:
+    for hook in model.__dict__.pop("_edkm_hook", ()):
         hook.remove()
     return model
 

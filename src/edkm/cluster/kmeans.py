@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import torch
 
-from .sixteen import SIXTEEN_BIT, unique16
+from .sixteen import SIXTEEN_BIT, count16
 
 
 def _distinct(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Distinct values (float64, ascending) and counts (float64) of a 1-D tensor."""
     try:
-        values, counts, _ = unique16(x, x.dtype if x.dtype in SIXTEEN_BIT else None)
+        values, counts = count16(x, x.dtype if x.dtype in SIXTEEN_BIT else None)
     except ValueError:  # not 16-bit: fall back to a sort
         values, counts = torch.unique(x.float(), sorted=True, return_counts=True)
     return values.double(), counts.double()
@@ -61,18 +61,61 @@ def _kmeans1d_single(x: torch.Tensor, k: int, max_iters: int) -> torch.Tensor:
     return best[0].float()
 
 
+def _kmeans1d_rows(x: torch.Tensor, k: int, max_iters: int) -> torch.Tensor:
+    """k-means of each row of ``x`` (B, n), all rows at once: sorted rows, prefix sums, batched Lloyd."""
+    x = torch.sort(x.double(), dim=1).values
+    b, n = x.shape
+    zero = x.new_zeros(b, 1)
+    s1, s2 = torch.cat([zero, x.cumsum(1)], 1), torch.cat([zero, (x * x).cumsum(1)], 1)
+    quantiles = (torch.arange(k, dtype=torch.float64, device=x.device) + 0.5) / k * n
+    pos = torch.searchsorted(torch.arange(1, n + 1, dtype=torch.float64, device=x.device), quantiles).clamp_max(n - 1)
+    ramp = torch.arange(k, dtype=torch.float64, device=x.device) / max(k - 1, 1)
+    inits = [x[:, pos], x[:, :1] + (x[:, -1:] - x[:, :1]) * ramp]  # equal-mass split; uniform over the range
+    best_c, best_sse = None, None
+    for c in inits:
+        c = torch.sort(c, dim=1).values
+        for _ in range(max_iters + 1):
+            cuts = torch.searchsorted(x, ((c[:, :-1] + c[:, 1:]) / 2).contiguous(), right=True)
+            edges = torch.cat([cuts.new_zeros(b, 1), cuts, cuts.new_full((b, 1), n)], 1)
+            cnt = (edges[:, 1:] - edges[:, :-1]).double()
+            total = s1.gather(1, edges[:, 1:]) - s1.gather(1, edges[:, :-1])
+            new = torch.sort(torch.where(cnt > 0, total / cnt.clamp_min(1e-300), c), dim=1).values
+            if torch.equal(new, c):  # every row at its fixed point (a converged row stays put)
+                break
+            c = new
+        sse = (s2.gather(1, edges[:, 1:]) - s2.gather(1, edges[:, :-1]) - 2 * c * total + c * c * cnt).sum(1)
+        if best_c is None:
+            best_c, best_sse = c, sse
+        else:
+            better = (sse < best_sse).unsqueeze(1)
+            best_c, best_sse = torch.where(better, c, best_c), torch.minimum(sse, best_sse)
+    return best_c.float()
+
+
 def kmeans1d(weights: torch.Tensor, k: int, *, groups: int = 1, max_iters: int = 300) -> torch.Tensor:
     """k-means of the scalar values of ``weights``, split into ``groups`` equal row-major groups.
 
     Returns sorted fp32 centroids of shape (groups, k). The best of two initialisations
     (equal-mass quantiles, uniform over the range) by within-cluster squared error is kept.
+    Groups of up to 65,536 weights are solved together (sorted rows, batched Lloyd steps), in
+    batches of about 4 M weights; a group with at most k distinct values gets those values.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if weights.numel() == 0 or weights.numel() % groups:
         raise ValueError(f"{weights.numel()} weights cannot be split into {groups} non-empty equal groups")
     rows = weights.detach().cpu().reshape(groups, -1)
-    return torch.stack([_kmeans1d_single(row, k, max_iters) for row in rows]).to(weights.device)
+    if rows.shape[1] > 1 << 16:  # few large groups: distinct values and counts, one group at a time
+        return torch.stack([_kmeans1d_single(row, k, max_iters) for row in rows]).to(weights.device)
+    out = torch.empty(groups, k)
+    step = max(1, (1 << 22) // rows.shape[1])
+    for g0 in range(0, groups, step):
+        out[g0 : g0 + step] = _kmeans1d_rows(rows[g0 : g0 + step], k, max_iters)
+    sorted_rows = torch.sort(rows.float(), dim=1).values
+    few = ((sorted_rows.diff(dim=1) != 0).sum(1) + 1 <= k).nonzero().flatten().tolist()
+    for g in few:  # fewer distinct values than centroids: every value is a centroid
+        out[g] = _kmeans1d_single(rows[g], k, max_iters)
+    return out.to(weights.device)
 
 
 def hard_assign(weights: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,3 +70,17 @@ def unique16(w: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.T
     lookup = torch.empty(1 << 16, dtype=torch.int64, device=w.device)
     lookup[present] = torch.arange(present.numel(), device=w.device)
     return values, counts[present], lookup[patterns]
+
+
+def count16(w: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct values (ascending, fp32) and their counts, like :func:`unique16` without the per-weight
+    index: counted in chunks of 1 M weights, so the transient memory is O(65,536), not O(|W|)."""
+    dtype = dtype or sixteen_bit_dtype(w)
+    flat = w.detach().reshape(-1)
+    counts = torch.zeros(1 << 16, dtype=torch.int64, device=w.device)
+    for a in range(0, flat.numel(), 1 << 20):
+        counts += torch.bincount(bit_patterns(flat[a : a + (1 << 20)], dtype), minlength=1 << 16)
+    present = counts.nonzero().squeeze(1)
+    values = present.to(torch.int16).view(dtype).float()
+    order = torch.argsort(values, stable=True)
+    return values[order], counts[present[order]]

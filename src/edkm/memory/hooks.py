@@ -46,6 +46,7 @@ class SavedTensorHooks:
         weights, centroids: the DKM inputs (U indexes the weights; S checks both are replicated).
         max_hops: graph steps searched for copies of stored tensors (M).
         copy_on_cpu: really copy CPU tensors to new host memory, as a device run would (tests).
+        dtype: the weights' 16-bit type when already known (U then skips its own check).
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class SavedTensorHooks:
         *,
         max_hops: int = MAX_HOPS,
         copy_on_cpu: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if plan.fused or plan.auto:
             raise ValueError(f"SavedTensorHooks needs a resolved paper-mode plan, got {plan}")
@@ -66,7 +68,7 @@ class SavedTensorHooks:
         if weights.numel() % groups:
             raise ValueError(f"{weights.numel()} weights cannot be split into {groups} equal groups")
         self.groups, self.per_group = groups, weights.numel() // groups
-        self.unique: UniqueIndex | None = build_index(weights, groups) if plan.unique else None
+        self.unique: UniqueIndex | None = build_index(weights, groups, dtype) if plan.unique else None
         self._index: IndexStore | None = None
         if plan.shard:
             require_group()
@@ -83,6 +85,7 @@ class SavedTensorHooks:
         # drop the forward-only lookup tables and the device index (the stored one is in IndexStore)
         self.registry = Registry(self.registry.max_hops)
         self.unique = None
+        self._index = None  # the packed maps that need it hold it: freed with them after backward
 
     def _per_weight(self, t: torch.Tensor) -> bool:
         return t.dim() >= 2 and t.shape[0] == self.groups and t.shape[1] == self.per_group

@@ -7,6 +7,11 @@ more than one rank is initialised ("auto" is resolved per call by :meth:`MemoryP
 
 "shard" without "unique" shards each per-weight saved map itself (no 16-bit requirement); with
 "unique" it shards U's index list, as in the paper (see :mod:`edkm.memory.shard`).
+
+Under torch.distributed the 16-bit test is decided collectively (:func:`agreed_sixteen_bit`)
+before any rank does rank-specific work, so ranks that disagree (one rank's weights not 16-bit,
+hence "auto" resolving differently) all raise the same error instead of one raising while the
+others wait in a collective.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from ..cluster.sixteen import sixteen_bit_dtype
+from ..cluster.sixteen import SIXTEEN_BIT, sixteen_bit_dtype
 from .shard import world_size
 
 PAPER = ("marshal", "unique", "shard")
@@ -44,14 +50,25 @@ class MemoryPlan:
 
     def resolve(self, weights: torch.Tensor) -> MemoryPlan:
         """The concrete plan for ``weights`` ("auto" decided now, other plans unchanged)."""
-        if not self.auto:
-            return self
-        with torch.no_grad():
-            try:
-                sixteen_bit_dtype(weights)
-                return MemoryPlan(fused=True)
-            except ValueError:
-                return MemoryPlan(marshal=True, shard=world_size() > 1)
+        return self.decide(weights)[0]
+
+    def decide(self, weights: torch.Tensor) -> tuple[MemoryPlan, torch.dtype | None]:
+        """(concrete plan, 16-bit dtype of the weights when the plan needs one), decided on every rank alike.
+
+        One 16-bit test per call, only for "auto", "fused" and "unique"; ValueError on every rank when
+        such a plan meets weights that are not 16-bit, RuntimeError on every rank when ranks disagree.
+        """
+        if not (self.auto or self.fused or self.unique):
+            return self, None
+        dtype = agreed_sixteen_bit(weights)
+        if self.auto:
+            return (MemoryPlan(fused=True), dtype) if dtype else (MemoryPlan(marshal=True, shard=world_size() > 1), None)
+        if dtype is None:
+            raise ValueError(
+                f"memory mode {'unique' if self.unique else 'fused'!r} needs exact 16-bit weights (bf16/fp16, or {weights.dtype} "
+                "holding bf16 values such as w.to(torch.bfloat16).float()); round them first (palettize_ does)"
+            )
+        return self, dtype
 
     def __str__(self) -> str:
         names = [n for n in (*PAPER, "fused", "auto") if getattr(self, n)]
@@ -72,3 +89,27 @@ def parse_memory(spec: str) -> MemoryPlan:
     if parts == ["plain"]:
         return MemoryPlan()
     return MemoryPlan(**{p: True for p in parts})
+
+
+def agreed_sixteen_bit(weights: torch.Tensor) -> torch.dtype | None:
+    """The 16-bit dtype whose values ``weights`` hold exactly (None if none), the same on every rank.
+
+    Under an initialised process group with more than one rank, one ``all_reduce`` on the weights'
+    device compares the answers; RuntimeError on every rank when they differ.
+    """
+    with torch.no_grad():
+        try:
+            dtype: torch.dtype | None = sixteen_bit_dtype(weights)
+        except ValueError:
+            dtype = None
+    if world_size() > 1:
+        code = 0 if dtype is None else 1 + SIXTEEN_BIT.index(dtype)
+        both = torch.tensor([code, -code], dtype=torch.int64, device=weights.device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)  # max and -min in one collective
+        if int(both[0]) != -int(both[1]):
+            raise RuntimeError(
+                "ranks disagree about the weights: they hold exact 16-bit values on some ranks but not on others "
+                f"(this rank: {dtype or 'not 16-bit'}), so memory 'auto' / 'fused' / 'unique' would differ between "
+                "ranks; data-parallel ranks need identical weights"
+            )
+    return dtype

@@ -51,11 +51,14 @@ class UniqueIndex:
         return t.detach().reshape(self.groups * self.per_group, -1).index_select(0, self.rep.to(t.device))
 
 
-def build_index(weights: torch.Tensor, groups: int) -> UniqueIndex:
-    """Index the distinct (group, 16-bit value) pairs of ``weights`` split into ``groups`` row-major groups."""
+def build_index(weights: torch.Tensor, groups: int, dtype: torch.dtype | None = None) -> UniqueIndex:
+    """Index the distinct (group, 16-bit value) pairs of ``weights`` split into ``groups`` row-major groups.
+
+    ``dtype``: the weights' 16-bit type when the caller has checked it already (else checked here).
+    """
     with torch.no_grad():
         try:
-            dtype = sixteen_bit_dtype(weights)
+            dtype = dtype or sixteen_bit_dtype(weights)
         except ValueError as err:
             raise ValueError(f"memory mode 'unique' needs exact 16-bit weights: {err}") from None
         values, _, inverse = unique16(weights, dtype)
