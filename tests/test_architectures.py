@@ -30,7 +30,15 @@ def load_packed(path, model):
     return edkm.load_palettized(path)
 
 
-RELOADS = {"load_palettized": load_packed}  # one more way to load (e.g. from_pretrained) is one more entry
+def save_folder_from_pretrained(path, model):
+    """The Hugging Face way: ``save_folder`` (what ``edkm compress --out`` writes), then plain ``from_pretrained``."""
+    from transformers import AutoModelForCausalLM
+
+    folder = edkm.save_folder(model, path.parent / "folder")
+    return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+
+
+RELOADS = {"load_palettized": load_packed, "save_folder+from_pretrained": save_folder_from_pretrained}
 
 
 @pytest.mark.parametrize("arch", ARCHS)

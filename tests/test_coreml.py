@@ -28,11 +28,11 @@ PLAN = dict(bits=3, memory="plain", overrides={"embed|lm_head": {"bits": 8}})
 
 
 def packed(tmp_path_factory, group_size):
-    model, _ = load_causal_lm(None)
+    """The bundled model clustered and saved as ``edkm compress --out`` does: a Hugging Face folder."""
+    model, tokenizer = load_causal_lm(None)
     edkm.ptq_kmeans_(model, edkm.PalettizeConfig(**PLAN, group_size=group_size))
-    path = tmp_path_factory.mktemp("packed") / "model.edkm.safetensors"
-    edkm.save_palettized(model, path)
-    return path, model
+    folder = edkm.save_folder(model, tmp_path_factory.mktemp("packed") / "out", tokenizer)
+    return folder, model
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,9 @@ def ios18(grouped, tmp_path_factory):
 
 def test_ios18_grouped_luts_bit_exact(grouped, ios18):
     model = grouped[1]
-    report, package = ios18
+    report, package = ios18  # exported from the compress output folder
     assert report["ok"] and report["problems"] == []
+    assert report["packed_bytes"] == (grouped[0] / "model.safetensors").stat().st_size
     assert report["lut_ops"] == report["clustered_tensors"] == 36  # 35 linears + the tied embedding/lm_head
     assert report["index_bits"] == {"3": 35, "8": 1}
     assert report["packed_bytes"] < report["mlpackage_bytes"] < report["fp16_bytes"]
@@ -76,8 +77,10 @@ def test_verification_catches_a_changed_weight(grouped, ios18):
 
 
 def test_ios16_pads_luts_to_16_entries(tmp_path_factory, tmp_path):
-    path, _ = packed(tmp_path_factory, None)
-    report = export(path.parent, tmp_path / "m16.mlpackage", "--target", "ios16")  # the folder holding the packed file
+    _, model = packed(tmp_path_factory, None)
+    path = tmp_path / "model.edkm.safetensors"
+    edkm.save_palettized(model, path)
+    report = export(path, tmp_path / "m16.mlpackage", "--target", "ios16")  # the single packed file still works
     assert report["ok"] and report["index_bits"] == {"4": 35, "8": 1} and "padded" in report["note"]
     assert all(o["lut"].size in (16, 256) for o in lut_ops(tmp_path / "m16.mlpackage"))
 
@@ -113,14 +116,18 @@ def test_traced_wrappers_compute_the_models_logits(grouped):
 
 @pytest.mark.parametrize("arch", ["gpt2", *(pytest.param(a, marks=pytest.mark.slow) for a in ("llama", "mistral", "qwen2", "phi3", "gemma", "opt"))])
 def test_every_architecture_exports_bit_exact(arch, tiny_causal_lm, tmp_path):
-    """GPT-2: Conv1D weights (in, out), so its per-output-channel LUTs group along axis 1; tied wte/lm_head at 8 bits."""
+    """Exported from a plain from_pretrained load of the saved folder, checked against the model that was saved.
+    GPT-2: Conv1D weights (in, out), so its per-output-channel LUTs group along axis 1; tied wte/lm_head at 8 bits."""
     from edkm.config import EMBEDDING_LAYERS
     from edkm.coreml import export_coreml
+
+    from transformers import AutoModelForCausalLM
 
     model = tiny_causal_lm(arch)
     group = 4 if arch == "gpt2" else None
     edkm.ptq_kmeans_(model, edkm.PalettizeConfig(bits=3, memory="plain", group_size=group, overrides={EMBEDDING_LAYERS: {"bits": 8}}))
-    report = verify_mlpackage(export_coreml(model, tmp_path / f"{arch}.mlpackage", length=16), model)
+    loaded = AutoModelForCausalLM.from_pretrained(edkm.save_folder(model, tmp_path / arch), local_files_only=True)
+    report = verify_mlpackage(export_coreml(loaded, tmp_path / f"{arch}.mlpackage", length=16), model)  # vs. the original
     assert report["ok"], report["problems"]
     assert report["lut_ops"] == report["clustered_tensors"] and report["index_bits"][3] > 0
     if arch == "gpt2":
@@ -130,6 +137,7 @@ def test_every_architecture_exports_bit_exact(arch, tiny_causal_lm, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["missing.edkm.safetensors", "--out", "m.mlpackage"], "no packed edkm model at missing.edkm.safetensors"),
+    ([".", "--out", "m.mlpackage"], ". is neither an edkm model folder"),
     (["{packed}", "--out", "m.mlmodel"], "--out must name a .mlpackage folder"),
     (["{packed}", "--out", "m.mlpackage", "--length", "4096"], "exceeds the model's 512 positions"),
 ])

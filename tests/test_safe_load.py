@@ -64,6 +64,45 @@ def test_crafted_files_refused_with_one_clear_error(saved, tmp_path, edit_header
         edkm.load_palettized(bad, tiny())
 
 
+CONV = "transformer.h.0.mlp.c_fc"  # GPT-2 Conv1D: weight stored (in=32, out=128), clustered (out, in)
+
+
+@pytest.fixture(scope="module")
+def gpt2_saved(tmp_path_factory, tiny_causal_lm):
+    """A 3-bit GPT-2 (Conv1D projections) as a single file and as a Hugging Face folder."""
+    root = tmp_path_factory.mktemp("gpt2")
+    model = edkm.ptq_kmeans_(tiny_causal_lm("gpt2"), edkm.PalettizeConfig(bits=3, memory="plain"))
+    edkm.save_palettized(model, root / "m.safetensors")
+    edkm.save_folder(model, root / "folder")
+    return root
+
+
+@pytest.mark.parametrize("edit_layers,message", [
+    (lambda layers: layers[CONV]["modules"].append("transformer.h.0.ln_1"),
+     "module 'transformer.h.0.ln_1' is a LayerNorm, not a Linear, Conv1D or Embedding"),
+    (lambda layers: layers[CONV].update(shape=[32, 128]), rf"module '{CONV}' has weight shape \[128, 32\], the file \[32, 128\]"),
+])
+def test_crafted_conv1d_model_refused(gpt2_saved, tmp_path, tiny_causal_lm, edit_layers, message):
+    """Conv1D layers load (shape checked output channels first), but a LUT never lands in a norm layer or a
+    transposed shape, whichever loader reads the file: built from its config, into a given model, from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    bad = craft(gpt2_saved / "m.safetensors", tmp_path / "bad.safetensors", lambda h: edit_layers(h["layers"]))
+    with pytest.raises(FormatError, match=message):
+        edkm.load_palettized(bad)
+    with pytest.raises(FormatError, match=message):
+        edkm.load_palettized(bad, tiny_causal_lm("gpt2"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for item in (gpt2_saved / "folder").iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    edit_layers(config["quantization_config"]["layers"])
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FormatError, match=message):
+        AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+
+
 def test_header_is_covered_by_the_checksum(saved, tmp_path):
     raw = saved.read_bytes()
     start = raw.index(b'palettize_config')

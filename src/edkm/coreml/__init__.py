@@ -2,11 +2,11 @@
 
 Needs the optional ``coreml`` extra (coremltools). Importing this package imports nothing heavy.
 
-Example (``edkm export coreml runs/x/model.edkm.safetensors --out model.mlpackage``)::
+Example (``edkm export coreml runs/x --out model.mlpackage``, ``runs/x`` written by ``edkm compress --out``)::
 
     import edkm
     from edkm.coreml import export_coreml, verify_mlpackage
-    model = edkm.load_palettized("runs/x/model.edkm.safetensors")
+    model = edkm.load_palettized("runs/x")   # or transformers.AutoModelForCausalLM.from_pretrained("runs/x")
     export_coreml(model, "model.mlpackage", target="ios18")
     report = verify_mlpackage("model.mlpackage", model)   # LUT ops, index bits, bit-exact weights, sizes
 """

@@ -1,6 +1,7 @@
 """``edkm export coreml MODEL --out NAME.mlpackage [--target ios18|ios16] [--kv-cache]``.
 
-Building the parser imports nothing heavy; the command loads the packed model, converts it with
+Building the parser imports nothing heavy; the command loads the compressed model (the Hugging Face
+folder ``edkm compress --out DIR`` writes, or a single packed file), converts it with
 coremltools (our LUTs, nothing re-clustered), reads the package back and prints the verification and
 the sizes (.mlpackage, our packed file, fp16) as JSON.
 """
@@ -12,26 +13,33 @@ import json
 from pathlib import Path
 from typing import Any
 
-PACKED_NAMES = ("model.edkm.safetensors", "model.safetensors")  # what a folder holds: compress output, HF-style folder
+FOLDER_WEIGHTS = "model.safetensors"  # the packed weights of an edkm Hugging Face folder (edkm compress --out DIR)
+LEGACY_FILE = "model.edkm.safetensors"  # the single packed file older edkm compress runs wrote into their folder
 
 
-def resolve_packed(path: str | Path) -> Path:
-    """The packed edkm file ``path`` names: the file itself, or the packed file inside a folder.
+def resolve_model(path: str | Path) -> tuple[Path, Path]:
+    """(what :func:`edkm.load_palettized` reads, the packed weights file whose size is reported) for ``path``:
+    an edkm Hugging Face folder (what ``edkm compress --out DIR`` writes), a single packed file, or a folder
+    holding one.
 
-    >>> resolve_packed("/nonexistent/model.edkm.safetensors")
+    >>> resolve_model("/nonexistent/model.edkm.safetensors")
     Traceback (most recent call last):
     ...
     FileNotFoundError: no packed edkm model at /nonexistent/model.edkm.safetensors
     """
+    from ..export.folder import is_edkm_folder
+
     path = Path(path)
     if path.is_dir():
-        for name in PACKED_NAMES:
-            if (path / name).is_file():
-                return path / name
-        raise FileNotFoundError(f"no packed edkm model ({' or '.join(PACKED_NAMES)}) in {path}")
+        if is_edkm_folder(path):
+            return path, path / FOLDER_WEIGHTS
+        if (path / LEGACY_FILE).is_file():
+            return path / LEGACY_FILE, path / LEGACY_FILE
+        raise FileNotFoundError(f"{path} is neither an edkm model folder (config.json with quant_method 'edkm') "
+                                f"nor a folder holding {LEGACY_FILE}")
     if not path.is_file():
         raise FileNotFoundError(f"no packed edkm model at {path}")
-    return path
+    return path, path
 
 
 def cmd_export_coreml(args: argparse.Namespace) -> None:
@@ -42,8 +50,8 @@ def cmd_export_coreml(args: argparse.Namespace) -> None:
     if not args.out.endswith(".mlpackage"):
         raise ValueError(f"--out must name a .mlpackage folder, got {args.out!r}")
     import_coremltools()  # fail before loading anything when the extra is missing
-    packed = resolve_packed(args.model)
-    model = load_palettized(packed).eval()
+    source, packed = resolve_model(args.model)
+    model = load_palettized(source).eval()
     out = export_coreml(model, args.out, target=args.target, kv_cache=args.kv_cache, length=args.length)
     report: dict[str, Any] = {"mlpackage": str(out), "kv_cache": args.kv_cache, **verify_mlpackage(out, model, args.target)}
     report["packed_bytes"] = packed.stat().st_size
@@ -59,7 +67,7 @@ def add_export_parser(sub: Any) -> None:
     p = sub.add_parser("export", help="convert a packed model for another runtime (Core ML)")
     formats = p.add_subparsers(dest="format", required=True)
     c = formats.add_parser("coreml", help="Core ML .mlpackage with our LUTs (constexpr_lut_to_dense); needs coremltools")
-    c.add_argument("model", help="packed model: model.edkm.safetensors or the folder holding it")
+    c.add_argument("model", help="compressed model: the folder edkm compress --out wrote, or a packed .safetensors file")
     c.add_argument("--out", required=True, help="NAME.mlpackage")
     c.add_argument("--target", choices=["ios18", "ios16"], default="ios18",
                    help="ios18: b-bit indices, LUT per group; ios16: LUTs padded to 2/4/16/64/256 entries, one per tensor")

@@ -13,6 +13,8 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,20 @@ def is_edkm_folder(path: str | os.PathLike) -> bool:
         return False
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Without transformers' "Loading weights" progress bar (edkm's loaders print one line or nothing); restored after."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_folder(path: str | os.PathLike) -> nn.Module:
     """Load an edkm folder with transformers; any problem with its files raises FormatError."""
     path = Path(path)
@@ -74,7 +90,8 @@ def load_folder(path: str | os.PathLike) -> nn.Module:
 
     register()
     try:
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        with quiet_loading():
+            return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     except FormatError:
         raise
     except Exception as err:  # transformers' own errors for a damaged config.json or weights file

@@ -43,7 +43,7 @@ from ..lut import LUTModule
 from ..wrap import set_submodule
 from .atomic import atomic_path
 from .errors import FormatError
-from .folder import is_edkm_folder
+from .folder import is_edkm_folder, quiet_loading
 from .layers import build_lut, describe, digest, lut_layers, packed_parts
 from .validate import (PackedLayer, check_aliases, check_buffer_budget, check_finite, check_int, check_layout, check_tensor,
                        parse_layers)
@@ -189,7 +189,8 @@ def _load_hf(packed: PackedFile, tensors: dict[str, torch.Tensor]) -> nn.Module:
         bits=palettize.get("bits"), group_size=palettize.get("group_size"),
         palettize_config=packed.header.get("palettize_config"),
     ).to_dict()
-    return model_class.from_pretrained(None, config=config, state_dict=state)
+    with quiet_loading():
+        return model_class.from_pretrained(None, config=config, state_dict=state)
 
 
 def load_palettized(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:

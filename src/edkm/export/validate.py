@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..lut import LUTModule
+from ..lut import LUTModule, layer_kind, rows_first_weight
 from .errors import FormatError
 from .pack import packed_nbytes
 
@@ -171,7 +171,8 @@ def check_layout(model: nn.Module, layers: Mapping[str, PackedLayer], table: Map
                  where: str, infix: str = "", aliases: Mapping[str, str] | None = None) -> None:
     """Check a file's tensor ``table`` (key -> (dtype, shape)) against ``model`` (may live on the meta device).
 
-    Every listed module exists, is a Linear/Embedding (or LUT layer) of the layer's shape; every
+    Every listed module exists, is a layer edkm clusters (:func:`edkm.lut.layer_kind`: Linear, Conv1D, Embedding
+    or a subclass without children; or a LUT layer) whose weight, output channels first, has the layer's shape; every
     layer's parts are stored with their exact dtype and shape; the other tensors (plus ``aliases``)
     are exactly the model's remaining state-dict entries. Tied weights the model re-ties on load
     (Hugging Face ``all_tied_weights_keys``) may be absent.
@@ -186,10 +187,10 @@ def check_layout(model: nn.Module, layers: Mapping[str, PackedLayer], table: Map
                 raise FormatError(f"{where}: the model has no module {name!r} to load a LUT into") from None
             if isinstance(module, LUTModule):
                 shape = module.lut.shape
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
-                shape = module.weight.shape
+            elif layer_kind(module) is not None:  # Linear (Conv1D: weight stored (in, out)), Embedding, subclasses
+                shape = rows_first_weight(module).shape
             else:
-                raise FormatError(f"{where}: module {name!r} is a {type(module).__name__}, not a Linear or Embedding")
+                raise FormatError(f"{where}: module {name!r} is a {type(module).__name__}, not a Linear, Conv1D or Embedding")
             if tuple(shape) != layer.shape:
                 raise FormatError(f"{where}: module {name!r} has weight shape {list(shape)}, the file {list(layer.shape)}")
             weight_keys.add(f"{name}.weight")

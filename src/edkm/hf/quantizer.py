@@ -40,21 +40,42 @@ _TORCH_DTYPES = {"F16": torch.float16, "F32": torch.float32, "U8": torch.uint8}
 class PackedSlot(WrappedLayer):
     """Stand-in for a clustered module while weights load: the stored parts as (meta) buffers of child ``lut``.
 
-    Only the first module of a tied group owns the parts; the others hold none.
+    Only the first module of a tied group owns the parts; the others hold none. ``base`` (the model's own
+    module, on the meta device, not a submodule) stays at hand to compute the buffers a checkpoint does not
+    store (Gemma's ``embed_scale``), see :meth:`init_unstored_buffers`.
     """
 
     def __init__(self, base: nn.Module, layer: PackedLayer, owner: bool) -> None:
         super().__init__(base)
         self.__dict__.pop("weight", None)
         self._parameters.pop("weight", None)
+        self.__dict__["_base"] = base  # not a submodule; the leading underscore keeps WrappedLayer from copying it
         self._decode_dtype = base.weight.dtype  # the dtype the model is being loaded in
         if owner:
             self.lut = nn.Module()
             for part, (dtype, shape) in layer.tensor_specs().items():
                 self.lut.register_buffer(part, torch.empty(shape, dtype=_TORCH_DTYPES[dtype], device="meta"))
 
+    @property
+    def weight(self) -> torch.Tensor:  # the original meta weight: model init code may touch it (GPT-2 rescales c_proj)
+        if "_base" not in self.__dict__:
+            raise AttributeError("weight")  # while WrappedLayer registers the base's parameters
+        return self.__dict__["_base"].weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("edkm: this layer was not loaded (from_pretrained did not finish)")
+
+    @torch.no_grad()
+    def init_unstored_buffers(self, model: nn.Module) -> None:
+        """Fill the non-persistent buffers (materialised empty by transformers) with the values the model's own
+        ``_init_weights`` gives the original module class (a slot is not of that class, so transformers skipped it)."""
+        base = self.__dict__["_base"]
+        names = [k for k, v in base._buffers.items() if v is not None and k in base._non_persistent_buffers_set]
+        if not names:
+            return
+        for key in names:
+            base._buffers[key] = self._buffers[key]  # the slot's real tensor: initialised in place
+        model._init_weights(base)  # base's weight and bias stay on the meta device: only the buffers are written
 
 
 def checkpoint_table(files: Sequence[str]) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
@@ -141,7 +162,9 @@ class EdkmHfQuantizer(HfQuantizer):
             device = parts["indices"].device
             lut = build_lut(layer, {k: v.cpu() for k, v in parts.items()}, owner._decode_dtype).to(device)
             for name in layer.modules:
-                set_submodule(model, name, LUTModule(model.get_submodule(name), lut))
+                slot = model.get_submodule(name)
+                slot.init_unstored_buffers(model)
+                set_submodule(model, name, LUTModule(slot, lut))
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
