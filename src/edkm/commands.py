@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .bench.generate import add_bench_generate_parser
+
 
 def _load_any(path: str) -> tuple[Any, Any]:
     """(model, tokenizer) from a packed ``.safetensors`` file (tokenizer from its folder) or an HF folder."""
@@ -154,8 +156,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("which", choices=["memory"])
+    bench_sub = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="which", required=True, metavar="BENCHMARK")
+    p = bench_sub.add_parser("memory", help="what DKM holds for backward under each eDKM memory technique")
     p.add_argument("--shape", type=int, nargs=2, default=[4096, 4096])
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--out", default="benchmarks/results/memory.json")
@@ -171,3 +173,4 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--memory-limit-gib", type=float, default=12.0, help="memory all processes of one measurement may use")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement process")
     p.set_defaults(func=cmd_bench)
+    add_bench_generate_parser(bench_sub)

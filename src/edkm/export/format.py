@@ -25,12 +25,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -135,6 +136,23 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no fp32 weights); buffers stay real."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
 def _build_model(header: dict[str, Any]) -> nn.Module:
     if header.get("model_config") is None:
         raise ValueError("this file has no Hugging Face model config: pass the model to load into (model=...)")
@@ -142,7 +160,8 @@ def _build_model(header: dict[str, Any]) -> nn.Module:
 
     cfg = dict(header["model_config"])
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    return AutoModelForCausalLM.from_config(config)
+    with parameters_on_meta():  # the file fills every parameter: no random-init fp32 model on the way
+        return AutoModelForCausalLM.from_config(config)
 
 
 def load_palettized(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
@@ -175,8 +194,9 @@ def load_palettized(path: str | os.PathLike, model: nn.Module | None = None) -> 
             set_submodule(model, module_name, base)
     for alias, key in header["aliases"].items():
         tensors[alias] = tensors[key]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     missing = [k for k in missing if ".lut." not in k]
+    missing += [n for n, p in model.named_parameters() if p.device.type == "meta" and n not in missing]
     if missing or unexpected:
         raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
