@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cluster import decode
-from .kernels import Int8Weight, check_kernel, decode_rows, lut_embedding, lut_linear
+from .kernels import Int8Weight, KernelViews, check_kernel, decode_rows, lut_embedding, lut_linear
 
 LUT_DTYPE = torch.float16
 
@@ -42,6 +42,7 @@ class LUTWeight(nn.Module):
         self.shape, self.bits, self.dtype = torch.Size(shape), bits, dtype
         self.kernel = "auto"
         self.int8: Int8Weight | None = None  # the int8 re-grid, only while kernel == "int8"
+        self.views: KernelViews | None = None  # the kernels' views of the current buffers (rebuilt if they change)
         if uniform is not None:
             self.register_buffer("lo", uniform[0])
             self.register_buffer("step", uniform[1])
@@ -73,7 +74,9 @@ class LUTWeight(nn.Module):
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``F.linear(x, self(), bias)`` without materialising ``self()`` (exact unless kernel == "int8")."""
-        return lut_linear(x, self.lut, self.indices, self.shape, self.dtype, bias, self.kernel, self.int8)
+        if self.views is None or not self.views.fits(self.lut, self.indices, self.dtype):
+            self.views = KernelViews.of(self.lut, self.indices, self.shape, self.dtype)
+        return lut_linear(x, self.lut, self.indices, self.shape, self.dtype, bias, self.kernel, self.int8, self.views)
 
     def embedding(self, ids: torch.Tensor, padding_idx: int | None = None, max_norm: float | None = None,
                   norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False) -> torch.Tensor:

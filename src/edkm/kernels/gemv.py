@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 SELECT_MAX_BITS = 4
+RECOMPILE_LIMIT = 64  # Dynamo's per-function limit is raised to this at the first compile
 Gemv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -89,8 +90,11 @@ class FusedGemv:
             if self.fn is None:
                 cpu = torch.backends.cpu.get_cpu_capability()
                 self.fn = torch.compile(lut_gemv, dynamic=False, options={"cpp.simdlen": 512} if cpu.startswith("AVX512") else {})
-            with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=1024):
-                return self.fn(x, indices, table)
+                # one specialisation per (layer shape, layout, bits, tokens): a model has a few dozen at most
+                dynamo = torch._dynamo.config
+                dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+                dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 16 * RECOMPILE_LIMIT)
+            return self.fn(x, indices, table)
         except Exception as err:  # no compiler, C++ build failure, unsupported Python...: eager exact kernel instead
             self.failed = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
             warnings.warn(f"edkm: compiled LUT kernel unavailable ({self.failed}); using the eager exact kernel", stacklevel=2)

@@ -25,13 +25,15 @@ Example:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from ..cluster import decode
 from .gemv import fused_gemv
 from .int8 import Int8Weight
-from .layout import decode_rows, grid, weight_rows_cols
+from .layout import Grid, decode_rows, grid, weight_rows_cols
 
 KERNELS = ("auto", "eager", "decode", "int8")
 GEMV_MAX_TOKENS = 4  # the fused GEMV decodes once per token: beyond a few tokens, tiles + GEMM win
@@ -60,9 +62,35 @@ def tiled_linear(x: torch.Tensor, lut: torch.Tensor, indices: torch.Tensor, shap
     return torch.cat(outs, dim=-1)
 
 
+class KernelViews(NamedTuple):
+    """What the fused GEMV reads, computed once per buffer version: grid views and the fp32 table."""
+
+    grid: Grid | None
+    table: torch.Tensor | None  # grid.lut as decoded values (lut -> dtype -> fp32)
+    key: tuple
+
+    @classmethod
+    def of(cls, lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> "KernelViews":
+        views = grid(lut, indices, shape)
+        table = None if views is None else views.lut.to(dtype).float()
+        return cls(views, table, cls.key_of(lut, indices, dtype))
+
+    @staticmethod
+    def key_of(lut: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> tuple:
+        return (lut.data_ptr(), lut._version, tuple(lut.shape), indices.data_ptr(), tuple(indices.shape), dtype)
+
+    def fits(self, lut: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether these views still describe ``lut`` / ``indices`` (same storage, version, shape, dtype)."""
+        return self.key == self.key_of(lut, indices, dtype)
+
+
 def lut_linear(x: torch.Tensor, lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
-               bias: torch.Tensor | None, kernel: str = "auto", int8: Int8Weight | None = None) -> torch.Tensor:
-    """``F.linear(x, W, bias)`` for the packed weight ``W`` (``lut``, ``indices``, ``shape``, ``dtype``) with ``kernel``."""
+               bias: torch.Tensor | None, kernel: str = "auto", int8: Int8Weight | None = None,
+               views: KernelViews | None = None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for the packed weight ``W`` (``lut``, ``indices``, ``shape``, ``dtype``) with ``kernel``.
+
+    ``views``: :class:`KernelViews` of the same buffers, cached by the caller (computed here if None).
+    """
     grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     if kernel == "decode" or x.device.type != "cpu" or grad:  # CUDA (no GPU kernel yet) and autograd: the reference
         return F.linear(x, decode(lut, indices, shape, dtype).to(x.dtype), bias)
@@ -72,9 +100,10 @@ def lut_linear(x: torch.Tensor, lut: torch.Tensor, indices: torch.Tensor, shape:
         return int8.linear(x, bias)
     rows, cols = weight_rows_cols(shape)
     tokens = x.numel() // cols if cols else 0
-    views = grid(lut, indices, shape)
-    if kernel == "auto" and views is not None and 0 < tokens <= GEMV_MAX_TOKENS and x.dtype == dtype:
-        y = fused_gemv()(x.reshape(tokens, cols), views.indices, views.lut.to(dtype).float())
+    if kernel == "auto" and 0 < tokens <= GEMV_MAX_TOKENS and x.dtype == dtype:
+        views = views or KernelViews.of(lut, indices, shape, dtype)
+    if kernel == "auto" and 0 < tokens <= GEMV_MAX_TOKENS and x.dtype == dtype and views.grid is not None:
+        y = fused_gemv()(x.reshape(tokens, cols), views.grid.indices, views.table)
         if y is not None:
             y = y.reshape(*x.shape[:-1], rows)
             return y + bias if bias is not None else y
