@@ -57,6 +57,8 @@ def add_bench_generate_parser(bench_sub: Any) -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated (decode speed)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per measurement process")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per process")
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="skip the per-shape kernel profile (dense vs packed ms per Linear, interleaved)")
     p.set_defaults(func=cmd_bench_generate)
 
 
@@ -130,6 +132,12 @@ def run_generate_benchmark(args: Any) -> dict:
             rows.append(row)
             print(f"  {summary_line(row)}", file=sys.stderr, flush=True)
         out_models[model] = {**{k: v for k, v in info.items() if k != "dense_dir"}, "results": rows}
+        if model == "llama150m" and args.profile:
+            print("[llama150m] kernel profile ...", file=sys.stderr, flush=True)
+            shapes = [[2816, 1024], [1024, 2816], [1024, 1024], [32000, 1024]]
+            spec = {"shapes": shapes, "bits": [3, 4, 8], "repeats": 5, "threads": args.threads}
+            out_models[model]["kernel_profile"] = run_child(["profile", json.dumps(spec)], {"OMP_NUM_THREADS": str(args.threads)},
+                                                            args.timeout)
     result = {
         "models": out_models, "targets": {m: targets(v) for m, v in out_models.items()},
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "threads": args.threads,
@@ -188,9 +196,20 @@ def format_markdown(result: dict) -> str:
                 f"{r['ttft_seconds']:.2f} | {r['decode_tokens_per_second']:.2f} | {ratio('decode_tokens_per_second')} | "
                 f"{err_s} | {r['loadavg_1min']:.1f} |")
         lines.append("")
+        profile = data.get("kernel_profile")
+        if profile:
+            bits = [k for k in profile["rows"][0] if k.endswith("bit")]
+            lines += [f"Kernel profile, batch 1, ms per Linear (dense fp32 vs packed, interleaved; load {profile['loadavg_1min']:.1f}):", "",
+                      "| shape | dense fp32 | " + " | ".join(f"packed {b}" for b in bits) + " |",
+                      "| --- | ---: | " + " | ".join("---:" for _ in bits) + " |"]
+            for r in profile["rows"]:
+                dense = min(r[b]["dense_ms"] for b in bits)
+                cells = " | ".join(f"{r[b]['packed_ms']:.2f} ({r[b]['packed_ns_per_weight']:.2f} ns/w)" for b in bits)
+                lines.append(f"| {r['shape'][0]} x {r['shape'][1]} | {dense:.2f} | {cells} |")
+            lines.append("")
         for config, checks in result["targets"].get(model, {}).items():
             marks = ", ".join(f"{k}: {'met' if v['met'] else 'MISSED'} ({v['value'] / MiB:,.0f} MiB <= {v['limit'] / MiB:,.0f})"
-                              if "limit" in v else f"{k}: {'met' if v['met'] else 'MISSED'} ({v['value']:.2f})"
+                              if "limit" in v else f"{k}: {'met' if v['met'] else 'MISSED'} ({v['value']:.4f})"
                               for k, v in checks.items())
             lines.append(f"- {config}: {marks}")
         lines.append("")

@@ -177,9 +177,49 @@ def prepare(spec: dict) -> dict[str, Any]:
             "largest_weight_fp32_bytes": max(p.numel() for p in weights) * 4}
 
 
+def kernel_profile(spec: dict) -> dict[str, Any]:
+    """Batch-1 time per weight of each Linear shape: dense fp32 ``F.linear`` against the packed kernels.
+
+    Interleaved in one process (so the machine's load hits both alike); ``copies`` weights per shape
+    are cycled so that dense weights stream from memory as in a real model.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from ..lut import LUTWeight
+
+    torch.set_num_threads(int(spec["threads"]))
+    gen, rows = torch.Generator().manual_seed(0), []
+    for rows_, cols in spec["shapes"]:
+        n = max(1, min(8, (64 << 20) // (rows_ * cols * 4)))  # >= 64 MiB of fp32 weights per shape
+        x = torch.randn(1, cols, generator=gen)
+        dense = [torch.randn(rows_, cols, generator=gen) * 0.02 for _ in range(n)]
+        timings: dict[str, Any] = {"shape": [rows_, cols]}
+        for bits in spec["bits"]:
+            packed = [LUTWeight((torch.randn(1, 1 << bits, generator=gen) * 0.02).half(),
+                                torch.randint(0, 1 << bits, (1, rows_ * cols), generator=gen).to(torch.uint8),
+                                torch.Size([rows_, cols]), bits, torch.float32) for _ in range(n)]
+            with torch.no_grad():
+                for w in packed:
+                    w.linear(x)  # compile
+                best = {"dense": float("inf"), "packed": float("inf")}
+                for _ in range(spec["repeats"]):
+                    for name, call in (("dense", lambda i: F.linear(x, dense[i])), ("packed", lambda i: packed[i].linear(x))):
+                        t = time.perf_counter()
+                        for i in range(n):
+                            call(i)
+                        best[name] = min(best[name], (time.perf_counter() - t) / n)
+            timings[f"{bits}bit"] = {"dense_ms": best["dense"] * 1e3, "packed_ms": best["packed"] * 1e3,
+                                     "packed_ns_per_weight": best["packed"] * 1e9 / (rows_ * cols),
+                                     "dense_ns_per_weight": best["dense"] * 1e9 / (rows_ * cols)}
+            del packed
+        rows.append(timings)
+    return {"rows": rows, "loadavg_1min": os.getloadavg()[0], "threads": torch.get_num_threads()}
+
+
 def main(argv: list[str]) -> int:
     what, spec_json, result_path = argv
-    result = (prepare if what == "prepare" else measure)(json.loads(spec_json))
+    result = {"prepare": prepare, "measure": measure, "profile": kernel_profile}[what](json.loads(spec_json))
     with open(result_path, "w") as f:
         json.dump(result, f)
     return 0
