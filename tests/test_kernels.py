@@ -165,8 +165,10 @@ def test_compiled_linear_exact(bits, layout):
     w = make_lut_weight(bits, LAYOUTS[layout], seed=bits)
     for tokens in (1, 3):
         x = torch.randn(tokens, COLS)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a compile failure would warn and fall back
-            y = w.linear(x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                y = w.linear(x)
+        assert not [c for c in caught if "edkm" in str(c.message)]  # a compile failure would warn and fall back
         assert rel_err(y, F.linear(x, w())) <= 1e-5
     assert linear.fused_gemv().failed is None
