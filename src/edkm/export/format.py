@@ -175,7 +175,8 @@ def load_palettized(path: str | os.PathLike, model: nn.Module | None = None) -> 
         raise ValueError(f"{path}: cannot read tensors (corrupted or truncated?): {err}") from err
     if _digest(tensors) != header["sha256"]:
         raise ValueError(f"{path}: checksum mismatch, the file is corrupted")
-    model = model if model is not None else _build_model(header)
+    built = model is None  # built on meta parameters: the file's tensors become the parameters
+    model = _build_model(header) if built else model
     for name, layer in header["layers"].items():
         shape, bits, groups = torch.Size(layer["shape"]), layer["bits"], layer["groups"]
         indices = unpack_bits(tensors.pop(f"{name}.indices"), bits, shape.numel()).reshape(groups, -1)
@@ -194,7 +195,7 @@ def load_palettized(path: str | os.PathLike, model: nn.Module | None = None) -> 
             set_submodule(model, module_name, base)
     for alias, key in header["aliases"].items():
         tensors[alias] = tensors[key]
-    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=built)
     missing = [k for k in missing if ".lut." not in k]
     missing += [n for n, p in model.named_parameters() if p.device.type == "meta" and n not in missing]
     if missing or unexpected:
