@@ -102,8 +102,7 @@ def lut_linear(x: torch.Tensor, lut: torch.Tensor, indices: torch.Tensor, shape:
     tokens = x.numel() // cols if cols else 0
     if kernel == "auto" and 0 < tokens <= GEMV_MAX_TOKENS and x.dtype == dtype:
         views = views or KernelViews.of(lut, indices, shape, dtype)
-    if kernel == "auto" and 0 < tokens <= GEMV_MAX_TOKENS and x.dtype == dtype and views.grid is not None:
-        y = fused_gemv()(x.reshape(tokens, cols), views.grid.indices, views.table)
+        y = None if views.grid is None else fused_gemv()(x.reshape(tokens, cols), views.grid.indices, views.table)
         if y is not None:
             y = y.reshape(*x.shape[:-1], rows)
             return y + bias if bias is not None else y
