@@ -208,7 +208,7 @@ def format_markdown(result: dict) -> str:
                 lines.append(f"| {r['shape'][0]} x {r['shape'][1]} | {dense:.2f} | {cells} |")
             lines.append("")
         for config, checks in result["targets"].get(model, {}).items():
-            marks = ", ".join(f"{k}: {'met' if v['met'] else 'MISSED'} ({v['value'] / MiB:,.0f} MiB <= {v['limit'] / MiB:,.0f})"
+            marks = ", ".join(f"{k}: {'met' if v['met'] else 'MISSED'} ({v['value'] / MiB:,.1f} MiB <= {v['limit'] / MiB:,.1f})"
                               if "limit" in v else f"{k}: {'met' if v['met'] else 'MISSED'} ({v['value']:.4f})"
                               for k, v in checks.items())
             lines.append(f"- {config}: {marks}")

@@ -8,7 +8,8 @@ Kernels (``LUTWeight.kernel``, see :data:`KERNELS`):
 * ``"eager"``: always the tiled kernel: decode :data:`TILE_BYTES` of rows at a time, multiply, drop.
 * ``"decode"``: decode the whole weight, then ``F.linear`` (the reference; what CUDA uses, as no
   GPU kernel exists yet, and what a forward that needs gradients uses).
-* ``"int8"``: approximate, explicit opt-in: :mod:`.int8` (weights re-gridded to int8 per row).
+* ``"int8"``: approximate, explicit opt-in: :mod:`.int8` (weights re-gridded to int8 per row) for up
+  to :data:`GEMV_MAX_TOKENS` tokens; prefill uses the exact tiled kernel.
 
 "Exact" means: the same weights as ``edkm.decode`` (every weight one LUT entry, cast to the layer's
 dtype); only the order of the fp32 sums differs from decode-then-matmul.
@@ -94,12 +95,12 @@ def lut_linear(x: torch.Tensor, lut: torch.Tensor, indices: torch.Tensor, shape:
     grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     if kernel == "decode" or x.device.type != "cpu" or grad:  # CUDA (no GPU kernel yet) and autograd: the reference
         return F.linear(x, decode(lut, indices, shape, dtype).to(x.dtype), bias)
-    if kernel == "int8":
+    rows, cols = weight_rows_cols(shape)
+    tokens = x.numel() // cols if cols else 0
+    if kernel == "int8" and tokens <= GEMV_MAX_TOKENS:  # aten's int8 matmul is slow for many tokens: prefill is tiled
         if int8 is None:
             raise ValueError("the int8 kernel needs its re-gridded weight (LUTWeight.set_kernel('int8') builds it)")
         return int8.linear(x, bias)
-    rows, cols = weight_rows_cols(shape)
-    tokens = x.numel() // cols if cols else 0
     if kernel == "auto" and 0 < tokens <= GEMV_MAX_TOKENS and x.dtype == dtype:
         views = views or KernelViews.of(lut, indices, shape, dtype)
         y = None if views.grid is None else fused_gemv()(x.reshape(tokens, cols), views.grid.indices, views.table)
