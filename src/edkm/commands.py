@@ -13,6 +13,7 @@ from .cli_validate import (
     bits, bits_or_zero, check_compress, check_eval, find_model, fraction, nonnegative_float, nonnegative_int,
     positive_float, positive_int, top_p, unit_weight,
 )
+from .bench.generate import add_bench_generate_parser
 from .bench.train import add_train_parser
 from .coreml.command import add_export_parser
 from .device import add_device_argument, init_distributed, resolve_device
@@ -232,3 +233,4 @@ def add_commands(sub: Any) -> None:
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     add_bench_memory_parser(bench_sub)  # `edkm bench NAME` benchmarks register on bench_sub
     add_train_parser(bench_sub)  # edkm bench train
+    add_bench_generate_parser(bench_sub)  # edkm bench generate

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cluster import decode
+from .kernels import Int8Weight, KernelViews, check_kernel, decode_rows, lut_embedding, lut_linear
 
 LUT_DTYPE = torch.float16
 
@@ -28,6 +29,9 @@ class LUTWeight(nn.Module):
 
     A LUT of evenly spaced levels (round-to-nearest) also keeps ``lo`` and ``step`` (fp32, (G, 1)),
     which the export stores instead of the 2^b levels: a scale and a zero point per group.
+
+    :meth:`linear` and :meth:`embedding` compute without decoding the whole weight (``kernel``,
+    see :mod:`edkm.kernels.linear`); calling the module decodes it all (for inspection).
     """
 
     def __init__(
@@ -38,6 +42,9 @@ class LUTWeight(nn.Module):
         self.register_buffer("lut", lut)
         self.register_buffer("indices", indices)
         self.shape, self.bits, self.dtype = torch.Size(shape), bits, dtype
+        self.kernel = "auto"
+        self.int8: Int8Weight | None = None  # the int8 re-grid, only while kernel == "int8"
+        self.views: KernelViews | None = None  # the kernels' views of the current buffers (rebuilt if they change)
         if uniform is not None:
             self.register_buffer("lo", uniform[0])
             self.register_buffer("step", uniform[1])
@@ -58,6 +65,26 @@ class LUTWeight(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return decode(self.lut, self.indices, self.shape, self.dtype)
+
+    def set_kernel(self, kernel: str) -> None:
+        """Choose how :meth:`linear` computes: ``auto`` | ``eager`` | ``decode`` (exact) or ``int8`` (approximate)."""
+        self.kernel = check_kernel(kernel)
+        self.int8 = None
+        if kernel == "int8":
+            rows = self.shape[0]
+            self.int8 = Int8Weight.from_rows(lambda r: decode_rows(self.lut, self.indices, self.shape, self.dtype, r), rows)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``F.linear(x, self(), bias)`` without materialising ``self()`` (exact unless kernel == "int8")."""
+        if self.views is None or not self.views.fits(self.lut, self.indices, self.dtype):
+            self.views = KernelViews.of(self.lut, self.indices, self.shape, self.dtype)
+        return lut_linear(x, self.lut, self.indices, self.shape, self.dtype, bias, self.kernel, self.int8, self.views)
+
+    def embedding(self, ids: torch.Tensor, padding_idx: int | None = None, max_norm: float | None = None,
+                  norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False) -> torch.Tensor:
+        """``F.embedding(ids, self(), ...)`` decoding only the rows of ``ids``."""
+        return lut_embedding(ids, self.lut, self.indices, self.shape, self.dtype, padding_idx, max_norm, norm_type,
+                             scale_grad_by_freq, sparse)
 
 
 def conv1d_type() -> type | None:
@@ -162,4 +189,17 @@ class LUTModule(WrappedLayer):
         return self.rows_first(self.lut())
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        return self._compute(x, self.lut(), *args, **kwargs)
+        if self.shell is not None or self.transposed:  # Conv1D, or a subclass's own forward, on the decoded weight
+            return self._compute(x, self.lut(), *args, **kwargs)
+        if self.base_type == "Linear":
+            return self.lut.linear(x, self.bias)
+        return self.lut.embedding(x, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+
+
+def set_lut_kernel(model: nn.Module, kernel: str) -> nn.Module:
+    """Set the kernel of every LUT Linear in ``model`` (see :mod:`edkm.kernels.linear`); returns ``model``."""
+    check_kernel(kernel)
+    for module in model.modules():
+        if isinstance(module, LUTModule) and module.base_type == "Linear" and module.lut.kernel != kernel:
+            module.lut.set_kernel(kernel)
+    return model

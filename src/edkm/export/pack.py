@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-_CHUNK = 1 << 23  # values per chunk (a multiple of 8 keeps every chunk byte-aligned for any b)
+_CHUNK = 1 << 18  # values per chunk (a multiple of 8 keeps every chunk byte-aligned for any b; ~6 MB of temporaries)
 
 
 def _check_bits(bits: int) -> None:
@@ -56,10 +56,11 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         )
     value_shift = torch.arange(8, dtype=torch.int64) * bits
     byte_shift = torch.arange(bits, dtype=torch.int64) * 8
-    out = []
-    for chunk in packed.split(_CHUNK // 8 * bits):
+    values = torch.empty(packed_nbytes(n, bits) * 8 // bits, dtype=torch.uint8)  # filled in place: no concatenation
+    for i, chunk in enumerate(packed.split(_CHUNK // 8 * bits)):
         groups = torch.nn.functional.pad(chunk.to(torch.int64), (0, -chunk.numel() % bits)).reshape(-1, bits)
         word = (groups << byte_shift).sum(1, keepdim=True)
-        out.append(((word >> value_shift) & ((1 << bits) - 1)).to(torch.uint8).reshape(-1))
-    values = torch.cat(out) if out else torch.empty(0, dtype=torch.uint8)
+        part = ((word >> value_shift) & ((1 << bits) - 1)).reshape(-1)
+        start = i * _CHUNK
+        values[start : start + part.numel()] = part[: values.numel() - start]
     return values[:n]

@@ -1,0 +1,124 @@
+"""Packed Linear and Embedding forwards that never hold a whole decoded weight.
+
+Kernels (``LUTWeight.kernel``, see :data:`KERNELS`):
+
+* ``"auto"`` (default): on CPU, up to :data:`GEMV_MAX_TOKENS` tokens go through the compiled fused
+  GEMV (:mod:`.gemv`), more tokens (prefill) through the tiled kernel; exact either way. Without a
+  working ``torch.compile`` the tiled kernel does everything.
+* ``"eager"``: always the tiled kernel: decode :data:`TILE_BYTES` of rows at a time, multiply, drop.
+* ``"decode"``: decode the whole weight, then ``F.linear`` (the reference; what CUDA uses, as no
+  GPU kernel exists yet, and what a forward that needs gradients uses).
+* ``"int8"``: approximate, explicit opt-in: :mod:`.int8` (weights re-gridded to int8 per row) for up
+  to :data:`GEMV_MAX_TOKENS` tokens; prefill uses the exact tiled kernel.
+
+"Exact" means: the same weights as ``edkm.decode`` (every weight one LUT entry, cast to the layer's
+dtype); only the order of the fp32 sums differs from decode-then-matmul.
+
+Example:
+    >>> import torch
+    >>> lut = torch.tensor([[0.5, -1.0]], dtype=torch.float16)
+    >>> idx = torch.tensor([[0, 1, 1, 0]], dtype=torch.uint8)
+    >>> tiled_linear(torch.ones(3, 2), lut, idx, torch.Size([2, 2]), torch.float32, None)
+    tensor([[-0.5000, -0.5000],
+            [-0.5000, -0.5000],
+            [-0.5000, -0.5000]])
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ..cluster import decode
+from .gemv import fused_gemv
+from .int8 import Int8Weight
+from .layout import Grid, decode_rows, grid, weight_rows_cols
+
+KERNELS = ("auto", "eager", "decode", "int8")
+GEMV_MAX_TOKENS = 4  # the fused GEMV decodes once per token: beyond a few tokens, tiles + GEMM win
+TILE_BYTES = 1 << 22  # decoded rows per tile of the eager kernel: 4 MiB
+
+
+def check_kernel(kernel: str) -> str:
+    """``kernel`` if it is one of :data:`KERNELS`, else a ValueError naming them."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown LUT kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    return kernel
+
+
+def tiled_linear(x: torch.Tensor, lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
+                 bias: torch.Tensor | None, tile_bytes: int | None = None) -> torch.Tensor:
+    """``F.linear(x, decode(...), bias)`` decoding ``tile_bytes`` (default :data:`TILE_BYTES`) of rows at a time."""
+    rows, cols = weight_rows_cols(shape)
+    step = max(1, (tile_bytes or TILE_BYTES) // max(1, cols * torch.finfo(dtype).bits // 8))
+    if step >= rows:  # one tile: exactly decode-then-matmul
+        return F.linear(x, decode_rows(lut, indices, shape, dtype, slice(0, rows)).to(x.dtype), bias)
+    outs = []
+    for start in range(0, rows, step):
+        tile = decode_rows(lut, indices, shape, dtype, slice(start, start + step)).to(x.dtype)
+        outs.append(F.linear(x, tile, None if bias is None else bias[start : start + step]))
+        del tile
+    return torch.cat(outs, dim=-1)
+
+
+class KernelViews(NamedTuple):
+    """What the fused GEMV reads, computed once per buffer version: grid views and the fp32 table."""
+
+    grid: Grid | None
+    table: torch.Tensor | None  # grid.lut as decoded values (lut -> dtype -> fp32)
+    key: tuple
+
+    @classmethod
+    def of(cls, lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> "KernelViews":
+        views = grid(lut, indices, shape)
+        table = None if views is None else views.lut.to(dtype).float()
+        return cls(views, table, cls.key_of(lut, indices, dtype))
+
+    @staticmethod
+    def key_of(lut: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> tuple:
+        return (lut.data_ptr(), lut._version, tuple(lut.shape), indices.data_ptr(), tuple(indices.shape), dtype)
+
+    def fits(self, lut: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether these views still describe ``lut`` / ``indices`` (same storage, version, shape, dtype)."""
+        return self.key == self.key_of(lut, indices, dtype)
+
+
+def lut_linear(x: torch.Tensor, lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
+               bias: torch.Tensor | None, kernel: str = "auto", int8: Int8Weight | None = None,
+               views: KernelViews | None = None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for the packed weight ``W`` (``lut``, ``indices``, ``shape``, ``dtype``) with ``kernel``.
+
+    ``views``: :class:`KernelViews` of the same buffers, cached by the caller (computed here if None).
+    """
+    grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    if kernel == "decode" or x.device.type != "cpu" or grad:  # CUDA (no GPU kernel yet) and autograd: the reference
+        return F.linear(x, decode(lut, indices, shape, dtype).to(x.dtype), bias)
+    rows, cols = weight_rows_cols(shape)
+    tokens = x.numel() // cols if cols else 0
+    if kernel == "int8" and tokens <= GEMV_MAX_TOKENS:  # aten's int8 matmul is slow for many tokens: prefill is tiled
+        if int8 is None:
+            raise ValueError("the int8 kernel needs its re-gridded weight (LUTWeight.set_kernel('int8') builds it)")
+        return int8.linear(x, bias)
+    if kernel == "auto" and 0 < tokens <= GEMV_MAX_TOKENS and x.dtype == dtype:
+        views = views or KernelViews.of(lut, indices, shape, dtype)
+        y = None if views.grid is None else fused_gemv()(x.reshape(tokens, cols), views.grid.indices, views.table)
+        if y is not None:
+            y = y.reshape(*x.shape[:-1], rows)
+            return y + bias if bias is not None else y
+    return tiled_linear(x, lut, indices, shape, dtype, bias)
+
+
+def lut_embedding(ids: torch.Tensor, lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
+                  padding_idx: int | None = None, max_norm: float | None = None, norm_type: float = 2.0,
+                  scale_grad_by_freq: bool = False, sparse: bool = False) -> torch.Tensor:
+    """``F.embedding(ids, W)`` decoding only the rows asked for (``max_norm``, which rewrites W, decodes it all)."""
+    if max_norm is not None or ids.device.type != "cpu":
+        return F.embedding(ids, decode(lut, indices, shape, dtype), padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    num, dim = weight_rows_cols(shape)
+    flat = ids.reshape(-1)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num):
+        raise IndexError(f"embedding ids must lie in [0, {num}), got [{int(flat.min())}, {int(flat.max())}]")
+    rows = decode_rows(lut, indices, shape, dtype, flat)
+    return rows.reshape(*ids.shape, dim)
