@@ -61,9 +61,12 @@ def format_report(r: dict[str, Any]) -> str:
         (f"fp32 fine-tuned {r['steps']} steps (control)", r["fp_finetuned_ppl"], r["fp_size_bytes"], "fp16"),
         (f"RTN {b}-bit per channel", r["rtn_ppl"], r["rtn_size_bytes"], "file"),
         (f"k-means {b}-bit per tensor (post-training)", r["kmeans_ptq_ppl"], r["kmeans_ptq_size_bytes"], "file"),
+        *[(f"{label} ({r[key + '_bpw']:.2f} bits/weight)", r[key + "_ppl"], r[key + "_size_bytes"], "file")
+          for key, label in (("gptq", f"GPTQ {b}-bit per channel"), ("squeeze", f"Fisher-weighted k-means {b}-bit per row"))
+          if r.get(key + "_ppl")],
         (f"eDKM {b}-bit per tensor, fine-tuned", r["edkm_ppl"], r["size_bytes"], "file"),
     ]
-    lines = ["| model | held-out ppl | size |", "| --- | ---: | ---: |"]
+    lines = ["| model | test ppl | size |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {p:.3f} | {mb(s)} ({kind}) |" if p else f"| {name} | - | {mb(s)} |" for name, p, s, kind in rows]
     if r.get("fp_finetuned_ppl"):
         lines.append(f"\neDKM vs the fine-tuned control: {r['edkm_ppl'] / r['fp_finetuned_ppl'] - 1:+.1%}")

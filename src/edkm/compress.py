@@ -1,8 +1,9 @@
 """`edkm compress`: the user's whole job on one model.
 
-load -> baselines (RTN, post-training k-means) -> fine-tune with eDKM (and, as the fair control,
-without clustering) -> finalize -> save packed -> reload -> evaluate -> ``report.json``.
-Every perplexity is measured on the same held-out text with the same context. Under ``torchrun``
+load -> baselines (RTN, post-training k-means, GPTQ, Fisher-weighted k-means) -> fine-tune with eDKM
+(and, as the fair control, without clustering) -> finalize -> save packed -> reload -> evaluate ->
+``report.json``. Every perplexity is measured on the test split (the last ``test`` fraction of the
+text) with the same context; the validation split before it is for tuning (``edkm compare``). Under ``torchrun``
 every rank trains (DDP, gloo on CPU / nccl on GPU); rank 0 evaluates and writes.
 """
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .baselines import ptq_kmeans_, rtn_
+from .peers.fast import fast_peers
 from .config import PalettizeConfig
 from .data import PackedDataset, check_seq_len, load_alpaca, load_text, split_records, split_text, tokenize_alpaca, tokenize_text
 from .eval.perplexity import perplexity
@@ -39,6 +41,7 @@ class CompressConfig:
     text: str | None = None  # plain-text training file; None = bundled TinyStories (unless alpaca)
     alpaca: str | None = None  # Alpaca JSON instead of text
     holdout: float = 0.2  # held-out fraction (text: last fraction by characters; alpaca: last records)
+    test: float = 0.1  # of it, the last fraction is the test split (reported); the rest is validation (tuning)
     context: int = 256
     out: str = "runs/default"
     plan: PalettizeConfig = field(default_factory=PalettizeConfig)
@@ -49,19 +52,28 @@ class CompressConfig:
     resume: bool = False
 
 
-def _data(cfg: CompressConfig, tokenizer: Any) -> tuple[PackedDataset, torch.Tensor]:
-    """Training sequences of context+1 tokens and the held-out token stream."""
+def split_data(cfg: CompressConfig, tokenizer: Any) -> tuple[PackedDataset, torch.Tensor, torch.Tensor]:
+    """Training sequences of context+1 tokens, and the validation and test token streams.
+
+    The test split is the last ``cfg.test`` of the data (what ``edkm eval --holdout <test>`` scores),
+    validation the ``cfg.holdout - cfg.test`` before it, training the rest.
+    """
+    if not 0 < cfg.test < cfg.holdout < 1:
+        raise ValueError(f"need 0 < test ({cfg.test}) < holdout ({cfg.holdout}) < 1")
+    val_part = (cfg.holdout - cfg.test) / (1 - cfg.test)
     if cfg.alpaca:
-        train_recs, held_recs = split_records(load_alpaca(cfg.alpaca), cfg.holdout)
+        rest, test_recs = split_records(load_alpaca(cfg.alpaca), cfg.test)
+        train_recs, val_recs = split_records(rest, val_part)
         train_set = PackedDataset.from_examples(tokenize_alpaca(tokenizer, train_recs), cfg.context + 1, "the training records")
-        held = torch.cat([e.input_ids for e in tokenize_alpaca(tokenizer, held_recs)])
-        return train_set, held
-    train_text, held_text = split_text(load_text(cfg.text or BUNDLED_TEXT), cfg.holdout)
+        stream = lambda recs: torch.cat([e.input_ids for e in tokenize_alpaca(tokenizer, recs)])  # noqa: E731
+        return train_set, stream(val_recs), stream(test_recs)
+    rest, test_text = split_text(load_text(cfg.text or BUNDLED_TEXT), cfg.test)
+    train_text, val_text = split_text(rest, val_part)
     train_set = PackedDataset.from_tokens(tokenize_text(tokenizer, train_text), cfg.context + 1, "the training text")
-    return train_set, tokenize_text(tokenizer, held_text)
+    return train_set, tokenize_text(tokenizer, val_text), tokenize_text(tokenizer, test_text)
 
 
-def _finetune(
+def finetune(
     model: nn.Module, data: PackedDataset, cfg: TrainConfig, checkpoint: Path, resume: bool,
     teacher: nn.Module | None = None, distill: float = 0.0,
 ) -> list[float]:
@@ -120,7 +132,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_causal_lm(cfg.model)
     check_seq_len(cfg.context, model.config)
-    data, held = _data(cfg, tokenizer)
+    data, _val, held = split_data(cfg, tokenizer)  # every number reported is on the test split
     ppl = lambda m: perplexity(m, held, context=cfg.context)  # noqa: E731
     bits = cfg.plan.bits
     fp_bytes = sum(p.numel() * 2 for p in {id(p): p for p in model.parameters()}.values())
@@ -131,19 +143,20 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         km = ptq_kmeans_(copy.deepcopy(model), cfg.plan)
         record(fp_ppl=fp_ppl, rtn_ppl=ppl(rtn), rtn_size_bytes=_file_size(rtn, out / "rtn.edkm.safetensors"),
                kmeans_ptq_ppl=ppl(km), kmeans_ptq_size_bytes=_file_size(km, out / "kmeans.edkm.safetensors"))
+        record(**fast_peers(model, data, cfg.plan, ppl, out))
         del rtn, km
     teacher: nn.Module | None = None
     if cfg.fp_control:
         teacher = copy.deepcopy(model)  # trained here, or reloaded from its final checkpoint on --resume
         control = replace(cfg.train, lr=cfg.control_lr or cfg.train.lr)
-        fp_losses = _finetune(teacher, data, control, out / "checkpoint_fp.pt", cfg.resume)
+        fp_losses = finetune(teacher, data, control, out / "checkpoint_fp.pt", cfg.resume)
         if "fp_finetuned_ppl" not in done:
             record(fp_finetuned_ppl=ppl(teacher) if rank == 0 else None, fp_losses=fp_losses)
     # distillation teacher: the fine-tuned control when there is one, else the original model
     teacher = (teacher or copy.deepcopy(model)).eval().requires_grad_(False) if cfg.distill else None
 
     palettize_(model, cfg.plan)
-    losses = _finetune(model, data, cfg.train, out / "checkpoint_edkm.pt", cfg.resume, teacher, cfg.distill)
+    losses = finetune(model, data, cfg.train, out / "checkpoint_edkm.pt", cfg.resume, teacher, cfg.distill)
     report: dict[str, Any] = {}
     if rank == 0:
         finalize_(model)
@@ -158,6 +171,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
             "edkm_ppl": ppl(loaded), "bits": bits, "plan": cfg.plan.to_dict(),
             "size_bytes": path.stat().st_size, "fp_size_bytes": fp_bytes,
             "rtn_size_bytes": done.get("rtn_size_bytes"), "kmeans_ptq_size_bytes": done.get("kmeans_ptq_size_bytes"),
+            **{k: v for k, v in done.items() if k.startswith(("gptq", "squeeze"))}, "eval_split": f"test (last {cfg.test:g})",
             "steps": cfg.train.steps, "context": cfg.context, "heldout_tokens": int(held.numel()) - 1,
             "world_size": size, "seconds": round(time.perf_counter() - start, 1),  # this invocation (a resumed run counts from the resume)
             "train": asdict(cfg.train), "distill": cfg.distill, "control_lr": cfg.control_lr, "losses": losses, "fp_losses": done.get("fp_losses"),
