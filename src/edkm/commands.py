@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .compare import add_compare_parser
+
 
 def _load_any(path: str) -> tuple[Any, Any]:
     """(model, tokenizer) from a packed ``.safetensors`` file (tokenizer from its folder) or an HF folder."""
@@ -174,3 +176,4 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--memory-limit-gib", type=float, default=12.0, help="memory all processes of one measurement may use")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement process")
     p.set_defaults(func=cmd_bench)
+    add_compare_parser(sub)
