@@ -190,14 +190,16 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[int,
     for bits in cfg.bits:
         path = out / f"compare_{bits}bit.json"
         old = json.loads(path.read_text()) if cfg.resume and path.is_file() else {}
-        ignore = {"bits": None, "methods": None, "resume": None}
-        same = {**old.get("config", {}), **ignore} == {**asdict(cfg), **ignore}
-        rows = [row for row in old.get("rows", []) if same]
-        if fp_row is None:
-            fp_row = next((row for row in rows if row["method"] == "fp"), None) or fp_rows(r)
-        report = {"bits": bits, "model": cfg.model or "bundled:stories260K", "config": asdict(cfg), "protocol": protocol(r), "rows": rows}
-        if not any(row["method"] == "fp" for row in rows):
-            rows.insert(0, fp_row)
+        rows = [row for row in old.get("rows", []) if _reusable(row, old.get("config", {}), cfg)]
+        trained = any(METHODS[m].trained for m in cfg.methods)
+        if fp_row is None or (trained and fp_row.get("control_test_ppl") is None):
+            kept = next((row for row in rows if row["method"] == "fp"), None)
+            fp_row = kept if kept and (kept.get("control_test_ppl") is not None or not trained) else fp_rows(r, trained)
+        rows = [fp_row] + [row for row in rows if row["method"] != "fp"]
+        from .env import environment
+
+        report = {"bits": bits, "model": cfg.model or "bundled:stories260K", "config": asdict(cfg), "protocol": protocol(r),
+                  "env": environment(), "rows": rows}
         for name in cfg.methods:
             if any(row["method"] == name for row in rows):
                 continue
@@ -214,14 +216,28 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[int,
     return results
 
 
-def fp_rows(r: Runner) -> dict[str, Any]:
-    """The fp16 reference and the fine-tuned controls, as one row with both numbers."""
-    base_test = r.ppl(r.model, "test")
-    controls = [r.ppl(r.control(s), "test") for s in r.cfg.seeds]
-    mean, std = _summary(controls)
-    return {"method": "fp", "label": "fp32 original / fine-tuned control", "kind": "reference", "bpw": 16.0, "val_ppl": r.ppl(r.model, "val"),
-            "test_ppl": base_test, "control_test_ppl": mean, "control_test_ppl_std": std, "control_test_ppls": controls,
-            "control_val_ppl": statistics.fmean(r.ppl(r.control(s), "val") for s in r.cfg.seeds), "seeds": r.cfg.seeds}
+PTQ_FIELDS = ("group_size", "gptq_damps", "calib", "embed_bits", "model", "text", "context")
+
+
+def _reusable(row: dict[str, Any], old: dict[str, Any], cfg: CompareConfig) -> bool:
+    """A row of an earlier run that this configuration would compute identically (``--resume``)."""
+    new = asdict(cfg)
+    if row["kind"] == "post-training":
+        return all(old.get(k) == new[k] for k in PTQ_FIELDS)
+    ignore = {"bits": None, "methods": None, "resume": None}
+    return {**old, **ignore} == {**new, **ignore}
+
+
+def fp_rows(r: Runner, controls: bool = True) -> dict[str, Any]:
+    """The fp reference and (when trained methods run) the fine-tuned controls, one per seed, as one row."""
+    row = {"method": "fp", "label": "fp32 original / fine-tuned control", "kind": "reference", "bpw": 32.0,
+           "val_ppl": r.ppl(r.model, "val"), "test_ppl": r.ppl(r.model, "test"), "control_test_ppl": None, "seeds": None}
+    if controls:
+        tests = [r.ppl(r.control(s), "test") for s in r.cfg.seeds]
+        mean, std = _summary(tests)
+        row.update(control_test_ppl=mean, control_test_ppl_std=std, control_test_ppls=tests, seeds=r.cfg.seeds,
+                   control_val_ppl=statistics.fmean(r.ppl(r.control(s), "val") for s in r.cfg.seeds))
+    return row
 
 
 def protocol(r: Runner) -> dict[str, Any]:

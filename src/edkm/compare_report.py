@@ -36,8 +36,9 @@ def compare_table(results: Path) -> str:
         for r in rows:
             if r["method"] == "fp":
                 lines.append(f"| {b} | fp32 original | 32 | - | - | {r['val_ppl']:.3f} | {r['test_ppl']:.3f} |")
-                lines.append(f"| {b} | fp32 fine-tuned control (teacher) | 32 | {len(r['seeds'])} | lr 5e-4 | {r['control_val_ppl']:.3f} | "
-                             f"{_ppl(r['control_test_ppl'], r['control_test_ppl_std'])} |")
+                if r.get("control_test_ppl") is not None:
+                    lines.append(f"| {b} | fp32 fine-tuned control (teacher) | 32 | {len(r['seeds'])} | lr {report['config']['control_lr']:g} | "
+                                 f"{r['control_val_ppl']:.3f} | {_ppl(r['control_test_ppl'], r['control_test_ppl_std'])} |")
                 continue
             name = f"**{r['label']}**" if r["method"].startswith("edkm") else r["label"]
             knob = f"{r['knob']} {r['chosen']:g}" if r.get("knob") else "-"
@@ -74,8 +75,9 @@ def write_plot(results: Path) -> Path:
             ax.errorbar(r["bpw"], r["test_ppl"], yerr=r["test_ppl_std"] or 0, fmt=markers.get(b, "^"),
                         color="tab:red" if ours else "tab:blue", ms=7 if ours else 5, capsize=2)
             ax.annotate(f"{r['method']} {b}b", (r["bpw"], r["test_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    if fp is not None:
+    if fp is not None and fp.get("control_test_ppl") is not None:
         ax.axhline(fp["control_test_ppl"], color="gray", ls="--", lw=1, label="fp32 fine-tuned control")
+    if fp is not None:
         ax.axhline(fp["test_ppl"], color="gray", ls=":", lw=1, label="fp32 original")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight of the quantized layers (from the saved file)")

@@ -23,12 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .baselines import ptq_kmeans_, rtn_
-from .peers.fast import fast_peers
 from .config import PalettizeConfig
 from .data import PackedDataset, check_seq_len, load_alpaca, load_text, split_records, split_text, tokenize_alpaca, tokenize_text
+from .env import environment
 from .eval.perplexity import perplexity
 from .export import load_palettized, save_palettized
 from .models import BUNDLED_TEXT, load_causal_lm
+from .peers.fast import fast_peers
 from .train import TrainConfig, train, world
 from .wrap import finalize_, palettize_
 
@@ -171,7 +172,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
             "edkm_ppl": ppl(loaded), "bits": bits, "plan": cfg.plan.to_dict(),
             "size_bytes": path.stat().st_size, "fp_size_bytes": fp_bytes,
             "rtn_size_bytes": done.get("rtn_size_bytes"), "kmeans_ptq_size_bytes": done.get("kmeans_ptq_size_bytes"),
-            **{k: v for k, v in done.items() if k.startswith(("gptq", "squeeze"))}, "eval_split": f"test (last {cfg.test:g})",
+            **{k: v for k, v in done.items() if k.startswith(("gptq", "squeeze"))}, "eval_split": f"test (last {cfg.test:g})", "env": environment(),
             "steps": cfg.train.steps, "context": cfg.context, "heldout_tokens": int(held.numel()) - 1,
             "world_size": size, "seconds": round(time.perf_counter() - start, 1),  # this invocation (a resumed run counts from the resume)
             "train": asdict(cfg.train), "distill": cfg.distill, "control_lr": cfg.control_lr, "losses": losses, "fp_losses": done.get("fp_losses"),
