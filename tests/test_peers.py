@@ -65,3 +65,30 @@ def test_weighted_kmeans_reduces_weighted_error_vs_plain_kmeans(groups):
     ones = torch.ones_like(w)
     lut1, idx1 = weighted_kmeans(w, ones, 8, groups=groups)
     assert weighted_error(w, ones, lut1, idx1) <= weighted_error(w, ones, plain, plain_idx) * 1.001
+
+
+def test_awq_scaling_lowers_output_error_with_outlier_channels():
+    from edkm.peers.awq import best_scale
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 64, generator=g) * torch.where(torch.arange(64) < 4, 20.0, 1.0)  # 4 salient channels
+    w = torch.randn(32, 64, generator=g)
+    s = best_scale(x, [w], bits=3, group_size=32)
+    err = lambda q, xs: float((x @ w.T - xs @ q.T).square().sum())  # noqa: E731
+    rtn = err(rtn_lut(w, 3, 32)(), x)
+    awq = err(rtn_lut(w * s, 3, 32)(), x / s)
+    assert awq < 0.9 * rtn and s[:4].mean() > s[4:].mean()
+
+
+def test_hqq_layer_equals_the_library_dequantization():
+    pytest.importorskip("hqq")
+    from hqq.core.quantize import Quantizer
+
+    from edkm.peers.hqq import hqq_lut
+
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    lut = hqq_lut(w, 3, 32)
+    w_q, meta = Quantizer.quantize(w, nbits=3, channel_wise=True, group_size=32, optimize=True, axis=1, bitpack=False,
+                                   device="cpu", compute_dtype=torch.float32)
+    torch.testing.assert_close(lut(), Quantizer.dequantize(w_q, meta), rtol=0, atol=2e-3 * w.abs().max().item())
+    assert lut.lo.shape == (32, 1) and lut.lo.dtype == torch.float16
