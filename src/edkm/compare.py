@@ -144,7 +144,8 @@ def run_method(r: Runner, method: Method, bits: int, log: Callable[[str], None])
         score = r.ppl(model, "val")
         tuning.append({"value": value, "val_ppl": score})
         built[value] = model
-        log(f"  {bits}-bit {method.name} {method.knob}={value} seed={seeds[0]}: val {score:.4f}")
+        knob = f" {method.knob}={value}" if method.knob else ""
+        log(f"  {bits}-bit {method.name}{knob}" + (f" seed={seeds[0]}" if method.trained else "") + f": val {score:.4f}")
     best = min(tuning, key=lambda t: t["val_ppl"])["value"]
     test_ppls, val_ppls, info = [], [], {}
     for seed in seeds:
@@ -153,7 +154,7 @@ def run_method(r: Runner, method: Method, bits: int, log: Callable[[str], None])
         loaded, info = r.save_and_reload(model, r.work / f"{bits}bit" / f"{tag}.edkm.safetensors")
         val_ppls.append(r.ppl(loaded, "val"))
         test_ppls.append(r.ppl(loaded, "test"))
-        log(f"  {bits}-bit {method.name} seed={seed}: test {test_ppls[-1]:.4f} ({info[str(bits)]:.3f} bits/weight)")
+        log(f"  {bits}-bit {method.name}" + (f" seed={seed}" if method.trained else "") + f": test {test_ppls[-1]:.4f} ({info[str(bits)]:.3f} bits/weight)")
     mean, std = _summary(test_ppls)
     return {
         "method": method.name, "label": method.label(cfg, bits), "kind": "trained" if method.trained else "post-training",
