@@ -79,14 +79,18 @@ def squeeze_(model: nn.Module, sequences: torch.Tensor, config: PalettizeConfig,
              iters: int = 100) -> nn.Module:
     """Fisher-weighted k-means of every target layer in place (Fisher from the fp model on ``sequences``).
 
-    Layers at more than 4 bits (the 8-bit embedding) get one LUT per tensor whatever ``per_row`` says.
+    Layers at more than 4 bits (the 8-bit tied embedding / output layer) get plain k-means, one LUT per
+    tensor: its Fisher is zero on the rows of tokens the calibration text never shows, and weighting
+    by it would leave those output rows to chance (SqueezeLLM leaves these layers unquantized).
     """
     fisher = fisher_diagonal(model, sequences)
 
     def make_lut(name: str, module: nn.Module, _stats: dict[str, torch.Tensor]) -> LUTWeight:
         w, bits = module.weight, config.for_module(name).bits
-        groups = None if per_row and bits <= 4 else 1
-        lut, idx = weighted_kmeans(w, fisher[id(w)], 1 << bits, groups=groups, iters=iters)
+        if bits > 4:
+            lut, idx = weighted_kmeans(w, torch.ones_like(w), 1 << bits, groups=1, iters=iters)
+        else:
+            lut, idx = weighted_kmeans(w, fisher[id(w)], 1 << bits, groups=None if per_row else 1, iters=iters)
         return LUTWeight(lut, idx, w.shape, bits, w.dtype)
 
     return quantize_layers_(model, config, make_lut)
