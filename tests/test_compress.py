@@ -48,11 +48,12 @@ def single(small_text, tmp_path_factory):
 def test_report_fields_and_eval_reproduces_exactly(single, small_text, capsys):
     out, report = single
     for key in ("fp_ppl", "fp_finetuned_ppl", "rtn_ppl", "kmeans_ptq_ppl", "edkm_ppl", "bits", "size_bytes",
-                "fp_size_bytes", "steps", "seconds"):
+                "fp_size_bytes", "steps", "seconds", "gptq_ppl", "gptq_bpw", "squeeze_ppl", "squeeze_bpw"):
         assert report[key] is not None, key
     assert report["bits"] == 3 and report["steps"] == 4 and len(report["losses"]) == 4
     assert report["size_bytes"] < report["fp_size_bytes"] / 2
-    main(["eval", str(out), "--text", str(small_text), "--holdout", "0.2", "--context", "32"])
+    assert 3 < report["gptq_bpw"] < 4 and 3 < report["squeeze_bpw"] < 5  # scales / per-row LUTs counted
+    main(["eval", str(out), "--text", str(small_text), "--holdout", "0.1", "--context", "32"])  # the test split
     assert json.loads(capsys.readouterr().out)["ppl"] == report["edkm_ppl"]
 
 

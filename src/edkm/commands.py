@@ -16,6 +16,7 @@ from .cli_validate import (
 from .bench.generate import add_bench_generate_parser
 from .bench.train import add_train_parser
 from .coreml.command import add_export_parser
+from .compare import add_compare_parser
 from .device import add_device_argument, init_distributed, resolve_device
 
 
@@ -80,9 +81,12 @@ def format_report(r: dict[str, Any]) -> str:
         (f"fp32 fine-tuned {r['steps']} steps (control)", r["fp_finetuned_ppl"], r["fp_size_bytes"], "fp16"),
         (f"RTN {b}-bit per channel", r["rtn_ppl"], r["rtn_size_bytes"], "file"),
         (f"k-means {b}-bit per tensor (post-training)", r["kmeans_ptq_ppl"], r["kmeans_ptq_size_bytes"], "file"),
+        *[(f"{label} ({r[key + '_bpw']:.2f} bits/weight)", r[key + "_ppl"], r[key + "_size_bytes"], "file")
+          for key, label in (("gptq", f"GPTQ {b}-bit per channel"), ("squeeze", f"Fisher-weighted k-means {b}-bit per row"))
+          if r.get(key + "_ppl")],
         (f"eDKM {b}-bit per tensor, fine-tuned", r["edkm_ppl"], r["size_bytes"], "file"),
     ]
-    lines = ["| model | held-out ppl | size |", "| --- | ---: | ---: |"]
+    lines = ["| model | test ppl | size |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {p:.3f} | {mb(s)} ({kind}) |" if p else f"| {name} | - | {mb(s)} |" for name, p, s, kind in rows]
     if r.get("fp_finetuned_ppl"):
         lines.append(f"\neDKM vs the fine-tuned control: {r['edkm_ppl'] / r['fp_finetuned_ppl'] - 1:+.1%}")
@@ -234,3 +238,4 @@ def add_commands(sub: Any) -> None:
     add_bench_memory_parser(bench_sub)  # `edkm bench NAME` benchmarks register on bench_sub
     add_train_parser(bench_sub)  # edkm bench train
     add_bench_generate_parser(bench_sub)  # edkm bench generate
+    add_compare_parser(sub)  # edkm compare

@@ -1,9 +1,10 @@
 """`edkm compress`: the user's whole job on one model.
 
-load -> baselines (RTN, post-training k-means) -> fine-tune with eDKM (and, as the fair control,
-without clustering) -> finalize -> save as a Hugging Face folder (packed, see :mod:`edkm.export.folder`)
--> reload -> evaluate -> ``report.json`` and the model card ``README.md``.
-Every perplexity is measured on the same held-out text with the same context. Under ``torchrun``
+load -> baselines (RTN, post-training k-means, GPTQ, Fisher-weighted k-means) -> fine-tune with eDKM
+(and, as the fair control, without clustering) -> finalize -> save as a Hugging Face folder (packed, see
+:mod:`edkm.export.folder`) -> reload -> evaluate -> ``report.json`` and the model card ``README.md``.
+Every perplexity is measured on the test split (the last ``test`` fraction of the text) with the same
+context; the validation split before it is for tuning (``edkm compare``). Under ``torchrun``
 every rank trains (DDP, gloo on CPU / nccl on GPU); rank 0 evaluates and writes.
 """
 
@@ -35,6 +36,7 @@ from .runstate import check_resume, prune_checkpoints, write_json
 from .runtime import run_environment
 from .train import TrainConfig, batch_indices, train, world
 from .wrap import clustered_fraction, finalize_, palettize_
+from .peers.fast import fast_peers
 
 __all__ = ["CompressConfig", "compress", "generate_text", "job_costs", "loss_label"]
 
@@ -45,6 +47,7 @@ class CompressConfig:
     text: str | None = None  # plain-text training file; None = bundled TinyStories (unless alpaca)
     alpaca: str | None = None  # Alpaca JSON instead of text
     holdout: float = 0.2  # held-out fraction (text: last fraction by characters; alpaca: last records)
+    test: float = 0.1  # of it, the last fraction is the test split (reported); the rest is validation (tuning)
     context: int = 256
     out: str = "runs/default"
     plan: PalettizeConfig = field(default_factory=PalettizeConfig)
@@ -60,23 +63,32 @@ class CompressConfig:
         """What decides the result (compared on --resume): paths resolved, no output/progress knobs."""
         resolve = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
         return {"model": resolve(self.model), "text": resolve(self.text), "alpaca": resolve(self.alpaca),
-                "holdout": self.holdout, "context": self.context, "plan": self.plan.to_dict(), "train": asdict(self.train),
+                "holdout": self.holdout, "test": self.test, "context": self.context, "plan": self.plan.to_dict(), "train": asdict(self.train),
                 "fp_control": self.fp_control, "control_lr": self.control_lr, "distill": self.distill}
 
 
-def _data(cfg: CompressConfig, tokenizer: Any) -> tuple[PackedDataset, torch.Tensor]:
-    """Training sequences of context+1 tokens and the held-out token stream."""
+def split_data(cfg: CompressConfig, tokenizer: Any) -> tuple[PackedDataset, torch.Tensor, torch.Tensor]:
+    """Training sequences of context+1 tokens, and the validation and test token streams.
+
+    The test split is the last ``cfg.test`` of the data (what ``edkm eval --holdout <test>`` scores),
+    validation the ``cfg.holdout - cfg.test`` before it, training the rest.
+    """
+    if not 0 < cfg.test < cfg.holdout < 1:
+        raise ValueError(f"need 0 < test ({cfg.test}) < holdout ({cfg.holdout}) < 1")
+    val_part = (cfg.holdout - cfg.test) / (1 - cfg.test)
     if cfg.alpaca:
-        train_recs, held_recs = split_records(load_alpaca(cfg.alpaca), cfg.holdout)
+        rest, test_recs = split_records(load_alpaca(cfg.alpaca), cfg.test)
+        train_recs, val_recs = split_records(rest, val_part)
         train_set = PackedDataset.from_examples(tokenize_alpaca(tokenizer, train_recs), cfg.context + 1, "the training records")
-        held = torch.cat([e.input_ids for e in tokenize_alpaca(tokenizer, held_recs)])
-        return train_set, held
-    train_text, held_text = split_text(load_text(cfg.text or BUNDLED_TEXT), cfg.holdout)
+        stream = lambda recs: torch.cat([e.input_ids for e in tokenize_alpaca(tokenizer, recs)])  # noqa: E731
+        return train_set, stream(val_recs), stream(test_recs)
+    rest, test_text = split_text(load_text(cfg.text or BUNDLED_TEXT), cfg.test)
+    train_text, val_text = split_text(rest, val_part)
     train_set = PackedDataset.from_tokens(tokenize_text(tokenizer, train_text), cfg.context + 1, "the training text")
-    return train_set, tokenize_text(tokenizer, held_text)
+    return train_set, tokenize_text(tokenizer, val_text), tokenize_text(tokenizer, test_text)
 
 
-def _finetune(
+def finetune(
     model: nn.Module, data: PackedDataset, cfg: TrainConfig, checkpoint: Path, resume: bool,
     teacher: nn.Module | None = None, distill: float = 0.0, bar: PhaseBar | None = None,
 ) -> list[float]:
@@ -171,7 +183,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     model.to(cfg.device)  # before palettize_: the DKM state is created beside the weights
     params = {id(p): p for p in model.parameters()}.values()
     check_seq_len(cfg.context, model.config)
-    data, held = _data(cfg, tokenizer)
+    data, _val, held = split_data(cfg, tokenizer)  # every number reported is on the test split
     batch_indices(0, len(data), cfg.train)  # a batch larger than the data fails here, before any baseline
     ppl = lambda m: perplexity(m, held, context=cfg.context)  # noqa: E731
     bits = cfg.plan.bits
@@ -183,7 +195,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     if "rtn_ppl" in done or rank != 0:
         job.skip("baselines", "restored from progress.json" if rank == 0 else "rank 0 only")
     else:
-        with job.phase("baselines", total=5, unit="eval", detail="fp, RTN and post-training k-means perplexity") as bar:
+        with job.phase("baselines", total=6, unit="eval", detail="fp, RTN, post-training k-means, GPTQ and Fisher-weighted k-means perplexity") as bar:
             fp_ppl = ppl(model)
             bar.update(note=f"fp32 original ppl {fp_ppl:.3f}")
             rtn = rtn_(copy.deepcopy(model), cfg.plan)
@@ -196,13 +208,15 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
             km_ppl = ppl(km)
             bar.update(2, note=f"k-means {bits}-bit ppl {km_ppl:.3f}")
             record(fp_ppl=fp_ppl, rtn_ppl=rtn_ppl, rtn_size_bytes=rtn_size, kmeans_ptq_ppl=km_ppl, kmeans_ptq_size_bytes=km_size)
+            record(**fast_peers(model, data, cfg.plan, ppl, out))
+            bar.update(note="GPTQ and Fisher-weighted k-means done")
             del rtn, km
     teacher: nn.Module | None = None
     if cfg.fp_control:
         teacher = copy.deepcopy(model)  # trained here, or reloaded from its final checkpoint on --resume
         control = replace(cfg.train, lr=cfg.control_lr or cfg.train.lr)
         with job.phase("fp control", total=cfg.train.steps, detail=f"fine-tuning without clustering, loss {loss_label(0)}") as bar:
-            fp_losses = _finetune(teacher, data, control, out / "checkpoint_fp.pt", state == "resume", bar=bar)
+            fp_losses = finetune(teacher, data, control, out / "checkpoint_fp.pt", state == "resume", bar=bar)
             if "fp_finetuned_ppl" not in done:
                 record(fp_finetuned_ppl=ppl(teacher) if rank == 0 else None, fp_losses=fp_losses)
                 bar.update(0, note=f"fine-tuned fp32 ppl {done['fp_finetuned_ppl'] or 0:.3f}")
@@ -214,7 +228,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     palettize_(model, cfg.plan)
     loss_name = loss_label(cfg.distill if teacher is not None else 0.0)
     with job.phase("eDKM", total=cfg.train.steps, detail=f"fine-tuning with {bits}-bit clustering, loss {loss_name}") as bar:
-        losses = _finetune(model, data, cfg.train, out / "checkpoint_edkm.pt", state == "resume", teacher, cfg.distill, bar)
+        losses = finetune(model, data, cfg.train, out / "checkpoint_edkm.pt", state == "resume", teacher, cfg.distill, bar)
     report: dict[str, Any] = {}
     if rank == 0:
         with job.phase("export", total=3, unit="file", detail="hard LUTs, packed save, reload") as bar:
@@ -238,11 +252,12 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
             "bits": bits, "plan": cfg.plan.to_dict(), "clustered_fraction": clustered_fraction(loaded),
             "size_bytes": path.stat().st_size, "fp_size_bytes": fp_bytes,
             "rtn_size_bytes": done.get("rtn_size_bytes"), "kmeans_ptq_size_bytes": done.get("kmeans_ptq_size_bytes"),
+            **{k: v for k, v in done.items() if k.startswith(("gptq", "squeeze"))}, "eval_split": f"test (last {cfg.test:g})",
             "steps": cfg.train.steps, "context": cfg.context, "heldout_tokens": int(held.numel()) - 1,
             "world_size": size, "seconds": round(time.perf_counter() - start, 1),  # this invocation (a resumed run counts from the resume)
             "train": asdict(cfg.train), "distill": cfg.distill, "control_lr": cfg.control_lr,
             "loss": loss_name, "losses": losses, "fp_loss": loss_label(0), "fp_losses": done.get("fp_losses"),
-            "environment": {**run_environment(), "world_size": size},
+            "environment": {**run_environment(cfg.device), "world_size": size},
             "sample": sample,
         }
         write_json(out / "report.json", report)

@@ -62,14 +62,27 @@ def configure_threads(model_dir: str | os.PathLike, requested: int | None = None
 
 
 def run_environment(device: str = "cpu") -> dict[str, Any]:
-    """Versions, UTC timestamp, host and thread/device setup of this process (for a report)."""
+    """Versions, UTC timestamp, host, CPU kernel level and thread/device setup of this process (for a report).
+
+    Same seed + same environment gives bit-identical training (``tests/test_determinism.py``); another
+    torch/transformers build or CPU instruction set changes float rounding slightly, which eDKM's final hard
+    assignment can amplify to about the spread across seeds: reports record this so such runs can be told apart.
+    """
     import torch
 
     from . import __version__
 
+    try:
+        import transformers
+
+        transformers_version: str | None = transformers.__version__
+    except ImportError:  # pragma: no cover - the hf extra is optional
+        transformers_version = None
     return {
         "edkm_version": __version__,
         "torch_version": torch.__version__,
+        "transformers_version": transformers_version,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python_version": platform.python_version(),
         "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",

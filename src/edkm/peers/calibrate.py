@@ -1,0 +1,109 @@
+"""Calibration statistics for post-training peers, from training-split sequences.
+
+* :func:`input_hessians`: H = 2/N sum x x^T of the inputs of chosen linear layers (GPTQ);
+* :func:`input_abs_mean`: mean |x| per input channel (AWQ);
+* :func:`fisher_diagonal`: sum of squared gradients of the next-token loss per weight (SqueezeLLM).
+* :func:`quantize_layers_`: swap layers for LUT layers block by block, so that each block is
+  calibrated on the outputs of the blocks already quantized (GPTQ's sequential order).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import PalettizeConfig
+from ..lut import LUTModule, LUTWeight
+from ..wrap import set_submodule, target_modules
+
+BLOCK = re.compile(r"(.*\blayers\.\d+)\.")
+
+
+def run_batches(model: nn.Module, sequences: torch.Tensor, batch_size: int = 8) -> None:
+    """Forward ``sequences`` (B, T) through ``model`` without gradients."""
+    with torch.no_grad():
+        for chunk in sequences.split(batch_size):
+            model(chunk)
+
+
+def _collect(model: nn.Module, names: list[str], sequences: torch.Tensor, stat: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    sums: dict[str, torch.Tensor] = {}
+    count = {"n": 0}
+
+    def hook(name: str):
+        def fn(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + stat(x)
+            if name == names[0]:
+                count["n"] += x.shape[0]
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        run_batches(model.eval(), sequences)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: s / count["n"] for n, s in sums.items()}
+
+
+def input_hessians(model: nn.Module, names: list[str], sequences: torch.Tensor) -> dict[str, torch.Tensor]:
+    """GPTQ's H = 2 X^T X / N (fp64) for each named linear layer, from one pass over ``sequences``."""
+    return {n: 2 * h for n, h in _collect(model, names, sequences, lambda x: x.double().T @ x.double()).items()}
+
+
+def input_abs_mean(model: nn.Module, names: list[str], sequences: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean |x| per input channel of each named layer (AWQ's activation statistic)."""
+    return _collect(model, names, sequences, lambda x: x.abs().sum(0))
+
+
+def fisher_diagonal(model: nn.Module, sequences: torch.Tensor, batch_size: int = 4) -> dict[int, torch.Tensor]:
+    """Sum over sequences of squared gradients of the mean next-token loss, keyed by ``id(parameter)``.
+
+    Gradients are taken per mini-batch of ``batch_size`` sequences (SqueezeLLM's empirical Fisher).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    fisher = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
+    model.eval()
+    for chunk in sequences.split(batch_size):
+        model.zero_grad(set_to_none=True)
+        logits = model(chunk[:, :-1]).logits.float()
+        F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten()).backward()
+        for p in params:
+            if p.grad is not None:
+                fisher[id(p)] += p.grad.float().square()
+    model.zero_grad(set_to_none=True)
+    return fisher
+
+
+def block_of(name: str) -> str:
+    """The decoder block a module belongs to (``model.layers.3``), or the name itself outside blocks."""
+    m = BLOCK.match(name)
+    return m.group(1) if m else name
+
+
+def quantize_layers_(model: nn.Module, config: PalettizeConfig, make_lut: Callable[[str, nn.Module, dict[str, torch.Tensor]], LUTWeight],
+                     stats: Callable[[nn.Module, list[str]], dict[str, torch.Tensor]] | None = None) -> nn.Module:
+    """Replace every target layer by a LUT layer, one decoder block at a time.
+
+    ``stats(model, names)`` computes the calibration statistic of a block's layers on the model as
+    quantized so far; ``make_lut(name, module, stats)`` returns the layer's LUTWeight. A tied weight
+    is quantized once (at its first module name).
+    """
+    blocks: dict[str, list[tuple[str, nn.Module]]] = {}
+    for name, module in target_modules(model, config):
+        blocks.setdefault(block_of(name), []).append((name, module))
+    done: dict[int, LUTWeight] = {}
+    for members in blocks.values():
+        fresh = [n for n, m in members if id(m.weight) not in done and isinstance(m, nn.Linear)]
+        block_stats = stats(model, fresh) if stats is not None and fresh else {}
+        for name, module in members:
+            key = id(module.weight)
+            if key not in done:
+                done[key] = make_lut(name, module, block_stats)
+            set_submodule(model, name, LUTModule(module, done[key]))
+    return model

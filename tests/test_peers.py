@@ -1,0 +1,94 @@
+"""Post-training peers: GPTQ, Fisher-weighted k-means (SqueezeLLM-style), on small layers and the bundled model."""
+
+import pytest
+import torch
+
+from edkm.cluster import kmeans1d
+from edkm.peers import gptq, gptq_uniform, rtn_lut, weighted_error, weighted_kmeans
+
+
+def correlated_inputs(n=512, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
+    return torch.randn(n, d, generator=g) @ mix * torch.linspace(0.2, 3, d)
+
+
+@pytest.mark.parametrize("group_size", [None, 8, 0])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_output_error_below_rtn(group_size, act_order):
+    x = correlated_inputs()
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    h = 2 * x.T.double() @ x.double() / len(x)
+    idx, lo, step = gptq_uniform(w, h, bits=3, group_size=group_size, act_order=act_order, block_size=8)
+    from edkm.lut import LUTWeight
+
+    q_gptq = LUTWeight.from_uniform(lo, step, idx, w.shape, 3, torch.float32)()
+    q_rtn = rtn_lut(w, 3, group_size)()
+    err = lambda q: float((x @ (w - q).T).square().sum())  # noqa: E731
+    assert err(q_gptq) < 0.95 * err(q_rtn)
+    # the GPTQ result lies on the same grid as RTN's (one scale and zero point per group)
+    assert torch.equal(lo, rtn_lut(w, 3, group_size).lo)
+
+
+def test_gptq_single_column_matches_closed_form_optimum():
+    """Quantize column 0 only (the others are free): GPTQ's update of the rest is the least-squares optimum."""
+    x = correlated_inputs(d=6).double()
+    w = torch.randn(5, 6, generator=torch.Generator().manual_seed(2)).double()
+    h = 2 * x.T @ x
+    q0 = torch.round(w[:, 0] * 2) / 2
+    keep = lambda col, j: q0.float() if j == 0 else col  # noqa: E731
+    q = gptq(w, h, keep, damp=0.0, act_order=False, block_size=4).double()
+    # argmin_R ||X_0 q0^T + X_R R^T - X W^T||^2  =>  R = W_R + (w_0 - q0) (X_R^T X_R)^-1 X_R^T X_0
+    xr, x0 = x[:, 1:], x[:, :1]
+    coef = torch.linalg.solve(xr.T @ xr, xr.T @ x0).squeeze(1)
+    expected = w[:, 1:] + (w[:, 0] - q0).unsqueeze(1) * coef.unsqueeze(0)
+    assert torch.equal(q[:, 0], q0)
+    torch.testing.assert_close(q[:, 1:], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gptq_rejects_a_hessian_of_the_wrong_size():
+    with pytest.raises(ValueError, match="does not fit"):
+        gptq(torch.randn(4, 8), torch.eye(7), lambda c, j: c)
+
+
+@pytest.mark.parametrize("groups", [None, 1])
+def test_weighted_kmeans_reduces_weighted_error_vs_plain_kmeans(groups):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 256, generator=g)
+    fisher = torch.rand(8, 256, generator=g) ** 6 * 100  # a few weights matter much more than the rest
+    lut, idx = weighted_kmeans(w, fisher, 8, groups=groups)
+    rows = w.reshape(groups or 8, -1)
+    plain = torch.cat([kmeans1d(r, 8) for r in rows]).half()
+    plain_idx = torch.searchsorted(((plain[:, :-1].float() + plain[:, 1:].float()) / 2).contiguous(), rows.contiguous())
+    assert weighted_error(w, fisher, lut, idx) < 0.9 * weighted_error(w, fisher, plain, plain_idx)
+    # uniform weights: the plain k-means objective, no worse than kmeans1d's
+    ones = torch.ones_like(w)
+    lut1, idx1 = weighted_kmeans(w, ones, 8, groups=groups)
+    assert weighted_error(w, ones, lut1, idx1) <= weighted_error(w, ones, plain, plain_idx) * 1.001
+
+
+def test_awq_scaling_lowers_output_error_with_outlier_channels():
+    from edkm.peers.awq import best_scale
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 64, generator=g) * torch.where(torch.arange(64) < 4, 20.0, 1.0)  # 4 salient channels
+    w = torch.randn(32, 64, generator=g)
+    s = best_scale(x, [w], bits=3, group_size=32)
+    err = lambda q, xs: float((x @ w.T - xs @ q.T).square().sum())  # noqa: E731
+    rtn = err(rtn_lut(w, 3, 32)(), x)
+    awq = err(rtn_lut(w * s, 3, 32)(), x / s)
+    assert awq < 0.9 * rtn and s[:4].mean() > s[4:].mean()
+
+
+def test_hqq_layer_equals_the_library_dequantization():
+    pytest.importorskip("hqq")
+    from hqq.core.quantize import Quantizer
+
+    from edkm.peers.hqq import hqq_lut
+
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    lut = hqq_lut(w, 3, 32)
+    w_q, meta = Quantizer.quantize(w, nbits=3, channel_wise=True, group_size=32, optimize=True, axis=1, bitpack=False,
+                                   device="cpu", compute_dtype=torch.float32)
+    torch.testing.assert_close(lut(), Quantizer.dequantize(w_q, meta), rtol=0, atol=2e-3 * w.abs().max().item())
+    assert lut.lo.shape == (32, 1) and lut.lo.dtype == torch.float16
