@@ -7,7 +7,7 @@ and ``<layer>.step`` (fp32, (G, 1)) instead of the LUT. The safetensors metadata
 header under ``"edkm"``::
 
     {"format": "edkm-palettized", "version": 3,
-     "layers": {name: {"bits", "shape", "groups", "dtype", "levels": "lut" | "uniform",
+     "layers": {name: {"bits", "shape", "groups", "dtype", "levels": "lut" | "uniform" | "uniform16",
                        "modules": [tied module names, the first is name]}},
      "aliases": {state-dict key: key it shares storage with},
      "model_config": Hugging Face config dict or null, "palettize_config": ... or null,

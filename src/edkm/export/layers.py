@@ -42,12 +42,20 @@ def lut_layers(model: nn.Module) -> dict[str, tuple[LUTWeight, list[str]]]:
 def describe(lut: LUTWeight, names: list[str]) -> PackedLayer:
     """The header entry of a LUT layer."""
     return PackedLayer(names[0], lut.bits, tuple(lut.shape), lut.lut.shape[0], lut.dtype,
-                       "uniform" if lut.uniform else "lut", tuple(names))
+                       level_format(lut), tuple(names))
+
+
+def level_format(lut: LUTWeight) -> str:
+    """How the levels are stored: ``lut`` (fp16 table), ``uniform`` (fp32 lo + step), ``uniform16`` (fp16 lo + step)."""
+    if not lut.uniform:
+        return "lut"
+    return "uniform16" if lut.lo.dtype == torch.float16 and lut.step.dtype == torch.float16 else "uniform"
 
 
 def packed_parts(lut: LUTWeight) -> dict[str, torch.Tensor]:
     """part -> tensor as stored: ``lut`` (or ``lo`` and ``step``) and packed ``indices``."""
-    levels = {"lo": lut.lo, "step": lut.step} if lut.uniform else {"lut": lut.lut}
+    scale = torch.float16 if level_format(lut) == "uniform16" else torch.float32
+    levels = {"lo": lut.lo.to(scale), "step": lut.step.to(scale)} if lut.uniform else {"lut": lut.lut}
     parts = {part: value.detach().cpu().contiguous() for part, value in levels.items()}
     parts["indices"] = pack_bits(lut.indices.cpu(), lut.bits)
     return parts
@@ -57,7 +65,7 @@ def build_lut(layer: PackedLayer, parts: Mapping[str, torch.Tensor], dtype: torc
     """The LUTWeight of validated ``parts``; decoded in ``dtype`` (default: the layer's)."""
     indices = unpack_bits(parts["indices"], layer.bits, layer.numel).reshape(layer.groups, -1)
     dtype = dtype or layer.dtype
-    if layer.levels == "uniform":
+    if layer.levels != "lut":
         lo, step = parts["lo"].float(), parts["step"].float()
         return LUTWeight.from_uniform(lo, step, indices, torch.Size(layer.shape), layer.bits, dtype)
     return LUTWeight(parts["lut"].to(LUT_DTYPE), indices, torch.Size(layer.shape), layer.bits, dtype)

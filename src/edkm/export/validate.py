@@ -32,7 +32,7 @@ from .errors import FormatError
 from .pack import packed_nbytes
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # decode dtypes allowed
-LEVELS = ("lut", "uniform")
+LEVELS = ("lut", "uniform", "uniform16")  # fp16 LUT; fp32 lo + step; fp16 lo + step (group-wise scales)
 MAX_DIMS = 8
 MAX_NUMEL = 1 << 40
 
@@ -68,8 +68,11 @@ class PackedLayer:
 
     def tensor_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """part -> (safetensors dtype, shape) of the tensors stored for this layer."""
-        levels = {"lut": ("F16", (self.groups, 1 << self.bits))} if self.levels == "lut" else {
-            "lo": ("F32", (self.groups, 1)), "step": ("F32", (self.groups, 1))}
+        if self.levels == "lut":
+            levels = {"lut": ("F16", (self.groups, 1 << self.bits))}
+        else:
+            scale = "F16" if self.levels == "uniform16" else "F32"
+            levels = {"lo": (scale, (self.groups, 1)), "step": (scale, (self.groups, 1))}
         return {**levels, "indices": ("U8", (packed_nbytes(self.numel, self.bits),))}
 
     def to_json(self) -> dict[str, Any]:
