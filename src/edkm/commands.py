@@ -46,6 +46,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
     cfg = CompressConfig(model=args.model, text=args.text, alpaca=args.alpaca, context=args.context, out=args.out,
                          plan=plan, train=train, fp_control=not args.no_fp_control, control_lr=args.control_lr,
                          distill=args.distill, resume=args.resume)
+    if args.fsdp:
+        from .distributed import FSDPOptions
+
+        cfg.fsdp = FSDPOptions(args.mixed_precision, args.activation_checkpointing, not args.fsdp_gathered_dkm)
     _init_distributed()
     report = compress(cfg)
     if report:
@@ -132,6 +136,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints in --out")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .distributed.options import add_fsdp_arguments  # --fsdp and its options (no torch import)
+
+    add_fsdp_arguments(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", help="perplexity on a text file and/or zero-shot tasks")

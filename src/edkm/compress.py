@@ -23,6 +23,7 @@ from torch import nn
 
 from .baselines import ptq_kmeans_, rtn_
 from .config import PalettizeConfig
+from .distributed import DCPCheckpointer, FSDPOptions, finalize_fsdp_, fsdp_
 from .data import PackedDataset, check_seq_len, load_alpaca, load_text, split_records, split_text, tokenize_alpaca, tokenize_text
 from .eval.perplexity import perplexity
 from .export import load_palettized, save_palettized
@@ -47,6 +48,7 @@ class CompressConfig:
     control_lr: float | None = 5e-4  # peak lr of the fp control (None = train.lr); its best measured, see README
     distill: float = 1.0  # weight of KL(teacher || model) in the eDKM loss (0 = plain cross-entropy)
     resume: bool = False
+    fsdp: FSDPOptions | None = None  # shard the eDKM fine-tuning with FSDP2 (under torchrun)
 
 
 def _data(cfg: CompressConfig, tokenizer: Any) -> tuple[PackedDataset, torch.Tensor]:
@@ -63,11 +65,11 @@ def _data(cfg: CompressConfig, tokenizer: Any) -> tuple[PackedDataset, torch.Ten
 
 def _finetune(
     model: nn.Module, data: PackedDataset, cfg: TrainConfig, checkpoint: Path, resume: bool,
-    teacher: nn.Module | None = None, distill: float = 0.0,
+    teacher: nn.Module | None = None, distill: float = 0.0, fsdp: bool = False,
 ) -> list[float]:
     """Fine-tune on next-token cross-entropy, mixed with ``distill`` x KL(teacher || model) per token."""
     net: nn.Module = model
-    if world()[1] > 1:
+    if world()[1] > 1 and not fsdp:  # under FSDP the model is sharded already (fsdp_)
         net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -81,6 +83,10 @@ def _finetune(
         return (1 - distill) * loss + distill * kl[y != -100].sum()
 
     inputs, targets = data.input_ids[:, :-1], data.labels[:, 1:]
+    if fsdp:  # sharded DCP checkpoints in a folder
+        checkpointer = DCPCheckpointer()
+        return train(loss_fn, model, inputs, targets, cfg, checkpoint, resume and checkpointer.existing(checkpoint) is not None,
+                     checkpointer)
     return train(loss_fn, model, inputs, targets, cfg, checkpoint, resume and checkpoint.is_file())
 
 
@@ -143,10 +149,16 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     teacher = (teacher or copy.deepcopy(model)).eval().requires_grad_(False) if cfg.distill else None
 
     palettize_(model, cfg.plan)
-    losses = _finetune(model, data, cfg.train, out / "checkpoint_edkm.pt", cfg.resume, teacher, cfg.distill)
+    if cfg.fsdp:
+        fsdp_(model, cfg.fsdp)
+    losses = _finetune(model, data, cfg.train, out / ("checkpoint_edkm" + (".dcp" if cfg.fsdp else ".pt")), cfg.resume,
+                       teacher, cfg.distill, fsdp=cfg.fsdp is not None)
+    if cfg.fsdp:
+        finalize_fsdp_(model)  # a collective: indices gathered per shard, on every rank
     report: dict[str, Any] = {}
     if rank == 0:
-        finalize_(model)
+        if not cfg.fsdp:
+            finalize_(model)
         path = out / MODEL_FILE
         save_palettized(model, path)
         tokenizer.save_pretrained(out)  # `edkm eval/generate out/model.edkm.safetensors` find it here
