@@ -35,7 +35,8 @@ import torch.distributed as dist
 from ..cluster.dkm import converged
 
 PATTERNS = 1 << 16
-TINY = 1e-30  # as edkm.cluster.dkm: guards a centroid's mass against underflow
+TINY = 1e-30
+CHUNK = 1 << 20  # as edkm.cluster.dkm: guards a centroid's mass against underflow
 
 
 def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -45,10 +46,19 @@ def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tenso
 
 
 def row_keys(w: torch.Tensor, row_offset: int, group_rows: int, dtype: torch.dtype) -> torch.Tensor:
-    """int64 key (group * 65,536 + bit pattern) of every weight of local rows starting at ``row_offset``."""
-    pattern = w.detach().to(dtype).view(torch.int16).to(torch.int64) & (PATTERNS - 1)
-    group = torch.div(torch.arange(row_offset, row_offset + w.shape[0], device=w.device), group_rows, rounding_mode="floor")
-    return pattern + (group * PATTERNS).unsqueeze(1)
+    """int32 key (group * 65,536 + bit pattern) of every weight of local rows starting at ``row_offset``."""
+    pattern = w.detach().to(dtype).view(torch.int16).to(torch.int32).bitwise_and_(PATTERNS - 1)
+    group = torch.div(torch.arange(row_offset, row_offset + w.shape[0], device=w.device, dtype=torch.int32), group_rows,
+                      rounding_mode="floor")
+    return pattern.add_((group * PATTERNS).unsqueeze(1))
+
+
+def _row_chunks(w: torch.Tensor, row_offset: int, group_rows: int, dtype: torch.dtype):
+    """(r0, r1, flat int32 keys) over chunks of about 2^20 weights (bounds the key buffers)."""
+    step = max(1, CHUNK // max(1, w.shape[1]))
+    for r0 in range(0, w.shape[0], step):
+        r1 = min(r0 + step, w.shape[0])
+        yield r0, r1, row_keys(w[r0:r1], row_offset + r0, group_rows, dtype).reshape(-1)
 
 
 def _assign(u: torch.Tensor, c: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -67,8 +77,11 @@ class _ShardedDKM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, centroids, tau, iters, eps, row_offset, group_rows, dtype, group):  # type: ignore[override]
         groups, k = centroids.shape
-        key = row_keys(w, row_offset, group_rows, dtype).reshape(-1)
-        counts = _all_reduce(torch.bincount(key, minlength=groups * PATTERNS).double(), group)
+        w2 = w.detach()  # (rows, cols), checked by sharded_dkm
+        counts = torch.zeros(groups * PATTERNS, dtype=torch.float64, device=w.device)
+        for _, _, key in _row_chunks(w2, row_offset, group_rows, dtype):
+            counts.index_add_(0, key, torch.ones(1, dtype=torch.float64, device=w.device).expand(key.numel()))
+        counts = _all_reduce(counts, group)
         present = counts.nonzero().squeeze(1)  # only patterns present anywhere: no NaN/Inf from absent ones
         n, gid = counts[present], torch.div(present, PATTERNS, rounding_mode="floor")
         u = (present & (PATTERNS - 1)).to(torch.int16).view(dtype).float()
@@ -82,9 +95,12 @@ class _ShardedDKM(torch.autograd.Function):
                     break
             table = torch.zeros(groups * PATTERNS, dtype=torch.float32, device=w.device)
             table[present] = (_assign(u, c[gid], tau[gid]) * c[gid]).sum(-1)
+            out = torch.empty(w2.shape, dtype=torch.float32, device=w.device)
+            for r0, r1, key in _row_chunks(w2, row_offset, group_rows, dtype):
+                torch.index_select(table, 0, key, out=out[r0:r1].view(-1))
         ctx.save_for_backward(w, centroids.detach().float().clone(), tau, present, n)
         ctx.args = (steps, row_offset, group_rows, dtype, group)
-        return table[key].reshape(w.shape), c
+        return out.reshape(w.shape), c
 
     @staticmethod
     def backward(ctx, grad_w, _grad_c):  # type: ignore[override]
@@ -93,9 +109,10 @@ class _ShardedDKM(torch.autograd.Function):
         if grad_w is None:
             return (None,) * 9
         groups, k = c0.shape
-        key = row_keys(w, row_offset, group_rows, dtype).reshape(-1)
-        g = grad_w.reshape(-1).float()
-        buckets = torch.zeros(groups * PATTERNS, dtype=torch.float64, device=w.device).index_add_(0, key, g.double())
+        w2, g2 = w.detach(), grad_w
+        buckets = torch.zeros(groups * PATTERNS, dtype=torch.float64, device=w.device)
+        for r0, r1, key in _row_chunks(w2, row_offset, group_rows, dtype):
+            buckets.index_add_(0, key, g2[r0:r1].reshape(-1).double())
         bucket = _all_reduce(buckets, group)[present]  # G_u summed over every rank's rows
         gid = torch.div(present, PATTERNS, rounding_mode="floor")
         u = (present & (PATTERNS - 1)).to(torch.int16).view(dtype).float()
@@ -115,7 +132,11 @@ class _ShardedDKM(torch.autograd.Function):
             f_table = torch.zeros(groups * PATTERNS, dtype=torch.float32, device=w.device)
             r_table = torch.zeros_like(f_table)
             f_table[present], r_table[present] = f, r.float()
-            grad = torch.addcmul(r_table[key], f_table[key], g).reshape(w.shape).to(w.dtype)
+            grad = torch.empty(w2.shape, dtype=w.dtype, device=w.device)
+            for r0, r1, key in _row_chunks(w2, row_offset, group_rows, dtype):
+                rows = torch.index_select(r_table, 0, key).addcmul_(torch.index_select(f_table, 0, key), g2[r0:r1].reshape(-1).float())
+                grad[r0:r1] = rows.view(r1 - r0, -1)
+            grad = grad.reshape(w.shape)
         return grad, None, None, None, None, None, None, None, None
 
 
