@@ -136,10 +136,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints in --out")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    from .distributed.options import add_fsdp_arguments  # --fsdp and its options (no torch import)
+    from .distributed.options import add_fsdp_arguments, add_plan_parser  # (no torch import)
 
     add_fsdp_arguments(p)
     p.set_defaults(func=cmd_compress)
+    add_plan_parser(sub)
 
     p = sub.add_parser("eval", help="perplexity on a text file and/or zero-shot tasks")
     p.add_argument("model", help="packed .safetensors file or Hugging Face folder")

@@ -8,7 +8,8 @@ unique-domain DKM (:func:`edkm.memory.fused.fused_dkm`) on the whole weight on e
 :func:`edkm.distributed.sharded.sharded_dkm` on the rank's rows (histogram and gradient-bucket
 all-reduces included). Both: forward + backward of one weight, rounded to bf16, 3 bits. The
 all-gather of the clustered rows for the matmul is not counted (FSDP gathers the weight in both).
-Per rank: median seconds of ``--repeats`` runs, and peak RSS above the RSS before the call
+Per rank: median wall and CPU seconds of ``--repeats`` runs (CPU seconds are the rank's own work;
+wall seconds also count waiting for cores when the ranks outnumber them), and peak RSS above the RSS before the call
 (VmHWM reset through /proc/self/clear_refs), the largest over ranks. One thread per rank; the
 ranks share this machine's cores, so the 1-minute load average is recorded with the numbers.
 """
@@ -37,7 +38,7 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def _one(mode: str, w0: torch.Tensor, c0: torch.Tensor, tau: torch.Tensor, iters: int, rank: int, world: int) -> tuple[float, int]:
+def _one(mode: str, w0: torch.Tensor, c0: torch.Tensor, tau: torch.Tensor, iters: int, rank: int, world: int) -> tuple[float, float, int]:
     rows = w0.shape[0]
     start, end = local_rows(rows, rank, world)
     w = (w0 if mode == "gathered" else w0[start:end]).clone().requires_grad_()
@@ -45,16 +46,16 @@ def _one(mode: str, w0: torch.Tensor, c0: torch.Tensor, tau: torch.Tensor, iters
     dist.barrier()
     _reset_peak()
     before = rss_bytes() or 0
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     if mode == "gathered":
         out, _ = fused_dkm(w, c0, tau=tau, iters=iters)
     else:
         out, _ = sharded_dkm(w, c0, tau=tau, iters=iters, row_offset=start, group_rows=rows)
     out.backward(grad)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     peak = peak_rss_bytes() - before
     del out, w, grad
-    return seconds, peak
+    return seconds, cpu, peak
 
 
 def _rank(rank: int, world: int, init: str, shape: tuple[int, int], bits: int, iters: int, repeats: int, queue) -> None:
@@ -68,7 +69,8 @@ def _rank(rank: int, world: int, init: str, shape: tuple[int, int], bits: int, i
     for mode in ("gathered", "sharded"):
         _one(mode, w0, c0, tau, iters, rank, world)  # warm-up
         runs = [_one(mode, w0, c0, tau, iters, rank, world) for _ in range(repeats)]
-        result[mode] = {"seconds": statistics.median(r[0] for r in runs), "peak_bytes": max(r[1] for r in runs)}
+        result[mode] = {"seconds": statistics.median(r[0] for r in runs), "cpu_seconds": statistics.median(r[1] for r in runs),
+                        "peak_bytes": max(r[2] for r in runs)}
     queue.put((rank, result))
     dist.destroy_process_group()
 
@@ -87,19 +89,18 @@ def measure(world: int, shape: tuple[int, int], bits: int, iters: int, repeats: 
             p.join()
     rows = {}
     for mode in ("gathered", "sharded"):
-        rows[mode] = {"seconds": max(per_rank[r][mode]["seconds"] for r in per_rank),
-                      "peak_bytes": max(per_rank[r][mode]["peak_bytes"] for r in per_rank)}
+        rows[mode] = {key: max(per_rank[r][mode][key] for r in per_rank) for key in ("seconds", "cpu_seconds", "peak_bytes")}
     return rows
 
 
 def markdown(result: dict) -> str:
     """The README table of a result."""
-    lines = ["| ranks | DKM on the gathered weight: s / MiB per rank | sharded DKM: s / MiB per rank | time ratio | memory ratio |",
-             "| ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| ranks | DKM on the gathered weight: CPU s / wall s / MiB per rank | sharded DKM: CPU s / wall s / MiB per rank "
+             "| CPU time ratio | memory ratio |", "| ---: | ---: | ---: | ---: | ---: |"]
     for row in result["rows"]:
         g, s = row["gathered"], row["sharded"]
-        lines.append(f"| {row['ranks']} | {g['seconds']:.2f} / {g['peak_bytes'] / 2**20:.0f} | "
-                     f"{s['seconds']:.2f} / {s['peak_bytes'] / 2**20:.0f} | {g['seconds'] / s['seconds']:.1f}x | "
+        lines.append(f"| {row['ranks']} | {g['cpu_seconds']:.2f} / {g['seconds']:.2f} / {g['peak_bytes'] / 2**20:.0f} | "
+                     f"{s['cpu_seconds']:.2f} / {s['seconds']:.2f} / {s['peak_bytes'] / 2**20:.0f} | {g['cpu_seconds'] / s['cpu_seconds']:.1f}x | "
                      f"{g['peak_bytes'] / max(s['peak_bytes'], 1):.1f}x |")
     return "\n".join(lines)
 
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(rows[-1]))
     result = {"shape": args.shape, "bits": args.bits, "iters": args.iters, "repeats": args.repeats,
               "dtype": "bfloat16 values (fp32 master)", "threads_per_rank": 1, "rows": rows,
-              "note": "seconds: forward+backward of one weight, median over repeats, slowest rank; peak_bytes: "
+              "note": "seconds / cpu_seconds: wall / process CPU time of forward+backward of one weight, median over repeats, slowest rank; peak_bytes: "
                       "peak RSS above the RSS before the call, largest rank"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,195 @@
+"""`edkm plan`: per-GPU peak memory of fine-tuning a model with FSDP2, computed without its weights.
+
+    edkm plan llama-7b --bits 3 --gpus 8 --gpu-memory-gib 80 [--json plan.json]
+
+Parts of the per-GPU peak (the moment backward starts, or the optimizer step if larger), and how
+each is obtained:
+
+* **states** (fp32 master weights, AdamW's two moments; 12 bytes per parameter) and **gradients**
+  (4 bytes), sharded over the GPUs by FSDP2 — analytic (exact for AdamW with fp32 master weights).
+  Gradients grow while backward frees the activations: peak = states + gathered layers +
+  max(gradients, what backward starts with + the first (output-layer) gradient).
+* **gathered layers**: FSDP2 holds the unsharded parameters of the layer computing and of the one
+  prefetched: 2 x the largest decoder layer (0 on one GPU) — analytic.
+* **activations**: the bytes autograd saves for backward, counted storage by storage
+  (:func:`edkm.memory.track_saved`) while the real Hugging Face model runs forward on
+  ``FakeTensorMode`` tensors (shapes only, no weights, no compute), with 1 and 2 decoder layers; the
+  per-layer difference is scaled to every layer. Plus the logits' gradient (transient of backward).
+* **clustered weights W_hat**: eDKM's matmuls keep each clustered weight for backward (one layer
+  at a time with activation checkpointing) — analytic, |W| x bytes.
+* **DKM saved tensors** per memory mode: measured with :func:`edkm.memory.track_saved` running the
+  real DKM on a real 512 x 512 bf16 weight; the bytes are split into a per-weight part (scaled by
+  |W|) and a per-distinct-value part (up to 65,536 per LUT for 16-bit weights), held for every
+  clustered weight until backward. "coremltools" is plain DKM (the full |W| x |C| maps); M moves
+  saved tensors to the host (counted under ``host``); S divides its sharded part by the GPUs;
+  "sharded" is :mod:`edkm.distributed.sharded` (tables only).
+
+torch.distributed._tools' FSDPMemTracker runs on a fake process group here, but took ~55 s for two
+LLaMA-7B layers on this machine and cannot follow DKM (its tables depend on the weights' values),
+so it is not used; the parts above are the documented fall-back. See the README for the
+validation against measured training steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import PalettizeConfig
+from .size import GiB, load_config
+from .wrap import target_modules
+
+MODES = ("plain-ft", "coremltools", "marshal", "marshal+unique", "marshal+shard", "marshal+unique+shard", "fused", "sharded")
+
+
+@dataclass
+class PlanOptions:
+    bits: int = 3
+    embed_bits: int = 8  # embedding and output layer (0 = same as bits)
+    gpus: int = 1
+    gpu_memory_gib: float = 80.0
+    batch: int = 1  # sequences per GPU
+    seq: int = 2048
+    mixed_precision: bool = True  # bf16 compute (activations, gathered layers, W_hat)
+    activation_checkpointing: bool = False
+    iters: int = 3
+
+
+def _model(config: Any, layers: int, device: str | None = "meta", dtype: torch.dtype = torch.float32) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    config = type(config).from_dict({**config.to_dict(), "num_hidden_layers": layers})
+    with torch.device(device) if device else contextlib.nullcontext():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def activation_bytes(config: Any, batch: int, seq: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes saved for backward outside the decoder layers, bytes per decoder layer), FakeTensorMode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .memory import track_saved
+
+    saved = []
+    for layers in (1, 2):
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            model = _model(config, layers, device=None, dtype=dtype)  # fake parameters: shapes only
+            ids = mode.from_tensor(torch.zeros(batch, seq, dtype=torch.long))
+            with track_saved() as stats:
+                model(ids).logits.float()
+        saved.append(stats.device_bytes)
+    per_layer = saved[1] - saved[0]
+    return saved[0] - per_layer, per_layer
+
+
+def dkm_coefficients(modes: tuple[str, ...], k: int, iters: int, world: int) -> dict[str, tuple[float, float, float]]:
+    """Per memory mode: (device bytes per weight, device bytes per distinct value, host bytes per weight)."""
+    from .cluster import dkm, kmeans1d
+    from .memory import track_saved
+
+    out = {}
+    torch.manual_seed(0)
+    w = (torch.randn(512, 512) * 0.02).to(torch.bfloat16)
+    distinct = int(torch.unique(w).numel())
+    c = kmeans1d(w, k)
+    for mode in modes:
+        if mode in ("plain-ft", "sharded"):
+            continue
+        spec = {"coremltools": "plain"}.get(mode, mode).replace("+shard", "")  # S measured unsharded, divided below
+        x = w.clone().requires_grad_()
+        with track_saved() as stats:
+            dkm(x, c, tau=1e-5, iters=iters, memory=spec)
+        if "unique" in spec:  # index list per weight + distinct rows
+            index = stats.kinds.get("index", 0)
+            rows = stats.footprint - index
+            per_w, per_u = index / w.numel(), rows / distinct
+        else:
+            per_w, per_u = stats.footprint / w.numel(), 0.0
+        if "shard" in mode:
+            per_w /= world
+        host = "marshal" in spec
+        out[mode] = (0.0 if host else per_w, 0.0 if host else per_u, per_w + per_u * distinct / w.numel() if host else 0.0)
+    return out
+
+
+def estimate(model_spec: str | Any, opts: PlanOptions) -> dict[str, Any]:
+    """Per-GPU peak bytes of every mode (see the module docstring for how each part is obtained).
+
+    ``model_spec``: a preset name, a config.json / model folder, or a transformers config object.
+    """
+    config = load_config(model_spec) if isinstance(model_spec, str) else model_spec
+    if opts.gpus < 1 or opts.batch < 1 or opts.seq < 1:
+        raise ValueError(f"gpus, batch and seq must be >= 1, got {opts.gpus}, {opts.batch}, {opts.seq}")
+    meta = _model(config, config.num_hidden_layers)
+    overrides = {"embed_tokens|lm_head": {"bits": opts.embed_bits}} if opts.embed_bits else {}
+    pcfg = PalettizeConfig(bits=opts.bits, memory="plain", overrides=overrides)
+    params = sum(p.numel() for p in {id(p): p for p in meta.parameters()}.values())
+    clustered: dict[int, tuple[int, int]] = {}  # id(weight) -> (numel, k)
+    for name, module in target_modules(meta, pcfg):
+        clustered.setdefault(id(module.weight), (module.weight.numel(), pcfg.for_module(name).k))
+    layer = max(sum(p.numel() for p in m.parameters()) for m in meta.model.layers)
+    L, n = config.num_hidden_layers, opts.gpus
+    act_bytes = 2 if opts.mixed_precision else 4
+    rest, per_layer = activation_bytes(config, opts.batch, opts.seq, torch.bfloat16 if opts.mixed_precision else torch.float32)
+    hidden = opts.batch * opts.seq * config.hidden_size * act_bytes
+    acts = rest + (L * hidden + per_layer if opts.activation_checkpointing else L * per_layer)
+    logits_grad = opts.batch * opts.seq * config.vocab_size * 4
+    states = 12 * params / n  # fp32 master weights and AdamW's two moments; the gradients are counted below
+    grads = 4 * params / n
+    largest_grad = 4 * max(p.numel() for p in meta.parameters()) / n  # the first gradient of backward (output layer)
+    gathered = 2 * layer * act_bytes if n > 1 else 0
+    live = 1 / L if opts.activation_checkpointing else 1.0  # share of clustered weights whose DKM state is held at once
+    w_hat = sum(numel for numel, _ in clustered.values()) * act_bytes * live
+    distinct_cap = 1 << 16
+    rows: list[dict[str, Any]] = []
+    coeffs: dict[int, dict[str, tuple[float, float, float]]] = {}
+    for mode in MODES:
+        device = host = 0.0
+        if mode not in ("plain-ft",):
+            device += w_hat
+        if mode not in ("plain-ft", "sharded"):
+            for numel, k in clustered.values():
+                if k not in coeffs:
+                    coeffs[k] = dkm_coefficients(MODES, k, opts.iters, n)
+                per_w, per_u, host_w = coeffs[k][mode]
+                device += (per_w * numel + per_u * min(numel, distinct_cap)) * live
+                host += host_w * numel * live
+        elif mode == "sharded":  # pair tables: counts, buckets, F and R per 16-bit value, per weight being clustered
+            device += 4 * 8 * distinct_cap * len(clustered) * live
+        peak = states + gathered + max(grads, acts + logits_grad + largest_grad + device)
+        rows.append({"mode": mode, "peak_gib": peak / GiB, "host_gib": host / GiB, "fits": peak <= opts.gpu_memory_gib * GiB})
+    return {"model": model_spec if isinstance(model_spec, str) else config.to_dict(), "params": params, "clustered_params": sum(v[0] for v in clustered.values()),
+            "options": asdict(opts), "parts_gib": {"states": states / GiB, "grads": grads / GiB, "gathered_layers": gathered / GiB,
+            "activations": acts / GiB, "logits_grad": logits_grad / GiB, "w_hat": w_hat / GiB}, "modes": rows}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    o = result["options"]
+    lines = [f"{result['model']}: {result['params'] / 1e9:.2f} B parameters, {o['gpus']} GPU(s) of {o['gpu_memory_gib']:g} GiB, "
+             f"{o['bits']}-bit ({o['embed_bits']}-bit embeddings), batch {o['batch']} x {o['seq']} tokens per GPU",
+             "", "| mode | per-GPU peak (GiB) | host (GiB) | fits |", "| --- | ---: | ---: | :---: |"]
+    for r in result["modes"]:
+        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] < 1e5 else f"{r['peak_gib']:.2e}"
+        lines.append(f"| {r['mode']} | {peak} | {r['host_gib']:.1f} | {'yes' if r['fits'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def cmd_plan(args: Any) -> None:
+    """`edkm plan`: print the table (and write --json)."""
+    import json
+    import os
+    from pathlib import Path
+
+    opts = PlanOptions(bits=args.bits, embed_bits=args.embed_bits, gpus=args.gpus, gpu_memory_gib=args.gpu_memory_gib,
+                       batch=args.batch, seq=args.seq, mixed_precision=not args.fp32,
+                       activation_checkpointing=args.activation_checkpointing)
+    result = estimate(args.model, opts)
+    print(markdown(result))
+    if args.json:
+        out = Path(args.json)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, out)
