@@ -18,7 +18,7 @@ each is obtained:
 * **clustered weights W_hat**: eDKM's matmuls keep each clustered weight for backward (one layer
   at a time with activation checkpointing) — analytic, |W| x bytes.
 * **DKM saved tensors** per memory mode: measured with :func:`edkm.memory.track_saved` running the
-  real DKM on a real 512 x 512 bf16 weight; the bytes are split into a per-weight part (scaled by
+  real DKM on a real 512 x 512 palettized ``nn.Linear``; the bytes are split into a per-weight part (scaled by
   |W|) and a per-distinct-value part (up to 65,536 per LUT for 16-bit weights), held for every
   clustered weight until backward. "coremltools" is plain DKM (the full |W| x |C| maps); M moves
   saved tensors to the host (counted under ``host``); S divides its sharded part by the GPUs;
@@ -85,33 +85,54 @@ def activation_bytes(config: Any, batch: int, seq: int, dtype: torch.dtype) -> t
     return saved[0] - per_layer, per_layer
 
 
-def dkm_coefficients(modes: tuple[str, ...], k: int, iters: int, world: int) -> dict[str, tuple[float, float, float]]:
-    """Per memory mode: (device bytes per weight, device bytes per distinct value, host bytes per weight)."""
-    from .cluster import dkm, kmeans1d
-    from .memory import track_saved
+def dkm_coefficients(modes: tuple[str, ...], k: int, iters: int, world: int, dtype: torch.dtype) -> dict[str, tuple[float, float, float]]:
+    """Per memory mode: (device bytes per weight, device bytes per distinct value, host bytes per weight).
 
-    out = {}
+    Measured with :func:`edkm.memory.track_saved` on a real palettized 512 x 512 ``nn.Linear`` (128 x 128 for k > 16) in
+    ``dtype``: what its training forward holds for backward beyond what the plain layer holds
+    (the rounded 16-bit copy, W_hat kept by the matmul, DKM's own saved tensors).
+    """
+    import copy
+
+    from .memory import track_saved
+    from .wrap import palettize_
+
     torch.manual_seed(0)
-    w = (torch.randn(512, 512) * 0.02).to(torch.bfloat16)
-    distinct = int(torch.unique(w).numel())
-    c = kmeans1d(w, k)
+    size = 512 if k <= 16 else 128  # plain DKM holds |W| x k maps: keep them small
+    plain = nn.Sequential(nn.Linear(size, size, bias=False)).to(dtype)
+    with torch.no_grad():
+        plain[0].weight.mul_(0.05)
+    x = torch.randn(4, size, dtype=dtype, requires_grad=True)  # as inside a model: the matmul keeps its weight
+    with track_saved() as base:
+        plain(x)
+    numel = plain[0].weight.numel()
+    distinct = int(torch.unique(plain[0].weight.detach().to(torch.bfloat16)).numel())
+    out = {}
     for mode in modes:
         if mode in ("plain-ft", "sharded"):
             continue
         spec = {"coremltools": "plain"}.get(mode, mode).replace("+shard", "")  # S measured unsharded, divided below
-        x = w.clone().requires_grad_()
+        model = palettize_(copy.deepcopy(plain), PalettizeConfig(bits=k.bit_length() - 1, iters=iters, memory=spec, tau=0.05))
+        with torch.no_grad():
+            model(x)  # first-step k-means
         with track_saved() as stats:
-            dkm(x, c, tau=1e-5, iters=iters, memory=spec)
-        if "unique" in spec:  # index list per weight + distinct rows
-            index = stats.kinds.get("index", 0)
-            rows = stats.footprint - index
-            per_w, per_u = index / w.numel(), rows / distinct
+            model(x)
+        device, host = stats.device_bytes - base.device_bytes, stats.host_bytes
+        rows = stats.kinds.get("rows", 0)  # U's distinct rows
+        index = stats.kinds.get("index", 0)  # U's index list
+        on_host = "marshal" in spec
+        per_u = rows / distinct
+        if on_host:
+            host -= rows
         else:
-            per_w, per_u = stats.footprint / w.numel(), 0.0
-        if "shard" in mode:
-            per_w /= world
-        host = "marshal" in spec
-        out[mode] = (0.0 if host else per_w, 0.0 if host else per_u, per_w + per_u * distinct / w.numel() if host else 0.0)
+            device -= rows
+        if "shard" in mode:  # S keeps 1/N of U's index list, or of every per-weight saved map without U
+            part = index if "unique" in spec else host if on_host else device
+            if on_host:
+                host -= part * (1 - 1 / world)
+            else:
+                device -= part * (1 - 1 / world)
+        out[mode] = (device / numel, 0.0 if on_host else per_u, host / numel + (per_u * distinct / numel if on_host else 0.0))
     return out
 
 
@@ -133,10 +154,11 @@ def estimate(model_spec: str | Any, opts: PlanOptions) -> dict[str, Any]:
     layer = max(sum(p.numel() for p in m.parameters()) for m in meta.model.layers)
     L, n = config.num_hidden_layers, opts.gpus
     act_bytes = 2 if opts.mixed_precision else 4
-    rest, per_layer = activation_bytes(config, opts.batch, opts.seq, torch.bfloat16 if opts.mixed_precision else torch.float32)
+    dtype = torch.bfloat16 if opts.mixed_precision else torch.float32
+    rest, per_layer = activation_bytes(config, opts.batch, opts.seq, dtype)
     hidden = opts.batch * opts.seq * config.hidden_size * act_bytes
     acts = rest + (L * hidden + per_layer if opts.activation_checkpointing else L * per_layer)
-    logits_grad = opts.batch * opts.seq * config.vocab_size * 4
+    logits_grad = 3 * opts.batch * opts.seq * config.vocab_size * 4  # fp32 log-softmax kept by the loss, its and the logits' gradients
     states = 12 * params / n  # fp32 master weights and AdamW's two moments; the gradients are counted below
     grads = 4 * params / n
     largest_grad = 4 * max(p.numel() for p in meta.parameters()) / n  # the first gradient of backward (output layer)
@@ -148,17 +170,17 @@ def estimate(model_spec: str | Any, opts: PlanOptions) -> dict[str, Any]:
     coeffs: dict[int, dict[str, tuple[float, float, float]]] = {}
     for mode in MODES:
         device = host = 0.0
-        if mode not in ("plain-ft",):
-            device += w_hat
+        if mode == "sharded":  # measured modes include W_hat and the rounded copy; here: analytic
+            device += w_hat + (0 if opts.mixed_precision else 4 * sum(v[0] for v in clustered.values()) * live / n)
         if mode not in ("plain-ft", "sharded"):
             for numel, k in clustered.values():
                 if k not in coeffs:
-                    coeffs[k] = dkm_coefficients(MODES, k, opts.iters, n)
+                    coeffs[k] = dkm_coefficients(MODES, k, opts.iters, n, dtype)
                 per_w, per_u, host_w = coeffs[k][mode]
                 device += (per_w * numel + per_u * min(numel, distinct_cap)) * live
                 host += host_w * numel * live
-        elif mode == "sharded":  # pair tables: counts, buckets, F and R per 16-bit value, per weight being clustered
-            device += 4 * 8 * distinct_cap * len(clustered) * live
+        elif mode == "sharded":  # saved pair tables (int64 pattern + fp64 count per distinct value) per weight
+            device += sum(16 * min(numel, distinct_cap) for numel, _ in clustered.values()) * live
         peak = states + gathered + max(grads, acts + logits_grad + largest_grad + device)
         rows.append({"mode": mode, "peak_gib": peak / GiB, "host_gib": host / GiB, "fits": peak <= opts.gpu_memory_gib * GiB})
     return {"model": model_spec if isinstance(model_spec, str) else config.to_dict(), "params": params, "clustered_params": sum(v[0] for v in clustered.values()),
