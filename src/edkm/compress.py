@@ -85,8 +85,12 @@ def _finetune(
     inputs, targets = data.input_ids[:, :-1], data.labels[:, 1:]
     if fsdp:  # sharded DCP checkpoints in a folder
         checkpointer = DCPCheckpointer()
+        if resume and checkpointer.existing(checkpoint) is None and checkpoint.with_suffix(".pt").is_file():
+            raise ValueError(f"--resume --fsdp: {checkpoint.with_suffix('.pt')} was written without --fsdp; resume without it")
         return train(loss_fn, model, inputs, targets, cfg, checkpoint, resume and checkpointer.existing(checkpoint) is not None,
                      checkpointer)
+    if resume and not checkpoint.is_file() and checkpoint.with_suffix(".dcp").exists():
+        raise ValueError(f"--resume: {checkpoint.with_suffix('.dcp')} is a sharded (--fsdp) checkpoint; resume with --fsdp")
     return train(loss_fn, model, inputs, targets, cfg, checkpoint, resume and checkpoint.is_file())
 
 

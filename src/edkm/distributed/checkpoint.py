@@ -70,8 +70,6 @@ class DCPCheckpointer:
         found = self.existing(path)
         if found is None:
             raise FileNotFoundError(f"--resume: no complete sharded checkpoint at {path}")
-        if path.is_file():
-            raise ValueError(f"{path} is a single-process checkpoint; resume it without --fsdp")
         model_sd, opt_sd = get_state_dict(model, opt)
         state = {"model": model_sd, "optimizer": opt_sd, "step": 0, "losses": [], "rng": None}
         try:
