@@ -85,8 +85,10 @@ def activation_bytes(config: Any, batch: int, seq: int, dtype: torch.dtype) -> t
     return saved[0] - per_layer, per_layer
 
 
-def dkm_coefficients(modes: tuple[str, ...], k: int, iters: int, world: int, dtype: torch.dtype) -> dict[str, tuple[float, float, float]]:
-    """Per memory mode: (device bytes per weight, device bytes per distinct value, host bytes per weight).
+def dkm_coefficients(
+    modes: tuple[str, ...], k: int, iters: int, world: int, dtype: torch.dtype
+) -> dict[str, tuple[float, float, float, float]]:
+    """Per memory mode: bytes (per weight, per distinct value) on the device, then the same on the host.
 
     Measured with :func:`edkm.memory.track_saved` on a real palettized 512 x 512 ``nn.Linear`` (128 x 128 for k > 16) in
     ``dtype``: what its training forward holds for backward beyond what the plain layer holds
@@ -132,7 +134,7 @@ def dkm_coefficients(modes: tuple[str, ...], k: int, iters: int, world: int, dty
                 host -= part * (1 - 1 / world)
             else:
                 device -= part * (1 - 1 / world)
-        out[mode] = (device / numel, 0.0 if on_host else per_u, host / numel + (per_u * distinct / numel if on_host else 0.0))
+        out[mode] = (device / numel, 0.0 if on_host else per_u, host / numel, per_u if on_host else 0.0)
     return out
 
 
@@ -167,7 +169,7 @@ def estimate(model_spec: str | Any, opts: PlanOptions) -> dict[str, Any]:
     w_hat = sum(numel for numel, _ in clustered.values()) * act_bytes * live
     distinct_cap = 1 << 16
     rows: list[dict[str, Any]] = []
-    coeffs: dict[int, dict[str, tuple[float, float, float]]] = {}
+    coeffs: dict[int, dict[str, tuple[float, float, float, float]]] = {}
     for mode in MODES:
         device = host = 0.0
         if mode == "sharded":  # measured modes include W_hat and the rounded copy; here: analytic
@@ -176,9 +178,9 @@ def estimate(model_spec: str | Any, opts: PlanOptions) -> dict[str, Any]:
             for numel, k in clustered.values():
                 if k not in coeffs:
                     coeffs[k] = dkm_coefficients(MODES, k, opts.iters, n, dtype)
-                per_w, per_u, host_w = coeffs[k][mode]
+                per_w, per_u, host_w, host_u = coeffs[k][mode]
                 device += (per_w * numel + per_u * min(numel, distinct_cap)) * live
-                host += host_w * numel * live
+                host += (host_w * numel + host_u * min(numel, distinct_cap)) * live
         elif mode == "sharded":  # saved pair tables (int64 pattern + fp64 count per distinct value) per weight
             device += sum(16 * min(numel, distinct_cap) for numel, _ in clustered.values()) * live
         peak = states + gathered + max(grads, acts + logits_grad + largest_grad + device)
