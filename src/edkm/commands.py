@@ -18,6 +18,7 @@ from .bench.train import add_train_parser
 from .coreml.command import add_export_parser
 from .compare import add_compare_parser
 from .device import add_device_argument, init_distributed, resolve_device
+from .distributed.options import add_fsdp_arguments, add_plan_parser
 
 
 def _load_any(path: str, tokenizer: str | None = None) -> tuple[Any, Any]:
@@ -61,6 +62,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
                          plan=plan, train=train, fp_control=not args.no_fp_control, control_lr=args.control_lr,
                          distill=args.distill, resume=args.resume, keep_checkpoints=args.keep_checkpoints,
                          device=str(resolve_device(args.device)))
+    if args.fsdp:
+        from .distributed import FSDPOptions
+
+        cfg.fsdp = FSDPOptions(args.mixed_precision, args.activation_checkpointing, not args.fsdp_gathered_dkm)
     configure_threads(args.model or BUNDLED_MODEL_DIR, args.threads)
     if args.quiet:
         from transformers.utils import logging as hf_logging
@@ -172,6 +177,7 @@ def add_compress_parser(sub: Any) -> None:
                         "else the cores / processes)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_device_argument(p)
+    add_fsdp_arguments(p)
     p.set_defaults(func=cmd_compress)
 
 
@@ -239,3 +245,4 @@ def add_commands(sub: Any) -> None:
     add_train_parser(bench_sub)  # edkm bench train
     add_bench_generate_parser(bench_sub)  # edkm bench generate
     add_compare_parser(sub)  # edkm compare
+    add_plan_parser(sub)  # edkm plan

@@ -27,6 +27,7 @@ from .baselines import ptq_kmeans_, rtn_
 from .config import PalettizeConfig
 from .data import PackedDataset, check_seq_len, load_alpaca, load_text, split_records, split_text, tokenize_alpaca, tokenize_text
 from .eval.perplexity import perplexity
+from .distributed import DCPCheckpointer, FSDPOptions, finalize_fsdp_, fsdp_
 from .export import load_palettized, save_folder, save_palettized, write_model_card
 from .export.card import model_card
 from .export.folder import WEIGHTS
@@ -35,8 +36,8 @@ from .progress import JobProgress, PhaseBar
 from .runstate import check_resume, prune_checkpoints, write_json
 from .runtime import run_environment
 from .train import TrainConfig, batch_indices, train, world
-from .wrap import clustered_fraction, finalize_, palettize_
 from .peers.fast import fast_peers
+from .wrap import clustered_fraction, finalize_, palettize_
 
 __all__ = ["CompressConfig", "compress", "generate_text", "job_costs", "loss_label"]
 
@@ -58,6 +59,7 @@ class CompressConfig:
     resume: bool = False
     keep_checkpoints: bool = False  # keep the training checkpoints of a finished run
     device: str = "cpu"  # model, data and DKM state live here ("cuda", "cuda:1", ...)
+    fsdp: FSDPOptions | None = None  # shard the eDKM fine-tuning with FSDP2 (under torchrun)
 
     def settings(self) -> dict[str, Any]:
         """What decides the result (compared on --resume): paths resolved, no output/progress knobs."""
@@ -91,10 +93,11 @@ def split_data(cfg: CompressConfig, tokenizer: Any) -> tuple[PackedDataset, torc
 def finetune(
     model: nn.Module, data: PackedDataset, cfg: TrainConfig, checkpoint: Path, resume: bool,
     teacher: nn.Module | None = None, distill: float = 0.0, bar: PhaseBar | None = None,
+    fsdp: bool = False,
 ) -> list[float]:
     """Fine-tune on next-token cross-entropy, mixed with ``distill`` x KL(teacher || model) per token."""
     net: nn.Module = model
-    if world()[1] > 1:
+    if world()[1] > 1 and not fsdp:  # under FSDP the model is sharded already (fsdp_)
         device = next(model.parameters()).device
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                                   broadcast_buffers=False)
@@ -112,6 +115,14 @@ def finetune(
     inputs, targets = data.input_ids[:, :-1], data.labels[:, 1:]
     name = loss_label(distill if teacher is not None else 0.0)
     on_step = None if bar is None else lambda done, loss: bar.update(done - bar.done, **{name: f"{loss:.4f}"})
+    if fsdp:  # sharded DCP checkpoints in a folder
+        checkpointer = DCPCheckpointer()
+        if resume and checkpointer.existing(checkpoint) is None and checkpoint.with_suffix(".pt").is_file():
+            raise ValueError(f"--resume --fsdp: {checkpoint.with_suffix('.pt')} was written without --fsdp; resume without it")
+        return train(loss_fn, model, inputs, targets, cfg, checkpoint, resume and checkpointer.existing(checkpoint) is not None,
+                     on_step, checkpointer)
+    if resume and not checkpoint.is_file() and checkpoint.with_suffix(".dcp").exists():
+        raise ValueError(f"--resume: {checkpoint.with_suffix('.dcp')} is a sharded (--fsdp) checkpoint; resume with --fsdp")
     return train(loss_fn, model, inputs, targets, cfg, checkpoint, resume and checkpoint.is_file(), on_step)
 
 
@@ -226,13 +237,19 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     teacher = (teacher or copy.deepcopy(model)).eval().requires_grad_(False) if cfg.distill else None
 
     palettize_(model, cfg.plan)
+    if cfg.fsdp:
+        fsdp_(model, cfg.fsdp)
     loss_name = loss_label(cfg.distill if teacher is not None else 0.0)
+    checkpoint = out / ("checkpoint_edkm" + (".dcp" if cfg.fsdp else ".pt"))
     with job.phase("eDKM", total=cfg.train.steps, detail=f"fine-tuning with {bits}-bit clustering, loss {loss_name}") as bar:
-        losses = finetune(model, data, cfg.train, out / "checkpoint_edkm.pt", state == "resume", teacher, cfg.distill, bar)
+        losses = finetune(model, data, cfg.train, checkpoint, state == "resume", teacher, cfg.distill, bar, fsdp=cfg.fsdp is not None)
+    if cfg.fsdp:
+        finalize_fsdp_(model)  # a collective: indices gathered per shard, on every rank
     report: dict[str, Any] = {}
     if rank == 0:
         with job.phase("export", total=3, unit="file", detail="hard LUTs, packed save, reload") as bar:
-            finalize_(model)
+            if not cfg.fsdp:
+                finalize_(model)
             save_folder(model, out, tokenizer)  # a Hugging Face folder: config.json, model.safetensors, tokenizer
             path = out / WEIGHTS
             bar.update(2, note=f"{path} ({path.stat().st_size / 1e3:.0f} kB)")

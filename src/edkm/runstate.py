@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 MODEL_FILE = "model.edkm.safetensors"  # the packed model of a run folder
 SETTINGS_FILE = "settings.json"
-CHECKPOINTS = ("checkpoint_fp.pt", "checkpoint_edkm.pt")
+CHECKPOINTS = ("checkpoint_fp.pt", "checkpoint_edkm.pt", "checkpoint_edkm.dcp")  # .dcp: a sharded (--fsdp) folder
 NOT_COMPARED = {"plan.memory", "train.progress", "train.checkpoint_every", "plan.format_version"}
 FLAGS = {
     "model": "--model", "text": "--text", "alpaca": "--alpaca", "context": "--context", "holdout": "--holdout",
@@ -73,7 +74,7 @@ def check_resume(out: Path, settings: dict[str, Any], resume: bool, write: bool 
     """
     path = out / SETTINGS_FILE
     saved = json.loads(path.read_text()) if path.is_file() else None
-    has_state = any((out / name).is_file() for name in (*CHECKPOINTS, "progress.json"))
+    has_state = any((out / name).exists() for name in (*CHECKPOINTS, "progress.json"))
     if resume and saved is not None and (has_state or (out / "report.json").is_file()):
         diff = first_difference(saved, settings)
         if diff:
@@ -81,7 +82,7 @@ def check_resume(out: Path, settings: dict[str, Any], resume: bool, write: bool 
         return "complete" if (out / "report.json").is_file() and is_complete(out) else "resume"
     if write:  # a fresh start: nothing of an earlier run in this folder may be resumed later
         for name in (*CHECKPOINTS, "progress.json"):
-            (out / name).unlink(missing_ok=True)
+            remove(out / name)
         write_json(path, settings)
     return "fresh"
 
@@ -96,11 +97,21 @@ def prune_checkpoints(out: Path) -> int:
     """Delete the training checkpoints of a finished run; returns the bytes freed."""
     freed = 0
     for name in CHECKPOINTS:
-        path = out / name
-        if path.is_file():
-            freed += path.stat().st_size
-            path.unlink()
+        freed += remove(out / name)
     return freed
+
+
+def remove(path: Path) -> int:
+    """Delete a file or a folder (a sharded checkpoint) if it exists; returns the bytes freed."""
+    if path.is_dir():
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        shutil.rmtree(path)
+        return size
+    if path.is_file():
+        size = path.stat().st_size
+        path.unlink()
+        return size
+    return 0
 
 
 def resume_command(argv: Sequence[str]) -> str:

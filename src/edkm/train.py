@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -98,6 +99,7 @@ def train(
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     on_step: Callable[[int, float], None] | None = None,
+    checkpointer: Any = None,
 ) -> list[float]:
     """Train ``model`` in place; returns the loss of every step (mean over the global batch).
 
@@ -108,6 +110,9 @@ def train(
     normalises by the global number of target tokens (labels != -100), so ranks and micro-batches
     combine exactly. Under torch.distributed the caller passes the DDP-wrapped module's forward
     inside ``loss_fn``; ``model`` is the module whose parameters are optimised and checkpointed.
+    ``checkpointer`` (e.g. :class:`edkm.distributed.DCPCheckpointer` under FSDP) replaces the rank-0
+    ``torch.save`` checkpoint: its ``save(path, model, opt, step, losses)`` runs on every rank and
+    ``load(path, model, opt)`` returns (step, losses).
     """
     rank, size = world()
     per_rank = cfg.batch_size // size
@@ -119,7 +124,9 @@ def train(
     losses: list[float] = []
     start = 0
     path = Path(checkpoint) if checkpoint else None
-    if resume:
+    if resume and checkpointer is not None:
+        start, losses = checkpointer.load(path, model, opt)
+    elif resume:
         if path is None or not path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
         try:  # weights_only: tensors and plain containers, never arbitrary unpickling
@@ -169,8 +176,8 @@ def train(
         if on_step is not None and rank == 0:
             on_step(step + 1, losses[-1])
         done = step + 1
-        if path is not None and rank == 0 and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
-            _save_checkpoint(path, model, opt, done, losses)
+        if path is not None and (rank == 0 or checkpointer) and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+            (checkpointer.save if checkpointer else _save_checkpoint)(path, model, opt, done, losses)
     if bar is not None:
         bar.close()
     return losses

@@ -1,0 +1,123 @@
+"""Validate `edkm plan` against measured training steps on this machine (one process, one thread).
+
+    python -m edkm.plan_check --out benchmarks/results/plan_validation.json
+
+For small LLaMA-style configs, each (config, mode) runs in a fresh process: build the model from its
+config (random weights, fp32), palettize it (except "plain-ft"), and run two whole training steps
+(forward, cross-entropy, backward, AdamW step); the measured figure is the peak RSS above the RSS
+before the model was built, after one step of a tiny model has initialised the libraries, with
+``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors go back to the system (RSS then follows the
+live tensors rather than glibc's heap high-water mark). The estimate is :func:`edkm.plan.estimate` for one GPU, fp32 compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CONFIGS = {
+    "llama-h256-l4": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, vocab_size=2048),
+    "llama-h512-l2": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=2, num_attention_heads=8, vocab_size=4096),
+    "llama-h128-l2": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4, vocab_size=512),
+}
+CASES = [("llama-h256-l4", "plain-ft", 4, 256), ("llama-h256-l4", "fused", 4, 256), ("llama-h512-l2", "plain-ft", 2, 256),
+         ("llama-h512-l2", "fused", 2, 256), ("llama-h128-l2", "coremltools", 2, 64), ("llama-h128-l2", "fused", 2, 64)]
+BITS = 3
+
+
+def _config(name: str):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**CONFIGS[name], tie_word_embeddings=False)
+
+
+def _warm_up() -> None:
+    """One training step of a tiny model: one-time library initialisation stays out of the measurement."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import edkm
+
+    tiny = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                        num_attention_heads=2, vocab_size=64))
+    edkm.palettize_(tiny, edkm.PalettizeConfig(bits=2))
+    opt = torch.optim.AdamW(tiny.parameters())
+    tiny(torch.zeros(1, 8, dtype=torch.long), labels=torch.zeros(1, 8, dtype=torch.long)).loss.backward()
+    opt.step()
+
+
+def measure(name: str, mode: str, batch: int, seq: int) -> int:
+    """Peak RSS bytes above the start of two training steps (run in this process)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    import edkm
+    from edkm.bench.measure import peak_rss_bytes, rss_bytes
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    _warm_up()
+    config = _config(name)
+    ids = torch.randint(0, config.vocab_size, (batch, seq + 1))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := current RSS
+    start = rss_bytes() or 0
+    model = AutoModelForCausalLM.from_config(config)
+    if mode != "plain-ft":
+        edkm.palettize_(model, edkm.PalettizeConfig(bits=BITS, memory={"coremltools": "plain"}.get(mode, mode)))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for _ in range(2):
+        logits = model(ids[:, :-1]).logits.float()
+        F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return peak_rss_bytes() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m edkm.plan_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="benchmarks/results/plan_validation.json")
+    p.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        name, mode, batch, seq = args.child
+        print(json.dumps({"peak": measure(name, mode, int(batch), int(seq))}))
+        return
+    from .plan import PlanOptions, estimate
+
+    rows = []
+    for name, mode, batch, seq in CASES:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+        res = subprocess.run([sys.executable, "-m", "edkm.plan_check", "--child", name, mode, str(batch), str(seq)],
+                             capture_output=True, text=True, env=env, timeout=1800)
+        if res.returncode:
+            raise RuntimeError(f"measurement {name} {mode} failed: {res.stderr[-2000:]}")
+        measured = json.loads(res.stdout.strip().splitlines()[-1])["peak"]
+        opts = PlanOptions(bits=BITS, embed_bits=0, gpus=1, batch=batch, seq=seq, mixed_precision=False)
+        est = next(r for r in estimate(_config(name), opts)["modes"] if r["mode"] == mode)["peak_gib"] * 2**30
+        rows.append({"config": name, **CONFIGS[name], "mode": mode, "batch": batch, "seq": seq, "measured_bytes": measured,
+                     "estimated_bytes": int(est), "error": est / measured - 1, "load_avg_1min": round(os.getloadavg()[0], 2)})
+        print(json.dumps(rows[-1]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"bits": BITS, "threads": 1, "rows": rows}, indent=1))
+    os.replace(tmp, out)
+    print(table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| config | mode | batch x seq | measured peak (MiB) | estimate (MiB) | error |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['config']} | {r['mode']} | {r['batch']} x {r['seq']} | {r['measured_bytes'] / 2**20:.0f} | "
+              f"{r['estimated_bytes'] / 2**20:.0f} | {r['error']:+.1%} |" for r in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

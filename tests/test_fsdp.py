@@ -1,0 +1,179 @@
+"""FSDP2 with eDKM on real gloo processes: sharded DKM = DKM on the gathered weight, `compress --fsdp`
+= one process, killed-and-resumed = uninterrupted (also on another process count), packed model equal."""
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from edkm.models import BUNDLED_TEXT
+
+FAST = ["--context", "32", "--steps", "6", "--batch-size", "4", "--lr", "1e-3", "--quiet", "--no-fp-control",
+        "--distill", "0", "--checkpoint-every", "1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "small.txt"
+    path.write_text(BUNDLED_TEXT.read_text()[:12_000])
+    return path
+
+
+def compress_cmd(procs: int, text, out, *extra: str) -> list[str]:
+    launch = [sys.executable, "-m", "edkm.cli"]
+    if procs > 1:  # --standalone: torchrun picks a free port itself
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), "-m", "edkm.cli"]
+    return [*launch, "compress", "--text", str(text), "--out", str(out), *FAST, *extra]
+
+
+def run_compress(procs: int, text, out, *extra: str) -> dict:
+    res = subprocess.run(compress_cmd(procs, text, out, *extra), capture_output=True, text=True, timeout=900, env=ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads((out / "report.json").read_text())
+
+
+def assert_same_run(report: dict, ref: dict, out, ref_out, rel: float = 1e-4) -> None:
+    import edkm
+
+    assert len(report["losses"]) == len(ref["losses"])
+    for a, b in zip(report["losses"], ref["losses"]):
+        assert abs(a - b) <= rel * abs(b), (report["losses"], ref["losses"])
+    model = edkm.load_palettized(out / "model.edkm.safetensors")
+    expected = edkm.load_palettized(ref_out / "model.edkm.safetensors")
+    x = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = model(x).logits, expected(x).logits
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.fixture(scope="module")
+def single(small_text, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    return out, run_compress(1, small_text, out)
+
+
+# --- sharded DKM against DKM on the gathered weight -------------------------------------------------
+
+def _sharded_worker(rank: int, world: int) -> dict:
+    from edkm.distributed.sharded import GatherRows, local_rows, sharded_dkm
+    from edkm.memory.fused import fused_dkm
+
+    errors = {}
+    torch.manual_seed(0)
+    for rows, cols, groups, iters in ((37, 24, 1, 3), (64, 16, 4, 2), (3, 40, 1, 0)):  # uneven rows, LUT groups, rows < ranks
+        w0 = torch.randn(rows, cols).to(torch.bfloat16).float()
+        c0 = torch.sort(torch.randn(groups, 8), dim=-1).values
+        tau = torch.full((groups,), 0.05)
+        g = torch.randn(rows, cols)
+        w = w0.clone().requires_grad_()
+        ref, c_ref = fused_dkm(w, c0, tau=tau, iters=iters)
+        (ref * g).sum().backward()
+        start, end = local_rows(rows, rank, world)
+        mine = w0[start:end].clone().requires_grad_()
+        local, c = sharded_dkm(mine, c0, tau=tau, iters=iters, row_offset=start, group_rows=rows // groups)
+        full = GatherRows.apply(local, rows, None)
+        (full * g).sum().backward()  # every rank the same g: the reduce-scatter average is g itself
+        scale = w.grad.abs().max()
+        grad_err = (mine.grad - w.grad[start:end]).abs()  # empty on a rank without rows
+        errors[(rows, groups)] = (float((full - ref).abs().max()), float((c - c_ref).abs().max()),
+                                  float(grad_err.max() / scale) if grad_err.numel() else 0.0)
+    return errors
+
+
+def _child(rank: int, world: int, init_file: str, out) -> None:
+    try:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        out.put((rank, _sharded_worker(rank, world)))
+    except BaseException:  # report, never hang the parent
+        out.put((rank, {"error": traceback.format_exc()}))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_dkm_equals_dkm_on_the_gathered_weight(world, tmp_path):
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_child, args=(r, world, str(tmp_path / "init"), out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(out.get(timeout=120) for _ in procs)
+    except queue.Empty:
+        results = {}
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    assert len(results) == world
+    for res in results.values():
+        assert "error" not in res, res["error"]
+        for case, (value_err, centroid_err, grad_err) in res.items():
+            assert value_err == 0 and centroid_err == 0, case  # same tables, same fp32 math: bit-identical
+            assert grad_err <= 1e-5, case  # fp64 bucket sums in another order: float tolerance
+
+
+# --- edkm compress --fsdp -----------------------------------------------------------------------------
+
+@pytest.mark.distributed
+def test_fsdp_two_processes_match_one(single, small_text, tmp_path):
+    ref_out, ref = single
+    report = run_compress(2, small_text, tmp_path, "--fsdp")
+    assert report["world_size"] == 2
+    assert (tmp_path / "checkpoint_edkm.dcp" / ".metadata").is_file()
+    assert_same_run(report, ref, tmp_path, ref_out)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [["--fsdp"], ["--fsdp", "--fsdp-gathered-dkm"], ["--fsdp", "--activation-checkpointing"]])
+def test_fsdp_four_processes_and_options_match_one(single, small_text, tmp_path, extra):
+    ref_out, ref = single
+    report = run_compress(4 if extra == ["--fsdp"] else 2, small_text, tmp_path, *extra)
+    assert_same_run(report, ref, tmp_path, ref_out)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp_bf16_mixed_precision_trains(single, small_text, tmp_path):
+    _, ref = single
+    report = run_compress(2, small_text, tmp_path, "--fsdp", "--mixed-precision", "bf16")
+    for a, b in zip(report["losses"], ref["losses"]):
+        assert abs(a - b) <= 0.05 * abs(b)  # bf16 compute: close, not equal
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("resume_procs", [2, 4])
+def test_fsdp_killed_and_resumed_gives_the_same_result(single, small_text, tmp_path, resume_procs):
+    ref_out, ref = single
+    proc = subprocess.Popen(compress_cmd(2, small_text, tmp_path, "--fsdp"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    ckpt = tmp_path / "checkpoint_edkm.dcp"
+    deadline = time.time() + 600
+    while not (ckpt / ".metadata").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+    proc.wait()
+    assert not (tmp_path / "report.json").exists(), "the run finished before it could be killed"
+    resumed = run_compress(resume_procs, small_text, tmp_path, "--fsdp", "--resume")
+    assert resumed["world_size"] == resume_procs
+    if resume_procs == 2:
+        assert resumed["losses"] == pytest.approx(ref["losses"], rel=1e-4)
+    assert_same_run(resumed, ref, tmp_path, ref_out)
+
+
+def test_fsdp_without_palettize_or_process_group_is_a_clear_error():
+    from edkm.distributed import fsdp_
+
+    with pytest.raises(ValueError, match="palettize_"):
+        fsdp_(torch.nn.Sequential(torch.nn.Linear(4, 4)))

@@ -1,0 +1,45 @@
+"""`edkm plan`: per-GPU peaks without weights; consistent across modes and GPU counts; clear errors."""
+
+import json
+
+import pytest
+
+from edkm.cli import main
+from edkm.models import BUNDLED_MODEL_DIR
+from edkm.plan import PlanOptions, estimate
+
+
+@pytest.fixture(scope="module")
+def plans():
+    return {n: estimate(str(BUNDLED_MODEL_DIR), PlanOptions(gpus=n, seq=64, gpu_memory_gib=0.01)) for n in (1, 4)}
+
+
+def test_modes_are_ordered_as_their_memory(plans):
+    peak = {r["mode"]: r["peak_gib"] for r in plans[1]["modes"]}
+    assert peak["coremltools"] > 10 * peak["fused"]  # the full |W| x |C| maps dominate
+    assert peak["fused"] > peak["plain-ft"]  # W_hat kept for backward on top of plain fine-tuning
+    host = {r["mode"]: r["host_gib"] for r in plans[1]["modes"]}
+    assert host["marshal"] > host["marshal+unique"] > 0 and host["fused"] == 0
+    assert host["marshal+shard"] == host["marshal"]  # one GPU: nothing to shard (4 GPUs below)
+    assert plans[4]["parts_gib"]["states"] == pytest.approx(plans[1]["parts_gib"]["states"] / 4)
+    host4 = {r["mode"]: r["host_gib"] for r in plans[4]["modes"]}
+    assert host4["marshal+shard"] < host["marshal+shard"]
+
+
+def test_fits_column_follows_the_gpu_memory(plans):
+    for r in plans[1]["modes"]:
+        assert r["fits"] == (r["peak_gib"] <= 0.01)
+
+
+def test_cli_prints_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    main(["plan", str(BUNDLED_MODEL_DIR / "config.json"), "--gpus", "2", "--seq", "32", "--json", str(out)])
+    assert "| fused |" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["options"]["gpus"] == 2 and len(data["modes"]) == 8
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "no-such-model"])
+    assert "neither a preset" in capsys.readouterr().err
