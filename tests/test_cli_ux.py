@@ -174,12 +174,16 @@ def test_ctrl_c_prints_the_resume_command(small_text, tmp_path):
     args = ["compress", "--text", str(small_text), "--out", str(tmp_path), "--context", "32", "--steps", "500",
             "--batch-size", "4", "--checkpoint-every", "1", "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "edkm", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 600
-    while not (tmp_path / "checkpoint_fp.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background pytest ignores SIGINT
+    try:
+        deadline = time.time() + 600
+        while not (tmp_path / "checkpoint_fp.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never leave a 500-step job behind
     lines = [line for line in err.splitlines() if line.strip() and "torchao" not in line and "pytree" not in line]
     assert (tmp_path / "checkpoint_fp.pt").exists(), "no checkpoint before the deadline"
     assert proc.returncode == 130 and "Traceback" not in err and "[1/5]" not in err, err[-2000:]  # --quiet: no progress
