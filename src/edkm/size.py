@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from .config import PalettizeConfig
-from .size_presets import PRESETS
 from .export.pack import packed_nbytes
+from .size_presets import PRESETS
 from .wrap import target_modules
 
 GiB = 1 << 30
