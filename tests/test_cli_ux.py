@@ -230,3 +230,16 @@ def test_size_readable_units_and_group_size_checked(capsys):
     with pytest.raises(SystemExit):
         main(["size", str(BUNDLED_MODEL_DIR), "--group-size", "7"])
     assert "does not divide" in capsys.readouterr().err
+
+
+def test_run_folder_states(tmp_path):
+    from edkm.runstate import check_resume
+
+    (tmp_path / "checkpoint_edkm.pt").write_bytes(b"x")  # a run from before settings.json: resumed, not cleared
+    assert check_resume(tmp_path, {"plan": {"bits": 3}}, resume=True) == "resume"
+    assert (tmp_path / "checkpoint_edkm.pt").exists()
+    with pytest.raises(ValueError, match="--bits 4 differs from the checkpoint's 3"):
+        check_resume(tmp_path, {"plan": {"bits": 4}}, resume=True)
+    assert check_resume(tmp_path, {"plan": {"bits": 4}}, resume=False) == "fresh"  # starting over clears the old state
+    assert not (tmp_path / "checkpoint_edkm.pt").exists()
+    assert check_resume(tmp_path, {"plan": {"bits": 4}}, resume=True) == "fresh"  # nothing to resume
