@@ -173,12 +173,16 @@ def test_ctrl_c_prints_the_resume_command(small_text, tmp_path):
     args = ["compress", "--text", str(small_text), "--out", str(tmp_path), "--context", "32", "--steps", "500",
             "--batch-size", "4", "--checkpoint-every", "1", "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "edkm", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 600
-    while not (tmp_path / "checkpoint_fp.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background pytest ignores SIGINT
+    try:
+        deadline = time.time() + 600
+        while not (tmp_path / "checkpoint_fp.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never leave a 500-step job behind
     lines = [line for line in err.splitlines() if line.strip() and "torchao" not in line and "pytree" not in line]
     assert (tmp_path / "checkpoint_fp.pt").exists(), "no checkpoint before the deadline"
     assert proc.returncode == 130 and "Traceback" not in err and "[1/5]" not in err, err[-2000:]  # --quiet: no progress
@@ -227,3 +231,16 @@ def test_size_readable_units_and_group_size_checked(capsys):
     with pytest.raises(SystemExit):
         main(["size", str(BUNDLED_MODEL_DIR), "--group-size", "7"])
     assert "does not divide" in capsys.readouterr().err
+
+
+def test_run_folder_states(tmp_path):
+    from edkm.runstate import check_resume
+
+    (tmp_path / "checkpoint_edkm.pt").write_bytes(b"x")  # a run from before settings.json: resumed, not cleared
+    assert check_resume(tmp_path, {"plan": {"bits": 3}}, resume=True) == "resume"
+    assert (tmp_path / "checkpoint_edkm.pt").exists()
+    with pytest.raises(ValueError, match="--bits 4 differs from the checkpoint's 3"):
+        check_resume(tmp_path, {"plan": {"bits": 4}}, resume=True)
+    assert check_resume(tmp_path, {"plan": {"bits": 4}}, resume=False) == "fresh"  # starting over clears the old state
+    assert not (tmp_path / "checkpoint_edkm.pt").exists()
+    assert check_resume(tmp_path, {"plan": {"bits": 4}}, resume=True) == "fresh"  # nothing to resume

@@ -80,6 +80,10 @@ def check_resume(out: Path, settings: dict[str, Any], resume: bool, write: bool 
         if diff:
             raise ValueError(f"--resume: {diff} ({path}); drop --resume to start over, or use another --out")
         return "complete" if (out / "report.json").is_file() and is_complete(out) else "resume"
+    if resume and has_state:  # a run from before settings.json existed: nothing to compare, resume as asked
+        if write:
+            write_json(path, settings)
+        return "resume"
     if write:  # a fresh start: nothing of an earlier run in this folder may be resumed later
         for name in (*CHECKPOINTS, "progress.json"):
             remove(out / name)

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from .config import PalettizeConfig
-from .size_presets import PRESETS
 from .export.pack import packed_nbytes
 from .lut import rows_first_weight
+from .size_presets import PRESETS
 from .wrap import weight_plans
 
 GiB = 1 << 30
