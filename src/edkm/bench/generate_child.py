@@ -127,10 +127,10 @@ def measure(spec: dict) -> dict[str, Any]:
             loadavg_1min=os.getloadavg()[0],
         )
         if spec["kind"] == "packed":
-            from ..kernels.gemv import fused_gemv
+            from ..kernels import linear
             from ..lut import set_lut_kernel
 
-            result["compile_failed"] = fused_gemv().failed
+            result["compile_failed"] = linear.fused_gemv().failed
             auto = [model(prompt[:, :n]).logits.float() for n in (1, 64)]  # fused GEMV; tiled prefill
             set_lut_kernel(model, "decode")
             ref = [model(prompt[:, :n]).logits.float() for n in (1, 64)]
