@@ -6,6 +6,7 @@ import json
 import pytest
 
 from edkm.bench import generate, generate_child
+from edkm.kernels import gemv, linear
 
 
 def row(config, tok_s, weight_bytes, load_peak, file_bytes):
@@ -42,6 +43,7 @@ def test_parser_and_bad_subsets():
 def test_measure_packed_bundled_model_eager(tmp_path, monkeypatch):
     """One packed measurement in this process (eager kernel: no compile in the default suite)."""
     monkeypatch.setenv("EDKM_COMPILE", "0")
+    monkeypatch.setattr(linear, "fused_gemv", lambda: gemv.FusedGemv())  # off here only: the process's cache stays
     info = generate_child.prepare({"model": "stories260k", "dir": str(tmp_path), "packed": [[3, None, "p3.safetensors"]]})
     assert info["file_bytes"]["p3.safetensors"] < info["file_bytes"]["dense"] / 6
     spec = {"kind": "packed", "path": str(tmp_path / "p3.safetensors"), "dtype": None, "kernel": None,

@@ -89,6 +89,23 @@ def test_embedding_exact_and_gathers_rows_only(bits, layout, ids_shape):
         module(torch.tensor([ROWS]))
 
 
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_gradients_without_a_whole_weight(tokens, monkeypatch):
+    monkeypatch.setenv("EDKM_COMPILE", "0")  # tiled kernel here; the compiled one is slow-tested
+    monkeypatch.setattr(linear, "fused_gemv", lambda: gemv.FusedGemv())
+    monkeypatch.setattr(linear, "TILE_BYTES", COLS * 4 * 4)
+    w = make_lut_weight(4, LAYOUTS["row_blocks"])
+    module = LUTModule(nn.Linear(COLS, ROWS), w)
+    x = torch.randn(2, tokens, COLS, requires_grad=True)
+    with WholeWeightWatch(ROWS * COLS, w.lut.numel()) as watch:
+        module(x).square().sum().backward()
+    assert not watch.seen, watch.seen
+    x_ref = x.detach().clone().requires_grad_()
+    bias_ref = module.bias.detach().clone().requires_grad_()
+    F.linear(x_ref, w(), bias_ref).square().sum().backward()
+    assert rel_err(x.grad, x_ref.grad) <= 1e-5 and rel_err(module.bias.grad, bias_ref.grad) <= 1e-5
+
+
 def test_bf16_layer_exact():
     w = make_lut_weight(4, LAYOUTS["row_blocks"], dtype=torch.bfloat16)
     x = torch.randn(3, COLS, dtype=torch.bfloat16)

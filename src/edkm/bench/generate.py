@@ -181,8 +181,8 @@ def format_markdown(result: dict) -> str:
         rows = {r["config"]: r for r in data["results"]}
         fp32 = rows.get("fp32", {})
         lines += [f"**{model}** ({data['params'] / 1e6:.1f} M parameters)", "",
-                  "| config | file MiB | weights MiB | vs fp32 | load s | load peak MiB | warm-up s | TTFT s | decode tok/s | vs fp32 | logits err | load avg |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| config | file MiB | weights MiB | vs fp32 | load s | load peak MiB | peak MiB | warm-up s | TTFT s | decode tok/s | vs fp32 | logits err | load avg |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name, r in rows.items():
             if "error" in r:
                 lines.append(f"| {name} | error: {r['error'][-120:]!r} |")
@@ -192,7 +192,8 @@ def format_markdown(result: dict) -> str:
             err_s = "-" if err is None else f"{max(err, r['logits_rel_error_prefill']):.1e}"
             lines.append(
                 f"| {name} | {(r['file_bytes'] or 0) / MiB:,.1f} | {r['weight_bytes'] / MiB:,.1f} | {ratio('weight_bytes')} | "
-                f"{r['load_seconds']:.2f} | {r['load_peak_rss_bytes'] / MiB:,.0f} | {r['warmup_seconds']:.1f} | "
+                f"{r['load_seconds']:.2f} | {r['load_peak_rss_bytes'] / MiB:,.0f} | {r.get('peak_rss_bytes', 0) / MiB:,.0f} | "
+                f"{r['warmup_seconds']:.1f} | "
                 f"{r['ttft_seconds']:.2f} | {r['decode_tokens_per_second']:.2f} | {ratio('decode_tokens_per_second')} | "
                 f"{err_s} | {r['loadavg_1min']:.1f} |")
         lines.append("")

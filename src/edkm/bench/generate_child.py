@@ -23,9 +23,12 @@ from .measure import peak_rss_bytes, rss_bytes
 
 
 def tensor_bytes(model: Any) -> dict[str, int]:
-    """Bytes of the model's distinct parameter/buffer storages: total and by dtype."""
+    """Bytes of the model's distinct parameter/buffer storages (and int8 re-grids): total and by dtype."""
+    from ..lut import LUTWeight
+
     seen: dict[int, Any] = {}
-    for t in [*model.parameters(), *model.buffers()]:
+    extra = [t for m in model.modules() if isinstance(m, LUTWeight) and m.int8 is not None for t in (m.int8.q, m.int8.scales)]
+    for t in [*model.parameters(), *model.buffers(), *extra]:
         if t.device.type != "meta":
             seen.setdefault(t.untyped_storage().data_ptr(), t)
     by_dtype: dict[str, int] = {}
@@ -127,10 +130,10 @@ def measure(spec: dict) -> dict[str, Any]:
             loadavg_1min=os.getloadavg()[0],
         )
         if spec["kind"] == "packed":
-            from ..kernels.gemv import fused_gemv
+            from ..kernels import linear
             from ..lut import set_lut_kernel
 
-            result["compile_failed"] = fused_gemv().failed
+            result["compile_failed"] = linear.fused_gemv().failed
             auto = [model(prompt[:, :n]).logits.float() for n in (1, 64)]  # fused GEMV; tiled prefill
             set_lut_kernel(model, "decode")
             ref = [model(prompt[:, :n]).logits.float() for n in (1, 64)]

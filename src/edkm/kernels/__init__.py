@@ -10,7 +10,7 @@
 from .gemv import fused_gemv, lut_gemv
 from .int8 import Int8Weight
 from .layout import decode_rows, grid
-from .linear import KERNELS, KernelViews, check_kernel, lut_embedding, lut_linear, tiled_linear
+from .linear import KERNELS, KernelViews, PackedLinear, check_kernel, lut_embedding, lut_linear, tiled_linear
 
-__all__ = ["KERNELS", "Int8Weight", "KernelViews", "check_kernel", "decode_rows", "fused_gemv", "grid", "lut_embedding", "lut_gemv",
-           "lut_linear", "tiled_linear"]
+__all__ = ["KERNELS", "Int8Weight", "KernelViews", "PackedLinear", "check_kernel", "decode_rows", "fused_gemv", "grid",
+           "lut_embedding", "lut_gemv", "lut_linear", "tiled_linear"]

@@ -7,7 +7,10 @@ Kernels (``LUTWeight.kernel``, see :data:`KERNELS`):
   working ``torch.compile`` the tiled kernel does everything.
 * ``"eager"``: always the tiled kernel: decode :data:`TILE_BYTES` of rows at a time, multiply, drop.
 * ``"decode"``: decode the whole weight, then ``F.linear`` (the reference; what CUDA uses, as no
-  GPU kernel exists yet, and what a forward that needs gradients uses).
+  GPU kernel exists yet).
+
+With gradients (for the input or the bias) the same kernels run under :class:`PackedLinear`, whose
+backward decodes tile by tile too.
 * ``"int8"``: approximate, explicit opt-in: :mod:`.int8` (weights re-gridded to int8 per row) for up
   to :data:`GEMV_MAX_TOKENS` tokens; prefill uses the exact tiled kernel.
 
@@ -92,9 +95,10 @@ def lut_linear(x: torch.Tensor, lut: torch.Tensor, indices: torch.Tensor, shape:
 
     ``views``: :class:`KernelViews` of the same buffers, cached by the caller (computed here if None).
     """
-    grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    if kernel == "decode" or x.device.type != "cpu" or grad:  # CUDA (no GPU kernel yet) and autograd: the reference
+    if kernel == "decode" or x.device.type != "cpu":  # CUDA: decode-then-matmul until a GPU kernel exists
         return F.linear(x, decode(lut, indices, shape, dtype).to(x.dtype), bias)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return PackedLinear.apply(x, bias, lut, indices, shape, dtype, kernel, int8, views)
     rows, cols = weight_rows_cols(shape)
     tokens = x.numel() // cols if cols else 0
     if kernel == "int8" and tokens <= GEMV_MAX_TOKENS:  # aten's int8 matmul is slow for many tokens: prefill is tiled
@@ -108,6 +112,33 @@ def lut_linear(x: torch.Tensor, lut: torch.Tensor, indices: torch.Tensor, shape:
             y = y.reshape(*x.shape[:-1], rows)
             return y + bias if bias is not None else y
     return tiled_linear(x, lut, indices, shape, dtype, bias)
+
+
+class PackedLinear(torch.autograd.Function):
+    """:func:`lut_linear` with gradients for ``x`` and ``bias`` (the packed weight is fixed).
+
+    Backward computes ``grad_x = grad_y @ W`` tile by tile, so autograd never holds a decoded weight.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, lut, indices, shape, dtype, kernel, int8, views):  # type: ignore[override]
+        ctx.save_for_backward(lut, indices)
+        ctx.shape, ctx.dtype, ctx.has_bias = shape, dtype, bias is not None
+        with torch.no_grad():
+            return lut_linear(x, lut, indices, shape, dtype, bias, kernel, int8, views)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        lut, indices = ctx.saved_tensors
+        rows, cols = weight_rows_cols(ctx.shape)
+        g = grad_y.reshape(-1, rows)
+        grad_x = torch.zeros(g.shape[0], cols, dtype=grad_y.dtype, device=grad_y.device)
+        step = max(1, TILE_BYTES // max(1, cols * 4))
+        for start in range(0, rows, step):
+            tile = decode_rows(lut, indices, ctx.shape, ctx.dtype, slice(start, start + step)).to(grad_y.dtype)
+            grad_x.addmm_(g[:, start : start + step], tile)
+        grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return grad_x.reshape(*grad_y.shape[:-1], cols), grad_bias, None, None, None, None, None, None, None
 
 
 def lut_embedding(ids: torch.Tensor, lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
