@@ -79,6 +79,10 @@ def write_plot(results: Path) -> Path:
         ax.axhline(fp["control_test_ppl"], color="gray", ls="--", lw=1, label="fp32 fine-tuned control")
     if fp is not None:
         ax.axhline(fp["test_ppl"], color="gray", ls=":", lw=1, label="fp32 original")
+    for i, report in enumerate(load_results(results)):
+        limit = report.get("targets", {}).get("limit_bpw")
+        if limit:
+            ax.axvline(limit, color="tab:red", ls="-.", lw=0.8, alpha=0.5, label="target limits (bits + 0.25)" if i == 0 else None)
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight of the quantized layers (from the saved file)")
     ax.set_ylabel("test perplexity (log scale)")

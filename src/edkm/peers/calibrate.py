@@ -1,7 +1,6 @@
 """Calibration statistics for post-training peers, from training-split sequences.
 
 * :func:`input_hessians`: H = 2/N sum x x^T of the inputs of chosen linear layers (GPTQ);
-* :func:`input_abs_mean`: mean |x| per input channel (AWQ);
 * :func:`fisher_diagonal`: sum of squared gradients of the next-token loss per weight (SqueezeLLM).
 * :func:`quantize_layers_`: swap layers for LUT layers block by block, so that each block is
   calibrated on the outputs of the blocks already quantized (GPTQ's sequential order).
@@ -54,11 +53,6 @@ def _collect(model: nn.Module, names: list[str], sequences: torch.Tensor, stat: 
 def input_hessians(model: nn.Module, names: list[str], sequences: torch.Tensor) -> dict[str, torch.Tensor]:
     """GPTQ's H = 2 X^T X / N (fp64) for each named linear layer, from one pass over ``sequences``."""
     return {n: 2 * h for n, h in _collect(model, names, sequences, lambda x: x.double().T @ x.double()).items()}
-
-
-def input_abs_mean(model: nn.Module, names: list[str], sequences: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean |x| per input channel of each named layer (AWQ's activation statistic)."""
-    return _collect(model, names, sequences, lambda x: x.abs().sum(0))
 
 
 def fisher_diagonal(model: nn.Module, sequences: torch.Tensor, batch_size: int = 4) -> dict[int, torch.Tensor]:
