@@ -17,7 +17,7 @@ Example:
     >>> model(torch.randn(3, 16)).sum().backward()    # training step: soft clustering
     >>> _ = model.eval(); expected = model(torch.ones(1, 16))
     >>> _ = edkm.finalize_(model)
-    >>> torch.equal(model(torch.ones(1, 16)), expected)
+    >>> torch.allclose(model(torch.ones(1, 16)), expected, rtol=1e-5, atol=1e-7)  # packed kernels: fp32 sums reordered
     True
     >>> model[0].lut.lut.shape, model[0].lut.indices.dtype
     (torch.Size([1, 4]), torch.uint8)
