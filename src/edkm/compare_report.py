@@ -51,7 +51,8 @@ def compare_table(results: Path) -> str:
                          f"({', '.join(t['peers_within_limit']) or 'none'}): {verdict}.")
         c = report["config"]
         notes.append(f"- {b} bits ran: seeds {c['seeds']}, {c['steps']} steps x batch {c['batch_size']}; not run: "
-                     f"{', '.join(report.get('not_run', [])) or 'nothing'}.")
+                     f"{', '.join(report.get('not_run', [])) or 'nothing'}"
+                     + (f"; missing from the full protocol: {report['partial']['missing']}." if report.get("partial") else "."))
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
 
 
