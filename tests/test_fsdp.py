@@ -1,6 +1,7 @@
 """FSDP2 with eDKM on real gloo processes: sharded DKM = DKM on the gathered weight, `compress --fsdp`
 = one process, killed-and-resumed = uninterrupted (also on another process count), packed model equal."""
 
+import contextlib
 import json
 import os
 import queue
@@ -47,8 +48,8 @@ def assert_same_run(report: dict, ref: dict, out, ref_out, rel: float = 1e-4) ->
     assert len(report["losses"]) == len(ref["losses"])
     for a, b in zip(report["losses"], ref["losses"]):
         assert abs(a - b) <= rel * abs(b), (report["losses"], ref["losses"])
-    model = edkm.load_palettized(out / "model.edkm.safetensors")
-    expected = edkm.load_palettized(ref_out / "model.edkm.safetensors")
+    model = edkm.load_palettized(out)  # the compress output is a Hugging Face folder (model.safetensors)
+    expected = edkm.load_palettized(ref_out)
     x = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got, want = model(x).logits, expected(x).logits
@@ -127,8 +128,9 @@ def test_sharded_dkm_equals_dkm_on_the_gathered_weight(world, tmp_path):
 @pytest.mark.distributed
 def test_fsdp_two_processes_match_one(single, small_text, tmp_path):
     ref_out, ref = single
-    report = run_compress(2, small_text, tmp_path, "--fsdp")
+    report = run_compress(2, small_text, tmp_path, "--fsdp", "--keep-checkpoints")
     assert report["world_size"] == 2
+    assert (tmp_path / "model.safetensors").is_file()
     assert (tmp_path / "checkpoint_edkm.dcp" / ".metadata").is_file()
     assert_same_run(report, ref, tmp_path, ref_out)
 
@@ -151,6 +153,26 @@ def test_fsdp_bf16_mixed_precision_trains(single, small_text, tmp_path):
         assert abs(a - b) <= 0.05 * abs(b)  # bf16 compute: close, not equal
 
 
+def descendants(pid: int) -> list[int]:
+    try:
+        children = [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return []
+    return [c for child in children for c in (child, *descendants(child))]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process under it, and wait until none runs (torchrun starts each rank with
+    ``start_new_session``, so killing its process group would leave the ranks training and checkpointing)."""
+    pids = [pid, *descendants(pid)]
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    for p in pids:
+        while os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] not in "ZX":
+            time.sleep(0.01)
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("resume_procs", [2, 4])
@@ -162,7 +184,7 @@ def test_fsdp_killed_and_resumed_gives_the_same_result(single, small_text, tmp_p
     deadline = time.time() + 600
     while not (ckpt / ".metadata").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+    kill_tree(proc.pid)  # torchrun and both ranks (each rank runs in its own session)
     proc.wait()
     assert not (tmp_path / "report.json").exists(), "the run finished before it could be killed"
     resumed = run_compress(resume_procs, small_text, tmp_path, "--fsdp", "--resume")

@@ -48,6 +48,11 @@ def tau_scale(centroids: torch.Tensor) -> torch.Tensor:
 class ClusteredWeight(nn.Module):
     """DKM state of one weight tensor: warm-start centroids (G, k) and the tau unit per LUT."""
 
+    #: False: ``forward`` / :meth:`cluster` / :meth:`fused_layer` take the whole weight. True (sharded DKM,
+    #: :class:`edkm.distributed.clustered.ShardedClusteredWeight`): ``forward`` takes this rank's rows and
+    #: returns the whole clustered weight, and the single-process layer kernels do not apply.
+    takes_shards = False
+
     def __init__(self, spec: LayerSpec, shape: torch.Size, cluster_dtype: torch.dtype) -> None:
         super().__init__()
         rows = shape[0]
@@ -152,7 +157,8 @@ class DKMModule(WrappedLayer):
         self.clusterer = clusterer
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        if self.shell is not None or self.transposed:  # Conv1D, or a subclass's own forward, on the clustered weight
+        if self.shell is not None or self.transposed or self.clusterer.takes_shards:
+            # Conv1D, a subclass's own forward, or sharded DKM (gathered clustered rows): on the clustered weight
             return self._compute(x, self.clusterer(self.rows_first(self.weight)), *args, **kwargs)
         out = self.clusterer.fused_layer(self, x)
         if out is not None:
@@ -264,9 +270,14 @@ def finalize_(model: nn.Module) -> nn.Module:
             idx, lut = cw.hard(module.rows_first(module.weight))
             luts[id(cw)] = LUTWeight(lut, idx, cw.shape, cw.spec.bits, module.weight.dtype)
         set_submodule(model, name, LUTModule(module, luts[id(cw)]))
+    remove_scope_hooks(model)
+    return model
+
+
+def remove_scope_hooks(model: nn.Module) -> None:
+    """Remove the per-forward scope hooks ``palettize_`` registered on ``model`` (once it holds no DKM module)."""
     for hook in model.__dict__.pop("_edkm_hook", ()):
         hook.remove()
-    return model
 
 
 def clustered_fraction(model: nn.Module) -> float:

@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 
 from ..export import save_palettized
 from ..lut import LUTModule, LUTWeight
-from ..wrap import clustered_modules, set_submodule
+from ..wrap import clustered_modules, remove_scope_hooks, set_submodule
 from .clustered import hard_assignment
 
 
@@ -102,9 +102,7 @@ def finalize_fsdp_(model: nn.Module) -> nn.Module:
         for key, param in list(module._parameters.items()):
             if isinstance(param, DTensor):
                 module._parameters[key] = nn.Parameter(param.full_tensor(), requires_grad=param.requires_grad)
-    hook = model.__dict__.pop("_edkm_hook", None)
-    if hook is not None:
-        hook.remove()
+    remove_scope_hooks(model)
     return model
 
 

@@ -39,9 +39,14 @@ def local_hard_indices(
 class ShardedClusteredWeight(ClusteredWeight):
     """A :class:`ClusteredWeight` whose weight is this rank's rows (a ``Shard(0)`` DTensor).
 
+    ``takes_shards`` is True: :class:`~edkm.wrap.DKMModule` computes with ``forward``'s gathered
+    weight, never with the single-process kernels (``fused_layer``, ``cluster``), which refuse.
+
     ``forward(weight)`` returns the full clustered weight (all ranks' rows gathered, autograd-aware).
     ``out_dtype`` casts it for the matmul (bf16 under a bf16 mixed-precision policy; None keeps fp32).
     """
+
+    takes_shards = True
 
     def __init__(self, base: ClusteredWeight, mesh: DeviceMesh, tied: bool) -> None:
         super().__init__(base.spec, base.shape, base.cluster_dtype)
@@ -51,7 +56,7 @@ class ShardedClusteredWeight(ClusteredWeight):
         self.rows = self.shape[0]
         self.row_start, self.row_end = local_rows(self.rows, mesh.get_local_rank(), mesh.size())
         self.group_rows = self.rows // self.groups
-        self.tied = tied  # cache the gathered weight for the second user of a tied Parameter
+        self.tied = tied  # a tied Parameter's second user reuses the gathered weight (the model forward's scope)
         self.out_dtype: torch.dtype | None = None
         self.recomputing = False  # set during activation-checkpoint recomputation
 
@@ -63,9 +68,9 @@ class ShardedClusteredWeight(ClusteredWeight):
         return local_hard_indices(self._local(weight), self.centroids, self.cluster_dtype, self.row_start, self.group_rows)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        key = (self.training, torch.is_grad_enabled())
-        if self._cache is not None and self._cache[0] == key and not self.recomputing:
-            return self._cache[1]
+        key = ("rows", self.training, torch.is_grad_enabled())
+        if self._scope is not None and key in self._scope and not self.recomputing:
+            return self._scope[key]  # a tied weight already clustered and gathered in this model forward
         local = self._local(weight)
         if self.training:
             w16 = local if local.dtype == self.cluster_dtype else cast_straight_through(local, self.cluster_dtype)
@@ -81,14 +86,15 @@ class ShardedClusteredWeight(ClusteredWeight):
             out = self._decode_local(weight)
         out = out.to(self.out_dtype or local.dtype)
         full = GatherRows.apply(out, self.rows, self.group)
-        if self.tied and not self.recomputing:
-            self._cache = (key, full)
-            if full.requires_grad:  # drop it once its gradient exists: no full weight outlives backward
-                full.register_hook(self._drop_cache)
+        if self._scope is not None and not self.recomputing:  # dropped when the model forward ends
+            self._scope[key] = full
         return full
 
-    def _drop_cache(self, grad: torch.Tensor) -> None:
-        self._cache = None
+    def cluster(self, weight: torch.Tensor):  # type: ignore[override]
+        raise RuntimeError("a sharded clusterer returns the gathered clustered weight from forward(rows); cluster() takes whole weights")
+
+    def fused_layer(self, module, x: torch.Tensor) -> None:  # type: ignore[override]
+        raise RuntimeError("the fused layer kernels take whole weights, not a rank's rows (DKMModule routes sharded DKM to forward)")
 
     def _decode_local(self, weight: torch.Tensor) -> torch.Tensor:
         lut = torch.sort(self.centroids.float(), dim=-1).values.to(LUT_DTYPE)
@@ -110,10 +116,12 @@ def shard_clustered_weights_(model: nn.Module, mesh: DeviceMesh) -> set[nn.Param
         users[id(m.clusterer)] = users.get(id(m.clusterer), 0) + 1
     new_params: dict[int, nn.Parameter] = {}
     new_clusterers: dict[int, ShardedClusteredWeight] = {}
-    for _, module in modules:
+    for name, module in modules:
         cw, weight = module.clusterer, module.weight
         if isinstance(weight, DTensor):
             raise RuntimeError("shard_clustered_weights_ must run before fully_shard (the weights are DTensors already)")
+        if module.transposed:
+            raise ValueError(f"sharded DKM needs (out, in) weights; layer {name!r} stores its weight transposed (Conv1D): use --fsdp-gathered-dkm (FSDPOptions(sharded_dkm=False))")
         if id(cw) not in new_clusterers:
             if not cw.initialized:
                 cw.initialize(weight.detach().to(cw.cluster_dtype))

@@ -100,7 +100,7 @@ def _centroid_contexts(clusterers: list[ClusteredWeight]):
         after = [cw.centroids.clone() for cw in clusterers]
         for cw, before in zip(clusterers, snapshot):
             cw.centroids.copy_(before)
-            cw._cache, cw.recomputing = None, True
+            cw.recomputing = True
         try:
             yield
         finally:
