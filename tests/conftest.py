@@ -1,6 +1,10 @@
 """Shared test fixtures."""
 
+import multiprocessing as mp
 import os
+import queue
+import traceback
+from collections.abc import Callable
 
 import pytest
 
@@ -61,3 +65,38 @@ def tiny_causal_lm():
         return model.eval()
 
     return build
+
+
+def _rank_child(worker: Callable[[int, int, str], dict], rank: int, world: int, init_file: str, out) -> None:
+    try:
+        out.put((rank, worker(rank, world, init_file)))
+    except BaseException:  # report, never hang the parent
+        out.put((rank, {"error": traceback.format_exc()}))
+
+
+@pytest.fixture
+def launch_ranks(tmp_path):
+    """Run ``worker(rank, world, init_file) -> dict`` in ``world`` forked processes (real gloo, a file rendezvous at
+    ``init_file``: no port); returns the results by rank, failing on a rank that raised or did not report in time."""
+
+    def launch(worker: Callable[[int, int, str], dict], world: int, timeout: float = 90) -> list[dict]:
+        ctx = mp.get_context("fork")
+        out = ctx.Queue()
+        procs = [ctx.Process(target=_rank_child, args=(worker, r, world, str(tmp_path / "init"), out)) for r in range(world)]
+        for p in procs:
+            p.start()
+        try:
+            results = dict(out.get(timeout=timeout) for _ in procs)
+        except queue.Empty:
+            results = {}
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+        assert len(results) == world, f"ranks {sorted(set(range(world)) - set(results))} did not report (hung?)"
+        for res in results.values():
+            assert "error" not in res, res["error"]
+        return [results[r] for r in range(world)]
+
+    return launch

@@ -5,9 +5,6 @@ Real gloo processes (forked, file rendezvous: no port to collide on), 2 ranks.
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import queue
-import traceback
 
 import pytest
 import torch
@@ -51,33 +48,9 @@ def worker(rank: int, world: int, init_file: str) -> dict:
     return res
 
 
-def _child(rank: int, world: int, init_file: str, out: mp.Queue) -> None:
-    try:
-        out.put((rank, worker(rank, world, init_file)))
-    except BaseException:
-        out.put((rank, {"error": traceback.format_exc()}))
-
-
 @pytest.mark.distributed
-def test_disagreeing_ranks_all_raise_and_early_stop_is_collective(tmp_path):
-    world = 2
-    ctx = mp.get_context("fork")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(r, world, str(tmp_path / "init"), out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(out.get(timeout=90) for _ in procs)
-    except queue.Empty:
-        results = {}
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    assert len(results) == world, "a rank hung"
-    for res in results.values():
-        assert "error" not in res, res["error"]
+def test_disagreeing_ranks_all_raise_and_early_stop_is_collective(launch_ranks):
+    for res in launch_ranks(worker, 2, timeout=90):
         for mode in ("auto", "fused", "unique+shard", "marshal+unique"):
             assert res[mode].startswith("RuntimeError: ranks disagree about the weights"), (mode, res[mode])
         assert res["agreeing auto"] == "ok"

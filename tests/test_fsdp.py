@@ -4,16 +4,13 @@
 import contextlib
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
 import time
-import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from edkm.models import BUNDLED_TEXT
 
@@ -90,34 +87,15 @@ def _sharded_worker(rank: int, world: int) -> dict:
     return errors
 
 
-def _child(rank: int, world: int, init_file: str, out) -> None:
-    try:
-        torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-        out.put((rank, _sharded_worker(rank, world)))
-    except BaseException:  # report, never hang the parent
-        out.put((rank, {"error": traceback.format_exc()}))
+def _sharded_child(rank: int, world: int, init_file: str) -> dict:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    return _sharded_worker(rank, world)
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 4])
-def test_sharded_dkm_equals_dkm_on_the_gathered_weight(world, tmp_path):
-    ctx = mp.get_context("fork")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(r, world, str(tmp_path / "init"), out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(out.get(timeout=120) for _ in procs)
-    except queue.Empty:
-        results = {}
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    assert len(results) == world
-    for res in results.values():
-        assert "error" not in res, res["error"]
+def test_sharded_dkm_equals_dkm_on_the_gathered_weight(world, launch_ranks):
+    for res in launch_ranks(_sharded_child, world, timeout=120):
         for case, (value_err, centroid_err, grad_err) in res.items():
             assert value_err == 0 and centroid_err == 0, case  # same tables, same fp32 math: bit-identical
             assert grad_err <= 1e-5, case  # fp64 bucket sums in another order: float tolerance

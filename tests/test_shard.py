@@ -6,9 +6,6 @@ child runs single-threaded, as DataLoader workers do) and report through a queue
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import queue
-import traceback
 
 import pytest
 import torch
@@ -60,38 +57,10 @@ def worker(rank: int, world: int, init_file: str) -> dict:
     return result
 
 
-def _child(rank: int, world: int, init_file: str, out: mp.Queue) -> None:
-    try:
-        out.put((rank, worker(rank, world, init_file)))
-    except BaseException:  # report, never hang the parent
-        out.put((rank, {"error": traceback.format_exc()}))
-
-
-def _launch(world: int, tmp_path) -> list[dict]:
-    ctx = mp.get_context("fork")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(r, world, str(tmp_path / "init"), out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(out.get(timeout=60) for _ in procs)
-    except queue.Empty:
-        results = {}
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    assert len(results) == world, f"ranks {sorted(set(range(world)) - set(results))} did not report"
-    for res in results.values():
-        assert "error" not in res, res["error"]
-    return [results[r] for r in range(world)]
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 4])
-def test_shard_bit_identical_and_one_nth(world, tmp_path):
-    for res in _launch(world, tmp_path):
+def test_shard_bit_identical_and_one_nth(world, launch_ranks):
+    for res in launch_ranks(worker, world, timeout=60):
         assert all(res["equal"].values()), res["equal"]
         assert res["auto"] == "marshal+shard"
         stats = res["stats"]
