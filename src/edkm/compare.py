@@ -200,7 +200,7 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[int,
         from .runtime import run_environment
 
         report = {"bits": bits, "model": cfg.model or "bundled:stories260K", "config": asdict(cfg), "protocol": protocol(r),
-                  "env": run_environment(), "rows": rows}
+                  "environment": run_environment(), "rows": rows}
         for name in cfg.methods:
             if any(row["method"] == name for row in rows):
                 continue
