@@ -57,8 +57,6 @@ def load(spec: dict) -> Any:
 
 def greedy(model: Any, prompt: Any, new_tokens: int) -> tuple[float, list[float], Any]:
     """(seconds to the first token, seconds of each later token, the first token's logits) of greedy decoding."""
-    import torch
-
     t0 = time.perf_counter()
     out = model(prompt, use_cache=True)
     logits = out.logits[:, -1].float()
