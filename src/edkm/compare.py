@@ -38,10 +38,11 @@ class CompareConfig:
     batch_size: int = 16
     context: int = 256
     control_lr: float = 5e-4
-    edkm_lrs: list[float] = field(default_factory=lambda: [1e-3])
-    qat_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
-    tau: float = 0.2
-    tau_end: float = 0.002
+    edkm_lrs: list[float] = field(default_factory=lambda: [5e-4, 1e-3, 2e-3])
+    edkm_taus: list[float] = field(default_factory=lambda: [0.1, 0.4])  # tried at the middle lr (a cross-shaped grid)
+    qat_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 2e-3])
+    tau: float = 0.2  # starting tau; annealed to tau / tau_anneal
+    tau_anneal: float = 100.0
     distill: float = 1.0
     group_size: int = 32  # input columns per scale of the uniform peers (g128 does not fit 64-wide layers)
     lut_rows: int = 16  # output channels per LUT of the per-group eDKM row
@@ -89,12 +90,13 @@ class Runner:
 
         return perplexity(model, self.val if split == "val" else self.test, context=self.cfg.context)
 
-    def train_config(self, lr: float, seed: int, tau: bool) -> Any:
+    def train_config(self, lr: float, seed: int, tau: float | None) -> Any:
+        """Training settings of the shared budget; ``tau`` (the starting tau of DKM) anneals by ``tau_anneal``."""
         from .train import TrainConfig
 
         c = self.cfg
         return TrainConfig(steps=c.steps, batch_size=c.batch_size, lr=lr, seed=seed, progress=False, checkpoint_every=0,
-                           tau_start=c.tau if tau else None, tau_end=c.tau_end if tau else None)
+                           tau_start=tau, tau_end=tau / c.tau_anneal if tau else None)
 
     def control(self, seed: int) -> Any:
         """The fp model fine-tuned at ``control_lr`` with ``seed`` (cached on disk): the teacher and the fp row."""
@@ -109,14 +111,14 @@ class Runner:
             if path.is_file():
                 model.load_state_dict(torch.load(path, weights_only=True))
             else:
-                finetune(model, self.data, self.train_config(c.control_lr, seed, tau=False), None, False)
+                finetune(model, self.data, self.train_config(c.control_lr, seed, tau=None), None, False)
                 tmp = path.with_suffix(".tmp")
                 torch.save(model.state_dict(), tmp)
                 os.replace(tmp, path)
             self._controls[seed] = model.eval().requires_grad_(False)
         return self._controls[seed]
 
-    def finetune(self, model: Any, lr: float, seed: int, tau: bool) -> list[float]:
+    def finetune(self, model: Any, lr: float, seed: int, tau: float | None) -> list[float]:
         from .compress import finetune
 
         teacher = self.control(seed) if self.cfg.distill else None
@@ -130,13 +132,16 @@ class Runner:
         return load_palettized(path).eval(), bits_per_weight(path)
 
 
-def run_method(r: Runner, method: Method, bits: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """Tune ``method``'s knob on validation (first seed), then run every seed of the chosen value and test it."""
+def run_method(r: Runner, method: Method, bits: int, log: Callable[[str], None], inherited: Any = None) -> dict[str, Any]:
+    """Tune ``method``'s knob on validation (first seed), then run every seed of the chosen value and test it.
+
+    ``inherited``: the value a sibling method chose on validation (``Method.tune_like``), used instead of a grid.
+    """
     from .config import PalettizeConfig
 
     cfg = r.cfg
     plan = PalettizeConfig(bits=bits, tau=cfg.tau, memory="auto", overrides={"embed_tokens|lm_head": {"bits": cfg.embed_bits, "group_size": None}})
-    candidates = method.candidates(cfg)
+    candidates = [inherited] if inherited is not None else method.candidates(cfg)
     seeds = cfg.seeds if method.trained else [None]
     tuning, built = [], {}
     for value in candidates:
@@ -144,7 +149,7 @@ def run_method(r: Runner, method: Method, bits: int, log: Callable[[str], None])
         score = r.ppl(model, "val")
         tuning.append({"value": value, "val_ppl": score})
         built[value] = model
-        knob = f" {method.knob}={value}" if method.knob else ""
+        knob = f" {method.knob}={_show(value)}" if method.knob else ""
         log(f"  {bits}-bit {method.name}{knob}" + (f" seed={seeds[0]}" if method.trained else "") + f": val {score:.4f}")
     best = min(tuning, key=lambda t: t["val_ppl"])["value"]
     test_ppls, val_ppls, info = [], [], {}
@@ -159,10 +164,23 @@ def run_method(r: Runner, method: Method, bits: int, log: Callable[[str], None])
     return {
         "method": method.name, "label": method.label(cfg, bits), "kind": "trained" if method.trained else "post-training",
         "knob": method.knob, "chosen": best, "tuning": tuning if len(candidates) > 1 else [],
+        "tuned_like": method.tune_like if inherited is not None else None,
         "bpw": info[str(bits)], "embed_bpw": info.get(str(cfg.embed_bits)), "file_bytes": info["file_bytes"],
         "val_ppl": statistics.fmean(val_ppls), "test_ppl": mean, "test_ppl_std": std, "test_ppls": test_ppls,
         "seeds": seeds if method.trained else None,
     }
+
+
+def _show(value: Any) -> str:
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple | list) else f"{value}"
+
+
+def _inherited(method: Method, rows: list[dict[str, Any]]) -> Any:
+    """The knob value ``method.tune_like`` chose on validation (a tuple again after a JSON round trip)."""
+    row = next((row for row in rows if method.tune_like and row["method"] == method.tune_like), None)
+    if row is None:
+        return None
+    return tuple(row["chosen"]) if isinstance(row["chosen"], list) else row["chosen"]
 
 
 def targets(rows: list[dict[str, Any]], bits: int) -> dict[str, Any]:
@@ -205,7 +223,7 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[int,
             if any(row["method"] == name for row in rows):
                 continue
             log(f"{bits}-bit {name} ...")
-            rows.append(run_method(r, METHODS[name], bits, log))
+            rows.append(run_method(r, METHODS[name], bits, log, _inherited(METHODS[name], rows)))
             report["targets"] = targets(rows, bits)
             report["not_run"] = [m for m in METHODS if not any(row["method"] == m for row in rows)]
             report["seconds"] = round(time.perf_counter() - start, 1)
@@ -261,8 +279,11 @@ def add_compare_parser(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--context", type=int, default=256)
-    p.add_argument("--edkm-lrs", type=float, nargs="+", default=[1e-3], help="eDKM learning rates to choose from on validation")
-    p.add_argument("--qat-lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3], help="QAT learning rates to choose from on validation")
+    p.add_argument("--edkm-lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3], help="eDKM learning rates to choose from on validation")
+    p.add_argument("--edkm-taus", type=float, nargs="*", default=[0.1, 0.4],
+                   help="starting taus tried at the middle eDKM lr (besides --tau); empty: tau not tuned")
+    p.add_argument("--tau", type=float, default=0.2, help="default starting tau of DKM (annealed 100x)")
+    p.add_argument("--qat-lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 2e-3], help="QAT learning rates to choose from on validation")
     p.add_argument("--model", default=None)
     p.add_argument("--text", default=None)
     p.add_argument("--out", default="benchmarks/results")
@@ -273,7 +294,8 @@ def add_compare_parser(sub: Any) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     cfg = CompareConfig(bits=args.bits, seeds=args.seeds, methods=args.methods or list(DEFAULT_METHODS), steps=args.steps,
-                        batch_size=args.batch_size, context=args.context, edkm_lrs=args.edkm_lrs, qat_lrs=args.qat_lrs,
+                        batch_size=args.batch_size, context=args.context, edkm_lrs=args.edkm_lrs, edkm_taus=args.edkm_taus, tau=args.tau,
+                        qat_lrs=args.qat_lrs,
                         model=args.model, text=args.text, out=args.out, work=args.work, resume=args.resume)
     compare(cfg)
     from .compare_report import write_plot

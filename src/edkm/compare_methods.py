@@ -19,6 +19,7 @@ class Method:
     trained: bool = False
     knob: str | None = None
     choices: Callable[[Any], list[Any]] = lambda cfg: [None]
+    tune_like: str | None = None  # take the knob value this sibling method chose on validation
 
     def label(self, cfg: Any, bits: int) -> str:
         return self.describe(cfg, bits)
@@ -66,17 +67,31 @@ def _hqq(r: Any, plan: Any, group: bool) -> Any:
     return hqq_(copy.deepcopy(r.model), plan, r.cfg.group_size if group else None)
 
 
-def _edkm(r: Any, plan: Any, lr: float, seed: int, rows: int | None) -> Any:
-    """eDKM; with ``rows``, one LUT per ``rows`` output channels where that divides a layer (else per tensor)."""
+def edkm_grid(cfg: Any) -> list[tuple[float, float]]:
+    """eDKM's (lr, starting tau) candidates: every lr at the default tau, every other tau at the middle lr.
+
+    >>> from types import SimpleNamespace as C
+    >>> edkm_grid(C(edkm_lrs=[5e-4, 1e-3, 2e-3], edkm_taus=[0.1], tau=0.2))
+    [(0.0005, 0.2), (0.001, 0.2), (0.002, 0.2), (0.001, 0.1)]
+    """
+    middle = cfg.edkm_lrs[len(cfg.edkm_lrs) // 2]
+    return [(lr, cfg.tau) for lr in cfg.edkm_lrs] + [(middle, t) for t in cfg.edkm_taus if t != cfg.tau]
+
+
+def _edkm(r: Any, plan: Any, knob: tuple[float, float], seed: int, rows: int | None) -> Any:
+    """eDKM at ``knob`` = (lr, starting tau); with ``rows``, one LUT per ``rows`` output channels where that divides a
+    layer (else per tensor)."""
     from dataclasses import replace
 
     from .wrap import finalize_, palettize_, target_modules
 
+    lr, tau = knob
+    plan = replace(plan, tau=tau)
     if rows:
         whole = {n: {"group_size": None} for n, m in target_modules(r.model, plan) if m.weight.shape[0] % rows}
         plan = replace(plan, group_size=rows, overrides={**plan.overrides, **whole})
     model = palettize_(copy.deepcopy(r.model), plan)
-    r.finetune(model, lr, seed, tau=True)
+    r.finetune(model, lr, seed, tau=tau)
     return finalize_(model)
 
 
@@ -84,7 +99,7 @@ def _qat(r: Any, plan: Any, lr: float, seed: int) -> Any:
     from .peers.qat import convert_qat_, prepare_qat_, qat_to_lut_
 
     model = prepare_qat_(copy.deepcopy(r.model), plan, r.cfg.group_size)
-    r.finetune(model, lr, seed, tau=False)
+    r.finetune(model, lr, seed, tau=None)
     return qat_to_lut_(convert_qat_(model.eval()))
 
 
@@ -108,7 +123,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("qat_g", lambda c, b: f"torchao QAT int{b} {_g(c)}", lambda r, p, v, s: _qat(r, p, v, s), trained=True,
            knob="lr", choices=lambda c: c.qat_lrs),
     Method("edkm", lambda c, b: f"eDKM {b}-bit per tensor", lambda r, p, v, s: _edkm(r, p, v, s, None), trained=True,
-           knob="lr", choices=lambda c: c.edkm_lrs),
+           knob="lr,tau", choices=edkm_grid),
     Method("edkm_rows", lambda c, b: f"eDKM {b}-bit, LUT per {c.lut_rows} output channels (per tensor where {c.lut_rows} does not divide the rows)",
-           lambda r, p, v, s: _edkm(r, p, v, s, r.cfg.lut_rows), trained=True, knob="lr", choices=lambda c: c.edkm_lrs),
+           lambda r, p, v, s: _edkm(r, p, v, s, r.cfg.lut_rows), trained=True, knob="lr,tau", choices=edkm_grid,
+           tune_like="edkm"),
 ]}

@@ -25,6 +25,10 @@ def _ppl(mean: float | None, std: float | None) -> str:
     return f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else "")
 
 
+def _knob(value: object) -> str:
+    return ", ".join(f"{v:g}" for v in value) if isinstance(value, list | tuple) else f"{value:g}"
+
+
 def compare_table(results: Path) -> str:
     """One Markdown table over every bit width: method, bits per weight, validation and test perplexity."""
     lines = ["| bits | method | bits/weight (file) | seeds | knob (chosen on validation) | val ppl | **test ppl** |",
@@ -41,7 +45,8 @@ def compare_table(results: Path) -> str:
                                  f"{r['control_val_ppl']:.3f} | {_ppl(r['control_test_ppl'], r['control_test_ppl_std'])} |")
                 continue
             name = f"**{r['label']}**" if r["method"].startswith("edkm") else r["label"]
-            knob = f"{r['knob']} {r['chosen']:g}" if r.get("knob") else "-"
+            knob = f"{r['knob']} {_knob(r['chosen'])}" if r.get("knob") else "-"
+            knob += f" (as {r['tuned_like']})" if r.get("tuned_like") else ""
             seeds = str(len(r["seeds"])) if r.get("seeds") else "-"
             lines.append(f"| {b} | {name} | {r['bpw']:.2f} | {seeds} | {knob} | {r['val_ppl']:.3f} | {_ppl(r['test_ppl'], r['test_ppl_std'])} |")
         t = report.get("targets", {})
