@@ -26,15 +26,15 @@ def small_text(tmp_path_factory):
     return path
 
 
-def compress_cmd(procs: int, text, out, *extra: str) -> list[str]:
+def compress_cmd(procs: int, text, out, *extra: str, base: list[str] = FAST) -> list[str]:
     launch = [sys.executable, "-m", "edkm.cli"]
     if procs > 1:  # --standalone: torchrun picks a free port itself
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), "-m", "edkm.cli"]
-    return [*launch, "compress", "--text", str(text), "--out", str(out), *FAST, *extra]
+    return [*launch, "compress", "--text", str(text), "--out", str(out), *base, *extra]
 
 
-def run_compress(procs: int, text, out, *extra: str) -> dict:
-    res = subprocess.run(compress_cmd(procs, text, out, *extra), capture_output=True, text=True, timeout=900, env=ENV)
+def run_compress(procs: int, text, out, *extra: str, base: list[str] = FAST) -> dict:
+    res = subprocess.run(compress_cmd(procs, text, out, *extra, base=base), capture_output=True, text=True, timeout=900, env=ENV)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads((out / "report.json").read_text())
 
@@ -111,6 +111,36 @@ def test_fsdp_two_processes_match_one(single, small_text, tmp_path):
     assert (tmp_path / "model.safetensors").is_file()
     assert (tmp_path / "checkpoint_edkm.dcp" / ".metadata").is_file()
     assert_same_run(report, ref, tmp_path, ref_out)
+
+
+# the whole default job (fp control as the distillation teacher), 20 steps: tau anneals 100x, where fp32 sums drift
+EXACT = [*FAST[: FAST.index("--no-fp-control")], "--distill", "1", "--fsdp", "--mixed-precision", "fp64", "--steps", "20"]
+
+
+@pytest.fixture(scope="module")
+def single_fp64(small_text, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single_fp64")
+    report = run_compress(1, small_text, out, base=EXACT)  # one process: a process group of one
+    assert report["world_size"] == 1 and report["fp_losses"] and report["distill"] == 1
+    return out, report
+
+
+@pytest.mark.distributed
+def test_fsdp_fp64_two_processes_take_the_same_steps_as_one(single_fp64, small_text, tmp_path):
+    ref_out, ref = single_fp64
+    report = run_compress(2, small_text, tmp_path, base=EXACT)
+    assert report["fp_losses"] == pytest.approx(ref["fp_losses"], rel=1e-6)  # the sharded fp control (the teacher)
+    assert_same_run(report, ref, tmp_path, ref_out, rel=1e-6)  # fp32 loss sums differ in the last bits only
+    assert report["edkm_ppl"] == pytest.approx(ref["edkm_ppl"], rel=1e-9)  # the same packed model
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp_fp64_four_processes_take_the_same_steps_as_one(single_fp64, small_text, tmp_path):
+    ref_out, ref = single_fp64
+    report = run_compress(4, small_text, tmp_path, base=EXACT)
+    assert_same_run(report, ref, tmp_path, ref_out, rel=1e-6)
+    assert report["edkm_ppl"] == pytest.approx(ref["edkm_ppl"], rel=1e-9)
 
 
 @pytest.mark.distributed

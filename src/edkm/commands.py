@@ -71,7 +71,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # no "Loading weights" bar either
-    init_distributed(resolve_device(args.device))  # NCCL only for CUDA tensors
+    init_distributed(resolve_device(args.device), single=args.fsdp)  # NCCL only for CUDA tensors
     report = compress(cfg)  # Ctrl-C: `cli.main` prints the --resume command
     if report:
         print(format_report(report))

@@ -27,7 +27,7 @@ from .baselines import ptq_kmeans_, rtn_
 from .config import PalettizeConfig
 from .data import PackedDataset, check_seq_len, load_alpaca, load_text, split_records, split_text, tokenize_alpaca, tokenize_text
 from .eval.perplexity import perplexity
-from .distributed import DCPCheckpointer, FSDPOptions, finalize_fsdp_, fsdp_
+from .distributed import DCPCheckpointer, FSDPOptions, finalize_fsdp_, fsdp_, shard_layers_
 from .export import load_palettized, save_folder, save_palettized, write_model_card
 from .export.card import model_card
 from .export.folder import WEIGHTS
@@ -225,16 +225,21 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     teacher: nn.Module | None = None
     if cfg.fp_control:
         teacher = copy.deepcopy(model)  # trained here, or reloaded from its final checkpoint on --resume
+        if cfg.fsdp:  # sharded like the eDKM model, with the same precision policy
+            shard_layers_(teacher, cfg.fsdp)
         control = replace(cfg.train, lr=cfg.control_lr or cfg.train.lr)
         with job.phase("fp control", total=cfg.train.steps, detail=f"fine-tuning without clustering, loss {loss_label(0)}") as bar:
-            fp_losses = finetune(teacher, data, control, out / "checkpoint_fp.pt", state == "resume", bar=bar)
-            if "fp_finetuned_ppl" not in done:
-                record(fp_finetuned_ppl=ppl(teacher) if rank == 0 else None, fp_losses=fp_losses)
+            fp_ckpt = out / ("checkpoint_fp" + (".dcp" if cfg.fsdp else ".pt"))
+            fp_losses = finetune(teacher, data, control, fp_ckpt, state == "resume", bar=bar, fsdp=cfg.fsdp is not None)
+            if "fp_finetuned_ppl" not in done:  # a sharded model evaluates on every rank (its forward gathers)
+                record(fp_finetuned_ppl=ppl(teacher) if rank == 0 or cfg.fsdp else None, fp_losses=fp_losses)
                 bar.update(0, note=f"fine-tuned fp32 ppl {done['fp_finetuned_ppl'] or 0:.3f}")
     else:
         job.skip("fp control", "skipped (--no-fp-control)")
     # distillation teacher: the fine-tuned control when there is one, else the original model
-    teacher = (teacher or copy.deepcopy(model)).eval().requires_grad_(False) if cfg.distill else None
+    if cfg.distill and teacher is None:  # the original model
+        teacher = shard_layers_(copy.deepcopy(model), cfg.fsdp) if cfg.fsdp else copy.deepcopy(model)
+    teacher = teacher.eval().requires_grad_(False) if cfg.distill and teacher is not None else None
 
     palettize_(model, cfg.plan)
     if cfg.fsdp:

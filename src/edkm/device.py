@@ -48,9 +48,17 @@ def backend_for(device: Any) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_distributed(device: Any) -> None:
-    """Join the torchrun process group (WORLD_SIZE > 1) with the backend ``device`` needs."""
+def init_distributed(device: Any, single: bool = False) -> None:
+    """Join the torchrun process group (WORLD_SIZE > 1) with the backend ``device`` needs.
+
+    ``single``: outside torchrun, a process group of one (so ``--fsdp`` runs the same sharded code
+    in one process: the reference a multi-process run is compared with).
+    """
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if dist.is_initialized():
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group(backend_for(device))
+    elif single:
+        dist.init_process_group(backend_for(device), store=dist.HashStore(), rank=0, world_size=1)

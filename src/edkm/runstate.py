@@ -26,7 +26,7 @@ from typing import Any
 
 MODEL_FILE = "model.edkm.safetensors"  # the packed model of a run folder
 SETTINGS_FILE = "settings.json"
-CHECKPOINTS = ("checkpoint_fp.pt", "checkpoint_edkm.pt", "checkpoint_edkm.dcp")  # .dcp: a sharded (--fsdp) folder
+CHECKPOINTS = ("checkpoint_fp.pt", "checkpoint_fp.dcp", "checkpoint_edkm.pt", "checkpoint_edkm.dcp")  # .dcp: a sharded (--fsdp) folder
 NOT_COMPARED = {"plan.memory", "train.progress", "train.checkpoint_every", "plan.format_version"}
 FLAGS = {
     "model": "--model", "text": "--text", "alpaca": "--alpaca", "context": "--context", "holdout": "--holdout",

@@ -82,6 +82,33 @@ def batch_indices(step: int, n: int, cfg: TrainConfig) -> torch.Tensor:
     return perm[slot * cfg.batch_size : (slot + 1) * cfg.batch_size]
 
 
+def clip_grad_norm_(params: Any, max_norm: float) -> float:
+    """Scale the gradients so that their total 2-norm is at most ``max_norm``; returns the norm before.
+
+    Plain tensors: ``torch.nn.utils.clip_grad_norm_``. Sharded (``Shard`` DTensor) gradients, as
+    FSDP leaves them: the squares are summed in float64 over each local shard and all-reduced, so
+    the clip factor does not depend on how the parameters are split over processes.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    total = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+    for g in grads:
+        if not isinstance(g, DTensor) or not all(isinstance(p, Shard) for p in g.placements):
+            raise ValueError("clip_grad_norm_: mixing sharded gradients with replicated ones is not supported")
+        total += g.to_local().double().square().sum()
+    dist.all_reduce(total, group=grads[0].device_mesh.get_group())
+    norm = float(total.sqrt())
+    coef = min(1.0, max_norm / (norm + 1e-6))
+    if coef < 1.0:
+        for g in grads:
+            g.to_local().mul_(coef)
+    return norm
+
+
 def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, losses: list[float]) -> None:
     tmp = path.with_suffix(".tmp")
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "losses": losses,
@@ -165,7 +192,7 @@ def train(
         if size > 1:
             dist.all_reduce(total)
         if cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(total))

@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "FSDPOptions": "fsdp", "fsdp_": "fsdp", "init_distributed": "fsdp",
+    "FSDPOptions": "fsdp", "fsdp_": "fsdp", "init_distributed": "fsdp", "shard_layers_": "fsdp",
     "sharded_dkm": "sharded",
     "DCPCheckpointer": "checkpoint", "finalize_fsdp_": "checkpoint", "save_fsdp_palettized": "checkpoint",
 }

@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from ..wrap import ClusteredWeight, clustered_modules
 from .clustered import ShardedClusteredWeight, shard_clustered_weights_
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
 @dataclass
@@ -43,7 +43,9 @@ class FSDPOptions:
 
     Args:
         mixed_precision: None (fp32 compute) or "bf16"/"fp16": ``MixedPrecisionPolicy`` param dtype
-            (gradients reduced in fp32, fp32 master weights kept).
+            (gradients reduced in fp32, fp32 master weights kept); "fp64": compute and every gradient
+            sum in float64 over the fp32 master weights, so the rounding of a sum no longer depends on
+            how the batch is split over processes: 1, 2 and 4 processes take the same steps.
         activation_checkpointing: recompute every decoder layer in backward.
         sharded_dkm: each rank clusters only its rows of every clustered weight (else DKM runs on
             the weight FSDP gathered, the same work on every rank).
@@ -55,7 +57,14 @@ class FSDPOptions:
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in (None, *PRECISIONS):
-            raise ValueError(f"mixed_precision must be None, 'bf16' or 'fp16', got {self.mixed_precision!r}")
+            raise ValueError(f"mixed_precision must be None, 'bf16', 'fp16' or 'fp64', got {self.mixed_precision!r}")
+
+    def policy(self) -> MixedPrecisionPolicy:
+        """FSDP2's policy: compute in the chosen dtype, gradients reduced in fp32 (fp64 under "fp64")."""
+        dtype = PRECISIONS.get(self.mixed_precision or "")
+        if dtype is None:
+            return MixedPrecisionPolicy()
+        return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 def init_distributed() -> tuple[int, int]:
@@ -135,11 +144,19 @@ def fsdp_(model: nn.Module, options: FSDPOptions | None = None, mesh: DeviceMesh
         raise ValueError("model is already sharded with fully_shard")
     mesh = mesh or default_mesh()
     ignored = shard_clustered_weights_(model, mesh) if options.sharded_dkm else set()
-    dtype = PRECISIONS.get(options.mixed_precision or "")
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     for m in model.modules():
         if isinstance(m, ShardedClusteredWeight):
-            m.out_dtype = dtype
+            m.out_dtype = PRECISIONS.get(options.mixed_precision or "")
+    return shard_layers_(model, options, mesh, ignored)
+
+
+def shard_layers_(model: nn.Module, options: FSDPOptions | None = None, mesh: DeviceMesh | None = None,
+                  ignored: set[nn.Parameter] | None = None) -> nn.Module:
+    """``fully_shard`` every decoder layer, then the root, with ``options``' precision policy and
+    activation checkpointing; for any model (``edkm compress --fsdp`` shards its fp control this way)."""
+    options = options or FSDPOptions()
+    mesh = mesh or default_mesh()
+    policy = options.policy()
     for layer in decoder_layers(model):
         if options.activation_checkpointing:
             checkpoint_layer_(layer)

@@ -11,8 +11,10 @@ def add_fsdp_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("FSDP2 (run under torchrun; gloo on CPU, nccl on CUDA)")
     g.add_argument("--fsdp", action="store_true",
                    help="shard the eDKM fine-tuning with FSDP2 (fully_shard per decoder layer and the root), "
-                        "sharded DCP checkpoints")
-    g.add_argument("--mixed-precision", choices=["bf16", "fp16"], default=None, help="FSDP param dtype (fp32 master weights)")
+                        "sharded DCP checkpoints; without torchrun: one process (a group of one)")
+    g.add_argument("--mixed-precision", choices=["bf16", "fp16", "fp64"], default=None,
+                   help="FSDP compute dtype over fp32 master weights; fp64 (compute and gradient sums in float64) "
+                        "gives the same steps on any number of processes, one included")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each decoder layer in backward")
     g.add_argument("--fsdp-gathered-dkm", action="store_true",
                    help="run DKM on the weight FSDP gathered (every rank clusters all of it) instead of sharded DKM")
