@@ -85,56 +85,69 @@ def activation_bytes(config: Any, batch: int, seq: int, dtype: torch.dtype) -> t
     return saved[0] - per_layer, per_layer
 
 
-def dkm_coefficients(
-    modes: tuple[str, ...], k: int, iters: int, world: int, dtype: torch.dtype
-) -> dict[str, tuple[float, float, float, float]]:
-    """Per memory mode: bytes (per weight, per distinct value) on the device, then the same on the host.
-
-    Measured with :func:`edkm.memory.track_saved` on a real palettized 512 x 512 ``nn.Linear`` (128 x 128 for k > 16) in
-    ``dtype``: what its training forward holds for backward beyond what the plain layer holds
-    (the rounded 16-bit copy, W_hat kept by the matmul, DKM's own saved tensors).
-    """
+def _saved_by_dkm(mode: str, size: int, k: int, iters: int, world: int, dtype: torch.dtype) -> tuple[float, float, float, int]:
+    """(device bytes, host bytes, U's distinct-row bytes, distinct values) a palettized ``size`` x ``size``
+    Linear in ``dtype`` holds for backward beyond the plain layer, in memory ``mode``; S's share per rank."""
     import copy
 
     from .memory import track_saved
     from .wrap import palettize_
 
     torch.manual_seed(0)
-    size = 512 if k <= 16 else 128  # plain DKM holds |W| x k maps: keep them small
     plain = nn.Sequential(nn.Linear(size, size, bias=False)).to(dtype)
     with torch.no_grad():
         plain[0].weight.mul_(0.05)
     x = torch.randn(4, size, dtype=dtype, requires_grad=True)  # as inside a model: the matmul keeps its weight
     with track_saved() as base:
         plain(x)
-    numel = plain[0].weight.numel()
     distinct = int(torch.unique(plain[0].weight.detach().to(torch.bfloat16)).numel())
+    spec = {"coremltools": "plain"}.get(mode, mode).replace("+shard", "")  # S measured unsharded, divided below
+    model = palettize_(copy.deepcopy(plain), PalettizeConfig(bits=k.bit_length() - 1, iters=iters, memory=spec, tau=0.05))
+    with torch.no_grad():
+        model(x)  # first-step k-means
+    with track_saved() as stats:
+        model(x)
+    device, host = stats.device_bytes - base.device_bytes, stats.host_bytes
+    rows = stats.kinds.get("rows", 0)  # U's distinct rows
+    index = stats.kinds.get("index", 0)  # U's index list
+    on_host = "marshal" in spec
+    if on_host:
+        host -= rows
+    else:
+        device -= rows
+    if "shard" in mode:  # S keeps 1/N of U's index list, or of every per-weight saved map without U
+        part = index if "unique" in spec else host if on_host else device
+        if on_host:
+            host -= part * (1 - 1 / world)
+        else:
+            device -= part * (1 - 1 / world)
+    return device, host, rows, distinct
+
+
+def dkm_coefficients(
+    modes: tuple[str, ...], k: int, iters: int, world: int, dtype: torch.dtype
+) -> dict[str, tuple[float, float, float, float, float, float]]:
+    """Per memory mode: device bytes (per weight, per distinct value, per tensor), then the same on the host.
+
+    Measured with :func:`edkm.memory.track_saved` on real palettized square ``nn.Linear`` layers of two
+    sizes (512 and 1024; 128 and 256 for k > 16) in ``dtype``: what the training forward holds for
+    backward beyond what the plain layer holds. The two sizes split it into a part that grows with
+    the weight (maps of |W| x k, a rounded copy) and a part that does not (fused DKM's tables over the
+    65,536 16-bit values): extrapolating a 512 x 512 layer per weight would charge a 4096 x 4096
+    layer 64x its tables.
+    """
+    small = 512 if k <= 16 else 128  # plain DKM holds |W| x k maps: keep them small
     out = {}
     for mode in modes:
         if mode in ("plain-ft", "sharded"):
             continue
-        spec = {"coremltools": "plain"}.get(mode, mode).replace("+shard", "")  # S measured unsharded, divided below
-        model = palettize_(copy.deepcopy(plain), PalettizeConfig(bits=k.bit_length() - 1, iters=iters, memory=spec, tau=0.05))
-        with torch.no_grad():
-            model(x)  # first-step k-means
-        with track_saved() as stats:
-            model(x)
-        device, host = stats.device_bytes - base.device_bytes, stats.host_bytes
-        rows = stats.kinds.get("rows", 0)  # U's distinct rows
-        index = stats.kinds.get("index", 0)  # U's index list
-        on_host = "marshal" in spec
+        (d1, h1, rows, distinct), (d2, h2, _, _) = (_saved_by_dkm(mode, n, k, iters, world, dtype) for n in (small, 2 * small))
+        numel = small * small
+        per_w, host_w = max(0.0, (d2 - d1) / (3 * numel)), max(0.0, (h2 - h1) / (3 * numel))  # 2x the side: 4x the weights
         per_u = rows / distinct
-        if on_host:
-            host -= rows
-        else:
-            device -= rows
-        if "shard" in mode:  # S keeps 1/N of U's index list, or of every per-weight saved map without U
-            part = index if "unique" in spec else host if on_host else device
-            if on_host:
-                host -= part * (1 - 1 / world)
-            else:
-                device -= part * (1 - 1 / world)
-        out[mode] = (device / numel, 0.0 if on_host else per_u, host / numel, per_u if on_host else 0.0)
+        on_host = "marshal" in mode
+        out[mode] = (per_w, 0.0 if on_host else per_u, max(0.0, d1 - per_w * numel),
+                     host_w, per_u if on_host else 0.0, max(0.0, h1 - host_w * numel))
     return out
 
 
@@ -169,7 +182,7 @@ def estimate(model_spec: str | Any, opts: PlanOptions) -> dict[str, Any]:
     w_hat = sum(numel for numel, _ in clustered.values()) * act_bytes * live
     distinct_cap = 1 << 16
     rows: list[dict[str, Any]] = []
-    coeffs: dict[int, dict[str, tuple[float, float, float, float]]] = {}
+    coeffs: dict[int, dict[str, tuple[float, float, float, float, float, float]]] = {}
     for mode in MODES:
         device = host = 0.0
         if mode == "sharded":  # measured modes include W_hat and the rounded copy; here: analytic
@@ -178,9 +191,9 @@ def estimate(model_spec: str | Any, opts: PlanOptions) -> dict[str, Any]:
             for numel, k in clustered.values():
                 if k not in coeffs:
                     coeffs[k] = dkm_coefficients(MODES, k, opts.iters, n, dtype)
-                per_w, per_u, host_w, host_u = coeffs[k][mode]
-                device += (per_w * numel + per_u * min(numel, distinct_cap)) * live
-                host += (host_w * numel + host_u * min(numel, distinct_cap)) * live
+                per_w, per_u, per_t, host_w, host_u, host_t = coeffs[k][mode]
+                device += (per_w * numel + per_u * min(numel, distinct_cap) + per_t) * live
+                host += (host_w * numel + host_u * min(numel, distinct_cap) + host_t) * live
         elif mode == "sharded":  # saved pair tables (int64 pattern + fp64 count per distinct value) per weight
             device += sum(16 * min(numel, distinct_cap) for numel, _ in clustered.values()) * live
         peak = states + gathered + max(grads, acts + logits_grad + largest_grad + device)
