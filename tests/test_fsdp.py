@@ -2,6 +2,7 @@
 = one process, killed-and-resumed = uninterrupted (also on another process count), packed model equal."""
 
 import contextlib
+import copy
 import json
 import os
 import signal
@@ -99,6 +100,41 @@ def test_sharded_dkm_equals_dkm_on_the_gathered_weight(world, launch_ranks):
         for case, (value_err, centroid_err, grad_err) in res.items():
             assert value_err == 0 and centroid_err == 0, case  # same tables, same fp32 math: bit-identical
             assert grad_err <= 1e-5, case  # fp64 bucket sums in another order: float tolerance
+
+
+def _regather_child(rank: int, world: int, init_file: str) -> dict:
+    """One sharded clustered Linear: the gathered weight is not kept for backward, gradients unchanged."""
+    import edkm
+    from edkm.distributed.clustered import shard_clustered_weights_
+    from edkm.memory import track_saved
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(96, 32, bias=False))
+    x = torch.randn(5, 64)
+    out = {}
+    for regather in (False, True):
+        model = edkm.palettize_(copy.deepcopy(base), edkm.PalettizeConfig(bits=3, tau=0.05))
+        shard_clustered_weights_(model, mesh)
+        for m in model.modules():
+            if hasattr(m, "regather"):
+                m.regather = regather
+        with track_saved() as stats:
+            y = model(x)
+        y.square().sum().backward()
+        out[regather] = (stats.device_bytes, [p.grad.to_local().clone() for p in model.parameters()], y.detach())
+    (kept_all, grads_all, y_all), (kept_rows, grads_rows, y_rows) = out[False], out[True]
+    return {"saved_drop": kept_all - kept_rows, "same_y": torch.equal(y_all, y_rows),
+            "grad_err": max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(grads_all, grads_rows))}
+
+
+@pytest.mark.distributed
+def test_sharded_layer_keeps_its_rows_not_the_gathered_weight(launch_ranks):
+    for res in launch_ranks(_regather_child, 2, timeout=120):
+        assert res["same_y"] and res["grad_err"] <= 1e-6  # gathered again in backward: same outputs, gradients to fp32 rounding
+        # the second layer keeps half its fp32 W_hat (its rows), not all; the first keeps none (its input needs no gradient)
+        assert res["saved_drop"] == 32 * 96 * 4 / 2
 
 
 # --- edkm compress --fsdp -----------------------------------------------------------------------------

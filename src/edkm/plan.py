@@ -15,12 +15,13 @@ each is obtained:
   (:func:`edkm.memory.track_saved`) while the real Hugging Face model runs forward on
   ``FakeTensorMode`` tensors (shapes only, no weights, no compute), with 1 and 2 decoder layers; the
   per-layer difference is scaled to every layer. Plus the logits' gradient (transient of backward).
-* **clustered weights W_hat**: eDKM's matmuls keep each clustered weight for backward (one layer
-  at a time with activation checkpointing) — analytic, |W| x bytes.
+* **clustered weights W_hat** under sharded DKM: each rank keeps its rows of every clustered weight
+  for backward, where they are gathered again (one layer at a time with activation checkpointing)
+  — analytic, |W| x bytes / GPUs. The single-device modes recompute W_hat in backward.
 * **DKM saved tensors** per memory mode: measured with :func:`edkm.memory.track_saved` running the
-  real DKM on a real 512 x 512 palettized ``nn.Linear``; the bytes are split into a per-weight part (scaled by
-  |W|) and a per-distinct-value part (up to 65,536 per LUT for 16-bit weights), held for every
-  clustered weight until backward. "coremltools" is plain DKM (the full |W| x |C| maps); M moves
+  real DKM on real palettized 512 x 512 and 1024 x 1024 ``nn.Linear`` layers; the bytes are split into a
+  per-weight part (scaled by |W|), a per-distinct-value part (up to 65,536 per LUT for 16-bit
+  weights) and a per-tensor part (fused DKM's tables), held for every clustered weight until backward. "coremltools" is plain DKM (the full |W| x |C| maps); M moves
   saved tensors to the host (counted under ``host``); S divides its sharded part by the GPUs;
   "sharded" is :mod:`edkm.distributed.sharded` (tables only).
 
@@ -185,8 +186,8 @@ def estimate(model_spec: str | Any, opts: PlanOptions) -> dict[str, Any]:
     coeffs: dict[int, dict[str, tuple[float, float, float, float, float, float]]] = {}
     for mode in MODES:
         device = host = 0.0
-        if mode == "sharded":  # measured modes include W_hat and the rounded copy; here: analytic
-            device += w_hat + (0 if opts.mixed_precision else 4 * sum(v[0] for v in clustered.values()) * live / n)
+        if mode == "sharded":  # each rank keeps its rows of every W_hat (GatheredLinear), fp32: the rounded copy too
+            device += w_hat / n + (0 if opts.mixed_precision else 4 * sum(v[0] for v in clustered.values()) * live / n)
         if mode not in ("plain-ft", "sharded"):
             for numel, k in clustered.values():
                 if k not in coeffs:

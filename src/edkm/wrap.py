@@ -157,8 +157,9 @@ class DKMModule(WrappedLayer):
         self.clusterer = clusterer
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        if self.shell is not None or self.transposed or self.clusterer.takes_shards:
-            # Conv1D, a subclass's own forward, or sharded DKM (gathered clustered rows): on the clustered weight
+        if self.clusterer.takes_shards:  # sharded DKM: gathered clustered rows (edkm.distributed.clustered)
+            return self.clusterer.layer_forward(self, x, *args, **kwargs)
+        if self.shell is not None or self.transposed:  # Conv1D, a subclass's own forward: on the clustered weight
             return self._compute(x, self.clusterer(self.rows_first(self.weight)), *args, **kwargs)
         out = self.clusterer.fused_layer(self, x)
         if out is not None:

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DeviceMesh, DTensor, Shard
 from ..cluster.sixteen import cast_straight_through
 from ..lut import LUT_DTYPE
 from ..wrap import ClusteredWeight, DKMModule, clustered_modules
-from .sharded import GatherRows, local_rows, sharded_dkm
+from .sharded import GatheredLinear, GatherRows, local_rows, sharded_dkm
 
 
 def local_hard_indices(
@@ -44,6 +44,9 @@ class ShardedClusteredWeight(ClusteredWeight):
 
     ``forward(weight)`` returns the full clustered weight (all ranks' rows gathered, autograd-aware).
     ``out_dtype`` casts it for the matmul (bf16 under a bf16 mixed-precision policy; None keeps fp32).
+    ``regather``: a Linear keeps only this rank's clustered rows for backward and gathers them again
+    there (:class:`~edkm.distributed.sharded.GatheredLinear`, what FSDP does for the weights it
+    manages); off under activation checkpointing, which recomputes the layer anyway.
     """
 
     takes_shards = True
@@ -58,6 +61,7 @@ class ShardedClusteredWeight(ClusteredWeight):
         self.group_rows = self.rows // self.groups
         self.tied = tied  # a tied Parameter's second user reuses the gathered weight (the model forward's scope)
         self.out_dtype: torch.dtype | None = None
+        self.regather = True
         self.recomputing = False  # set during activation-checkpoint recomputation
 
     def _local(self, weight: torch.Tensor) -> torch.Tensor:
@@ -68,6 +72,18 @@ class ShardedClusteredWeight(ClusteredWeight):
         return local_hard_indices(self._local(weight), self.centroids, self.cluster_dtype, self.row_start, self.group_rows)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """The full clustered weight (every rank's rows, gathered)."""
+        return self.gathered(weight)[0]
+
+    def layer_forward(self, module: DKMModule, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        """``module``'s output for ``x`` with the clustered weight gathered from every rank."""
+        full, local = self.gathered(module.rows_first(module.weight))
+        if self.regather and module.base_type == "Linear" and module.shell is None:
+            return GatheredLinear.apply(x, local, module.bias, self.rows, self.group)
+        return module._compute(x, full, *args, **kwargs)
+
+    def gathered(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(full clustered weight, this rank's clustered rows); clustered once per model forward."""
         key = ("rows", self.training, torch.is_grad_enabled())
         if self._scope is not None and key in self._scope and not self.recomputing:
             return self._scope[key]  # a tied weight already clustered and gathered in this model forward
@@ -85,10 +101,10 @@ class ShardedClusteredWeight(ClusteredWeight):
         else:
             out = self._decode_local(weight)
         out = out.to(self.out_dtype or local.dtype)
-        full = GatherRows.apply(out, self.rows, self.group)
+        result = (GatherRows.apply(out, self.rows, self.group), out)
         if self._scope is not None and not self.recomputing:  # dropped when the model forward ends
-            self._scope[key] = full
-        return full
+            self._scope[key] = result
+        return result
 
     def cluster(self, weight: torch.Tensor):  # type: ignore[override]
         raise RuntimeError("a sharded clusterer returns the gathered clustered weight from forward(rows); cluster() takes whole weights")

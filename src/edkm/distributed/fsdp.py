@@ -6,7 +6,7 @@ Recipe (under ``torchrun``; gloo on CPU, NCCL on CUDA, chosen by :func:`init_dis
     from edkm.distributed import FSDPOptions, fsdp_, init_distributed
     init_distributed()
     edkm.palettize_(model, edkm.PalettizeConfig(bits=3))      # FIRST: wrappers before sharding
-    fsdp_(model, FSDPOptions(mixed_precision="bf16", activation_checkpointing=True))
+    fsdp_(model, FSDPOptions(mixed_precision="bf16", activation_checkpointing=True))  # "fp64": same steps on any N
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)      # DTensor parameters: 1/N per rank
     ... loss.backward(); opt.step() ...
     edkm.distributed.save_fsdp_palettized(model, "model.edkm.safetensors")  # same file as one process
@@ -147,6 +147,7 @@ def fsdp_(model: nn.Module, options: FSDPOptions | None = None, mesh: DeviceMesh
     for m in model.modules():
         if isinstance(m, ShardedClusteredWeight):
             m.out_dtype = PRECISIONS.get(options.mixed_precision or "")
+            m.regather = not options.activation_checkpointing
     return shard_layers_(model, options, mesh, ignored)
 
 

@@ -183,23 +183,62 @@ class GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local, rows, group):  # type: ignore[override]
-        n = dist.get_world_size(group)
-        p = -(-rows // n)
-        padded = local.new_zeros((p, *local.shape[1:]))
-        padded[: local.shape[0]] = local
-        full = local.new_empty((n * p, *local.shape[1:]))
-        dist.all_gather_single(full, padded.contiguous(), group=group)
-        ctx.args = (n, p, local.shape[0], group)
-        return full[:rows]
+        ctx.args = (local.shape[0], group)
+        return gather_rows(local, rows, group)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        n, p, local_rows, group = ctx.args
-        padded = grad.new_zeros((n * p, *grad.shape[1:]))
-        padded[: grad.shape[0]] = grad
-        out = grad.new_empty((p, *grad.shape[1:]))
-        dist.reduce_scatter_single(out, padded, group=group)
-        return out[:local_rows] / n, None, None
+        local_rows, group = ctx.args
+        return scatter_rows(grad, local_rows, group), None, None
+
+
+class GatheredLinear(torch.autograd.Function):
+    """``x @ W^T + b`` where W is gathered from every rank's ``local`` rows, keeping only ``local`` for
+    backward (gathered again there), as FSDP reshards the weights it manages after forward.
+
+    Backward: the input gradient with the re-gathered W; W's gradient reduce-scattered and divided
+    by N (:class:`GatherRows`' convention), so only this rank's rows come back.
+    """
+
+    @staticmethod
+    def forward(ctx, x, local, bias, rows, group):  # type: ignore[override]
+        full = gather_rows(local, rows, group)
+        need_x, need_w = ctx.needs_input_grad[:2]  # what each gradient needs, as F.linear keeps it
+        ctx.save_for_backward(x if need_w else None, local if need_x else None)
+        ctx.args = (rows, local.shape[0], group, bias is not None)
+        return torch.nn.functional.linear(x, full, bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, local = ctx.saved_tensors
+        rows, mine, group, has_bias = ctx.args
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_x = (g2 @ gather_rows(local, rows, group)).view(*grad.shape[:-1], -1) if ctx.needs_input_grad[0] else None
+        grad_local = scatter_rows(g2.t() @ x.reshape(-1, x.shape[-1]), mine, group) if ctx.needs_input_grad[1] else None
+        grad_b = g2.sum(0) if has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_local, grad_b, None, None
+
+
+def scatter_rows(full_grad: torch.Tensor, local_rows: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Reduce-scatter a (rows, ...) gradient to each rank's rows, divided by N (the mean, as FSDP takes it)."""
+    n = dist.get_world_size(group)
+    p = -(-full_grad.shape[0] // n)
+    padded = full_grad.new_zeros((n * p, *full_grad.shape[1:]))
+    padded[: full_grad.shape[0]] = full_grad
+    out = full_grad.new_empty((p, *full_grad.shape[1:]))
+    dist.reduce_scatter_single(out, padded, group=group)
+    return out[:local_rows] / n
+
+
+def gather_rows(local: torch.Tensor, rows: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """All-gather each rank's rows (ceil(rows / N) each, the last ones shorter) into the (rows, ...) tensor (no autograd)."""
+    n = dist.get_world_size(group)
+    p = -(-rows // n)
+    padded = local.new_zeros((p, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    full = local.new_empty((n * p, *local.shape[1:]))
+    dist.all_gather_single(full, padded.contiguous(), group=group)
+    return full[:rows]
 
 
 def local_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
