@@ -59,7 +59,7 @@ class ShardedClusteredWeight(ClusteredWeight):
         self.rows = self.shape[0]
         self.row_start, self.row_end = local_rows(self.rows, mesh.get_local_rank(), mesh.size())
         self.group_rows = self.rows // self.groups
-        self.tied = tied  # a tied Parameter's second user reuses the gathered weight (the model forward's scope)
+        self.tied = tied  # a tied Parameter's second user reuses the clustered rows (the model forward's scope)
         self.out_dtype: torch.dtype | None = None
         self.regather = True
         self.recomputing = False  # set during activation-checkpoint recomputation
@@ -73,20 +73,20 @@ class ShardedClusteredWeight(ClusteredWeight):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """The full clustered weight (every rank's rows, gathered)."""
-        return self.gathered(weight)[0]
+        return GatherRows.apply(self.clustered_rows(weight), self.rows, self.group)
 
     def layer_forward(self, module: DKMModule, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         """``module``'s output for ``x`` with the clustered weight gathered from every rank."""
-        full, local = self.gathered(module.rows_first(module.weight))
+        local = self.clustered_rows(module.rows_first(module.weight))
         if self.regather and module.base_type == "Linear" and module.shell is None:
             return GatheredLinear.apply(x, local, module.bias, self.rows, self.group)
-        return module._compute(x, full, *args, **kwargs)
+        return module._compute(x, GatherRows.apply(local, self.rows, self.group), *args, **kwargs)
 
-    def gathered(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(full clustered weight, this rank's clustered rows); clustered once per model forward."""
+    def clustered_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of the clustered weight (differentiable); clustered once per model forward."""
         key = ("rows", self.training, torch.is_grad_enabled())
         if self._scope is not None and key in self._scope and not self.recomputing:
-            return self._scope[key]  # a tied weight already clustered and gathered in this model forward
+            return self._scope[key]  # a tied weight already clustered in this model forward
         local = self._local(weight)
         if self.training:
             w16 = local if local.dtype == self.cluster_dtype else cast_straight_through(local, self.cluster_dtype)
@@ -101,10 +101,9 @@ class ShardedClusteredWeight(ClusteredWeight):
         else:
             out = self._decode_local(weight)
         out = out.to(self.out_dtype or local.dtype)
-        result = (GatherRows.apply(out, self.rows, self.group), out)
         if self._scope is not None and not self.recomputing:  # dropped when the model forward ends
-            self._scope[key] = result
-        return result
+            self._scope[key] = out
+        return out
 
     def cluster(self, weight: torch.Tensor):  # type: ignore[override]
         raise RuntimeError("a sharded clusterer returns the gathered clustered weight from forward(rows); cluster() takes whole weights")
