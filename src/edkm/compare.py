@@ -40,7 +40,7 @@ class CompareConfig:
     control_lr: float = 5e-4
     edkm_lrs: list[float] = field(default_factory=lambda: [5e-4, 1e-3, 2e-3])
     edkm_taus: list[float] = field(default_factory=lambda: [0.1, 0.4])  # tried at the middle lr (a cross-shaped grid)
-    qat_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 2e-3])
+    qat_lrs: list[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4, 1e-3, 2e-3])
     tau: float = 0.2  # starting tau; annealed to tau / tau_anneal
     tau_anneal: float = 100.0
     distill: float = 1.0
@@ -283,7 +283,7 @@ def add_compare_parser(sub: Any) -> None:
     p.add_argument("--edkm-taus", type=float, nargs="*", default=[0.1, 0.4],
                    help="starting taus tried at the middle eDKM lr (besides --tau); empty: tau not tuned")
     p.add_argument("--tau", type=float, default=0.2, help="default starting tau of DKM (annealed 100x)")
-    p.add_argument("--qat-lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 2e-3], help="QAT learning rates to choose from on validation")
+    p.add_argument("--qat-lrs", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4, 1e-3, 2e-3], help="QAT learning rates to choose from on validation")
     p.add_argument("--model", default=None)
     p.add_argument("--text", default=None)
     p.add_argument("--out", default="benchmarks/results")
