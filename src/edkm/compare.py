@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .compare_methods import METHODS, Method
+from .compare_methods import METHODS, Method, format_knob
 
 DEFAULT_METHODS = tuple(METHODS)
 
@@ -149,7 +149,7 @@ def run_method(r: Runner, method: Method, bits: int, log: Callable[[str], None],
         score = r.ppl(model, "val")
         tuning.append({"value": value, "val_ppl": score})
         built[value] = model
-        knob = f" {method.knob}={_show(value)}" if method.knob else ""
+        knob = f" {method.knob}={format_knob(value)}" if method.knob else ""
         log(f"  {bits}-bit {method.name}{knob}" + (f" seed={seeds[0]}" if method.trained else "") + f": val {score:.4f}")
     best = min(tuning, key=lambda t: t["val_ppl"])["value"]
     test_ppls, val_ppls, info = [], [], {}
@@ -171,13 +171,9 @@ def run_method(r: Runner, method: Method, bits: int, log: Callable[[str], None],
     }
 
 
-def _show(value: Any) -> str:
-    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple | list) else f"{value}"
-
-
 def _inherited(method: Method, rows: list[dict[str, Any]]) -> Any:
     """The knob value ``method.tune_like`` chose on validation (a tuple again after a JSON round trip)."""
-    row = next((row for row in rows if method.tune_like and row["method"] == method.tune_like), None)
+    row = next((row for row in rows if row["method"] == method.tune_like), None) if method.tune_like else None
     if row is None:
         return None
     return tuple(row["chosen"]) if isinstance(row["chosen"], list) else row["chosen"]

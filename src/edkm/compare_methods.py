@@ -67,6 +67,15 @@ def _hqq(r: Any, plan: Any, group: bool) -> Any:
     return hqq_(copy.deepcopy(r.model), plan, r.cfg.group_size if group else None)
 
 
+def format_knob(value: Any) -> str:
+    """A knob value as the log and the table show it (a tuple knob as its parts).
+
+    >>> format_knob(0.0003), format_knob((0.001, 0.2)), format_knob([0.001, 0.2])
+    ('0.0003', '0.001, 0.2', '0.001, 0.2')
+    """
+    return ", ".join(f"{v:g}" for v in value) if isinstance(value, tuple | list) else f"{value:g}"
+
+
 def edkm_grid(cfg: Any) -> list[tuple[float, float]]:
     """eDKM's (lr, starting tau) candidates: every lr at the default tau, every other tau at the middle lr.
 

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .compare_methods import format_knob
+
 PLOT = "compare.png"
 
 
@@ -23,10 +25,6 @@ def _ppl(mean: float | None, std: float | None) -> str:
     if mean is None:
         return "-"
     return f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else "")
-
-
-def _knob(value: object) -> str:
-    return ", ".join(f"{v:g}" for v in value) if isinstance(value, list | tuple) else f"{value:g}"
 
 
 def compare_table(results: Path) -> str:
@@ -45,7 +43,7 @@ def compare_table(results: Path) -> str:
                                  f"{r['control_val_ppl']:.3f} | {_ppl(r['control_test_ppl'], r['control_test_ppl_std'])} |")
                 continue
             name = f"**{r['label']}**" if r["method"].startswith("edkm") else r["label"]
-            knob = f"{r['knob']} {_knob(r['chosen'])}" if r.get("knob") else "-"
+            knob = f"{r['knob']} {format_knob(r['chosen'])}" if r.get("knob") else "-"
             knob += f" (as {r['tuned_like']})" if r.get("tuned_like") else ""
             seeds = str(len(r["seeds"])) if r.get("seeds") else "-"
             lines.append(f"| {b} | {name} | {r['bpw']:.2f} | {seeds} | {knob} | {r['val_ppl']:.3f} | {_ppl(r['test_ppl'], r['test_ppl_std'])} |")

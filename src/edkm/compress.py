@@ -239,7 +239,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     # distillation teacher: the fine-tuned control when there is one, else the original model
     if cfg.distill and teacher is None:  # the original model
         teacher = shard_layers_(copy.deepcopy(model), cfg.fsdp) if cfg.fsdp else copy.deepcopy(model)
-    teacher = teacher.eval().requires_grad_(False) if cfg.distill and teacher is not None else None
+    teacher = teacher.eval().requires_grad_(False) if cfg.distill else None
 
     palettize_(model, cfg.plan)
     if cfg.fsdp:

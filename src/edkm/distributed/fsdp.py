@@ -31,6 +31,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
+from ..device import init_distributed as join_process_group
+from ..device import resolve_device
 from ..wrap import ClusteredWeight, clustered_modules
 from .clustered import ShardedClusteredWeight, shard_clustered_weights_
 
@@ -72,11 +74,8 @@ def init_distributed() -> tuple[int, int]:
 
     Returns (rank, world size); (0, 1) outside torchrun. With CUDA each rank uses device LOCAL_RANK.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        join_process_group(resolve_device("auto"))  # the rank's LOCAL_RANK GPU and NCCL, else gloo
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
