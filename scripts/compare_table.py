@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from edkm.compare_report import compare_table, write_plot  # noqa: E402
+from edkm.jobs.compare_report import compare_table, write_plot  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

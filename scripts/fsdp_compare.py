@@ -31,8 +31,8 @@ FLAGS = {"fp64": ["--fsdp", "--mixed-precision", "fp64"], "fp32": ["--fsdp"]}
 
 
 def run(procs: int, out: Path, steps: int, flags: list[str]) -> dict:
-    launch = [sys.executable, "-m", "edkm.cli"] if procs == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), "-m", "edkm.cli"]
+    launch = [sys.executable, "-m", "edkm.cli.main"] if procs == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), "-m", "edkm.cli.main"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([*launch, "compress", "--steps", str(steps), "--quiet", "--out", str(out), *flags], check=True, env=env)
     return json.loads((out / "report.json").read_text())
@@ -57,7 +57,7 @@ def compare(name: str, work: Path, steps: int) -> dict:
              "edkm_ppl": reports[n]["edkm_ppl"], "seconds": reports[n]["seconds"],
              "max_logit_diff_rel": float((logits[n] - logits[1]).abs().max() / logits[1].abs().max())} for n in (2, 4)]
     flags = " ".join(FLAGS[name])
-    return {"command": f"torchrun --standalone --nproc-per-node N -m edkm.cli compress {flags} --steps {steps}",
+    return {"command": f"torchrun --standalone --nproc-per-node N -m edkm.cli.main compress {flags} --steps {steps}",
             "reference": f"edkm compress {' '.join(ref_flags)} --steps {steps} (one process)".replace("  ", " "),
             "single_edkm_ppl": ref["edkm_ppl"], "single_losses": ref["losses"], "single_seconds": ref["seconds"], "fsdp": rows}
 

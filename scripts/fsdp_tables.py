@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from edkm.distributed.bench import markdown as fsdp_dkm_table
-from edkm.plan_check import table as validation_table
+from edkm.bench.sharded_dkm import markdown as fsdp_dkm_table
+from edkm.bench.plan_check import table as validation_table
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 GPUS = (1, 2, 4, 8)

@@ -16,8 +16,8 @@ import torch
 import edkm
 from edkm.config import EMBEDDING_LAYERS
 from edkm.export.format import read_header
-from edkm.lut import LUTModule
-from edkm.wrap import clustered_fraction, unclustered_weights
+from edkm.layers.lut import LUTModule
+from edkm.layers.dkm import clustered_fraction, unclustered_weights
 
 pytest.importorskip("transformers")
 

@@ -9,7 +9,7 @@ import pytest
 
 from edkm.bench.train import model_dims, summarize, weight_shapes
 from edkm.bench.train_render import format_markdown, replace_section, write_result
-from edkm.cli import main
+from edkm.cli.main import main
 
 
 def test_default_dims_are_llama_7b_layers():

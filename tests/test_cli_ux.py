@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from edkm.cli import build_parser, main
+from edkm.cli.main import build_parser, main
 from edkm.models import BUNDLED_MODEL_DIR, BUNDLED_TEXT
 
 TINY = ["--context", "32", "--steps", "2", "--batch-size", "4", "--checkpoint-every", "1"]
@@ -41,7 +41,7 @@ def run(small_text, tmp_path_factory):
 
 # ------------------------------------------------------------------ conventions, parse-time checks
 def test_help_and_version_import_no_torch():
-    code = ("import sys; from edkm.cli import build_parser; build_parser(); "
+    code = ("import sys; from edkm.cli.main import build_parser; build_parser(); "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
@@ -92,7 +92,7 @@ def test_inputs_checked_before_the_model_loads(argv, message, tmp_path, capsys, 
         raise AssertionError("the model was loaded before the input was checked")
 
     monkeypatch.setattr(edkm.models, "load_causal_lm", no_load)
-    monkeypatch.setattr("edkm.compress.load_causal_lm", no_load)
+    monkeypatch.setattr("edkm.jobs.compress.load_causal_lm", no_load)
     with pytest.raises(SystemExit):
         main([*argv, *(["--out", str(tmp_path)] if argv[0] == "compress" else [])])
     assert message in capsys.readouterr().err
@@ -101,7 +101,7 @@ def test_inputs_checked_before_the_model_loads(argv, message, tmp_path, capsys, 
 def test_job_eta_scales_the_cost_ahead_by_the_pace_so_far():
     import io
 
-    from edkm.progress import JobProgress
+    from edkm.jobs.progress import JobProgress
 
     job = JobProgress({"a": 1.0, "b": 3.0}, stream=io.StringIO())
     job.start -= 10.0  # 10 s elapsed
@@ -219,7 +219,7 @@ def test_packed_model_without_tokenizer_needs_tokenizer_flag(run, tmp_path, caps
 ])
 def test_size_presets_match_published_parameter_counts(preset, params):
     from edkm.config import PalettizeConfig
-    from edkm.size import load_config, meta_model, palettized_size
+    from edkm.jobs.size import load_config, meta_model, palettized_size
 
     assert palettized_size(meta_model(load_config(preset)), PalettizeConfig(memory="plain"))["params"] == params
 
@@ -234,7 +234,7 @@ def test_size_readable_units_and_group_size_checked(capsys):
 
 
 def test_run_folder_states(tmp_path):
-    from edkm.runstate import check_resume
+    from edkm.jobs.runstate import check_resume
 
     (tmp_path / "checkpoint_edkm.pt").write_bytes(b"x")  # a run from before settings.json: resumed, not cleared
     assert check_resume(tmp_path, {"plan": {"bits": 3}}, resume=True) == "resume"

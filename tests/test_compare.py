@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from edkm.cli import main
-from edkm.compare_report import compare_table, write_plot
+from edkm.cli.main import main
+from edkm.jobs.compare_report import compare_table, write_plot
 from edkm.models import BUNDLED_TEXT
 
 pytest.importorskip("torchao")

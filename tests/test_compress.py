@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from edkm.cli import main
+from edkm.cli.main import main
 from edkm.models import BUNDLED_TEXT
 
 FAST = ["--context", "32", "--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--quiet"]
@@ -31,7 +31,7 @@ def free_port() -> int:
 
 
 def run_cli(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "edkm.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "edkm.cli.main", *args], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
 
 
@@ -74,7 +74,7 @@ def test_output_folder_loads_with_plain_from_pretrained_after_import_edkm(single
 def test_control_and_edkm_train_at_their_own_learning_rates(single):
     import torch
 
-    from edkm.train import TrainConfig, lr_at
+    from edkm.training.loop import TrainConfig, lr_at
 
     out, report = single
     assert report["control_lr"] == 5e-4 and report["train"]["lr"] == 1e-3  # --lr 1e-3 in FAST, default --control-lr
@@ -103,7 +103,7 @@ def test_two_process_ddp_with_sharding_matches_single(single, small_text, tmp_pa
     _, report = single
     res = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-         "-m", "edkm.cli", "compress", "--text", str(small_text), "--out", str(tmp_path),
+         "-m", "edkm.cli.main", "compress", "--text", str(small_text), "--out", str(tmp_path),
          "--memory", "marshal+unique+shard", *FAST],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -118,7 +118,7 @@ def test_kill_and_resume_ends_with_the_same_result(single, small_text, tmp_path)
     _, report = single
     args = ["compress", "--text", str(small_text), "--out", str(tmp_path), "--memory", "marshal+unique", *FAST,
             "--checkpoint-every", "1"]
-    proc = subprocess.Popen([sys.executable, "-m", "edkm.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "edkm.cli.main", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     ckpt = tmp_path / "checkpoint_edkm.pt"
     deadline = time.time() + 600

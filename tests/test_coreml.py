@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("coremltools", reason="coremltools (the optional 'coreml' extra) is not installed")
 
 import edkm  # noqa: E402
-from edkm.cli import main  # noqa: E402
+from edkm.cli.main import main  # noqa: E402
 from edkm.cluster import decode  # noqa: E402
 from edkm.coreml.layers import conversion_copy  # noqa: E402
 from edkm.coreml.trace import StatefulLM, StatelessLM, causal_mask  # noqa: E402

@@ -1,4 +1,4 @@
-"""edkm.data: loading errors, held-out split, tokenization, Alpaca masking, packing."""
+"""edkm.data.text: loading errors, held-out split, tokenization, Alpaca masking, packing."""
 
 from __future__ import annotations
 
@@ -9,19 +9,7 @@ import pytest
 import torch
 
 import edkm
-from edkm.data import (
-    IGNORE_INDEX,
-    PackedDataset,
-    check_seq_len,
-    format_alpaca_prompt,
-    load_alpaca,
-    load_text,
-    split_documents,
-    split_records,
-    split_text,
-    tokenize_alpaca,
-    tokenize_text,
-)
+from edkm.data.text import IGNORE_INDEX, PackedDataset, check_seq_len, format_alpaca_prompt, load_alpaca, load_text, split_documents, split_records, split_text, tokenize_alpaca, tokenize_text
 
 ASSETS = Path(edkm.__file__).parent / "assets"
 STORIES = [ASSETS / "tinystories" / "tinystories_val.txt", Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_val.txt"]
@@ -199,5 +187,5 @@ def test_import_stays_light():
     import subprocess
     import sys
 
-    code = "import edkm.data, edkm.eval, sys; assert 'transformers' not in sys.modules, 'transformers imported'"
+    code = "import edkm.data.text, edkm.eval, sys; assert 'transformers' not in sys.modules, 'transformers imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,11 +9,11 @@ import copy
 
 import torch
 
-from edkm.compress import CompressConfig, finetune, split_data
+from edkm.jobs.compress import CompressConfig, finetune, split_data
 from edkm.config import PalettizeConfig
 from edkm.models import load_causal_lm
-from edkm.train import TrainConfig, batch_indices
-from edkm.wrap import palettize_
+from edkm.training.loop import TrainConfig, batch_indices
+from edkm.layers.dkm import palettize_
 
 
 def short_run(threads: int) -> list[str]:

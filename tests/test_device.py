@@ -7,8 +7,8 @@ import torch
 
 import edkm
 from edkm.models import BUNDLED_MODEL_DIR
-from edkm.cli import main
-from edkm.device import backend_for, resolve_device
+from edkm.cli.main import main
+from edkm.distributed.device import backend_for, resolve_device
 from edkm.memory.marshal import to_host
 
 CUDA = torch.cuda.is_available()

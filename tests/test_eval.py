@@ -247,7 +247,7 @@ def test_real_model_on_bundled_subsets(stories):
 
 @real_model
 def test_real_model_heldout_perplexity(stories):
-    from edkm.data import load_text
+    from edkm.data.text import load_text
     from edkm.eval import heldout_tokens
     from edkm.models import BUNDLED_TEXT
 

@@ -28,9 +28,9 @@ def small_text(tmp_path_factory):
 
 
 def compress_cmd(procs: int, text, out, *extra: str, base: list[str] = FAST) -> list[str]:
-    launch = [sys.executable, "-m", "edkm.cli"]
+    launch = [sys.executable, "-m", "edkm.cli.main"]
     if procs > 1:  # --standalone: torchrun picks a free port itself
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), "-m", "edkm.cli"]
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), "-m", "edkm.cli.main"]
     return [*launch, "compress", "--text", str(text), "--out", str(out), *base, *extra]
 
 

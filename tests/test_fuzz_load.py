@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import edkm
-from edkm.export import FormatError, save_folder
+from edkm.export import FormatError
+from edkm.hf.folder import save_folder
 from edkm.export.layers import digest
-from edkm.lut import LUTModule
+from edkm.layers.lut import LUTModule
 from edkm.models import load_causal_lm
 
 SEED = 20261201

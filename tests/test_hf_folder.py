@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import edkm
-from edkm.export import FormatError, is_edkm_folder, save_folder
+from edkm.export import FormatError, is_edkm_folder
+from edkm.hf.folder import save_folder
 from edkm.models import BUNDLED_MODEL_DIR, load_causal_lm
 
 X = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -30,7 +31,7 @@ def folder(palettized, tmp_path_factory):
 def test_from_pretrained_gives_identical_logits_without_fp32_weights(palettized, folder):
     from transformers import AutoModelForCausalLM
 
-    from edkm.lut import LUTModule
+    from edkm.layers.lut import LUTModule
 
     model, _ = palettized
     loaded = AutoModelForCausalLM.from_pretrained(folder)

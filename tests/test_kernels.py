@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from edkm import decode
 from edkm.kernels import gemv, linear, lut_gemv
 from edkm.kernels.layout import grid
-from edkm.lut import LUTModule, LUTWeight, set_lut_kernel
+from edkm.layers.lut import LUTModule, LUTWeight, set_lut_kernel
 
 ROWS, COLS = 24, 32
 # groups: one LUT per tensor, per block of 4 rows (DKM's group_size), per 8 input columns (RTN's group_size)

@@ -10,7 +10,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import edkm
-from edkm.cluster.dkm import dkm
+from edkm.memory.dkm import dkm
 from edkm.cluster.sixteen import cast_straight_through
 from edkm.memory.layer import cluster_weight, clustered_linear
 
@@ -96,7 +96,7 @@ def test_nothing_weight_sized_alive_after_backward_and_step(memory):
     alive = [(shape, op) for ref, shape, op in mode.refs if not ref.expired() and ref.cdata not in keep]
     assert loss.grad_fn is not None  # the graph is still referenced, as in a training loop
     assert not alive, f"|W|-sized tensors alive after backward and step: {alive}"
-    assert all(m._scope is None for m in model.modules() if isinstance(m, edkm.wrap.ClusteredWeight))
+    assert all(m._scope is None for m in model.modules() if isinstance(m, edkm.layers.dkm.ClusteredWeight))
 
 
 def reference_linear(w: torch.Tensor, c: torch.Tensor, x: torch.Tensor, tau: float, memory: str) -> torch.Tensor:

@@ -20,7 +20,7 @@ def test_gptq_output_error_below_rtn(group_size, act_order):
     w = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
     h = 2 * x.T.double() @ x.double() / len(x)
     idx, lo, step = gptq_uniform(w, h, bits=3, group_size=group_size, act_order=act_order, block_size=8)
-    from edkm.lut import LUTWeight
+    from edkm.layers.lut import LUTWeight
 
     q_gptq = LUTWeight.from_uniform(lo, step, idx, w.shape, 3, torch.float32)()
     q_rtn = rtn_lut(w, 3, group_size)()

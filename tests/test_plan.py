@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from edkm.cli import main
+from edkm.cli.main import main
 from edkm.models import BUNDLED_MODEL_DIR
-from edkm.plan import PlanOptions, estimate
+from edkm.jobs.plan import PlanOptions, estimate
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_modes_are_ordered_as_their_memory(plans):
 def test_fused_dkm_costs_tables_per_tensor_not_bytes_per_weight():
     import torch
 
-    from edkm.plan import dkm_coefficients
+    from edkm.jobs.plan import dkm_coefficients
 
     per_w, per_u, per_t, host_w, _, host_t = dkm_coefficients(("fused", "plain-ft"), 8, 3, 1, torch.float32)["fused"]
     assert per_w < 0.05 and 1e5 < per_t < 4e6  # O(65,536) tables whatever the layer size (measured at two sizes)

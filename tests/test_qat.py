@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("torchao")
 
 from edkm.config import PalettizeConfig  # noqa: E402
-from edkm.lut import LUTModule  # noqa: E402
+from edkm.layers.lut import LUTModule  # noqa: E402
 from edkm.models import load_causal_lm  # noqa: E402
 from edkm.peers.qat import convert_qat_, prepare_qat_, qat_to_lut_  # noqa: E402
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from edkm.cli import main
+from edkm.cli.main import main
 
 pytestmark = pytest.mark.slow
 

@@ -114,7 +114,7 @@ def test_header_is_covered_by_the_checksum(saved, tmp_path):
 
 
 def test_flipped_header_byte_is_one_line_cli_error(saved, tmp_path, capsys):
-    from edkm.cli import main
+    from edkm.cli.main import main
 
     raw = bytearray(saved.read_bytes())
     raw[40] ^= 0x55
@@ -140,7 +140,7 @@ class Payload:
 
 
 def test_resume_refuses_pickled_code(tmp_path):
-    from edkm.train import TrainConfig, train
+    from edkm.training.loop import TrainConfig, train
 
     sentinel = tmp_path / "pwned"
     torch.save({"model": Payload(sentinel)}, tmp_path / "ckpt.pt")

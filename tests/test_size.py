@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from edkm.cli import main
+from edkm.cli.main import main
 from edkm.config import PalettizeConfig
-from edkm.size import GiB, load_config, meta_model, palettized_size
+from edkm.jobs.size import GiB, load_config, meta_model, palettized_size
 
 
 def test_llama7b_matches_paper():

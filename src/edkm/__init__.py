@@ -22,25 +22,25 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .hf import install_import_hook
+from edkm.hf import install_import_hook
 
 install_import_hook()  # `from_pretrained` of an edkm folder works once transformers loads; imports nothing now
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "dkm": "edkm.cluster",
+    "dkm": "edkm.memory",
     "kmeans1d": "edkm.cluster",
     "hard_assign": "edkm.cluster",
     "decode": "edkm.cluster",
     "PalettizeConfig": "edkm.config",
-    "palettize_": "edkm.wrap",
-    "finalize_": "edkm.wrap",
-    "ptq_kmeans_": "edkm.baselines",
-    "rtn_": "edkm.baselines",
+    "palettize_": "edkm.layers.dkm",
+    "finalize_": "edkm.layers.dkm",
+    "ptq_kmeans_": "edkm.peers.baselines",
+    "rtn_": "edkm.peers.baselines",
     "save_palettized": "edkm.export",
-    "load_palettized": "edkm.export",
-    "save_folder": "edkm.export",
+    "load_palettized": "edkm.hf.load",
+    "save_folder": "edkm.hf.folder",
 }
 
 __all__ = [*_LAZY]

@@ -1,6 +1,6 @@
 """``python -m edkm`` is the ``edkm`` command."""
 
-from .cli import main
+from edkm.cli.main import main
 
 if __name__ == "__main__":
     main()

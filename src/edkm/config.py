@@ -49,7 +49,7 @@ class LayerSpec:
             raise ValueError(f"iters must be an integer >= 0, got {self.iters!r}")
         if self.eps < 0:
             raise ValueError(f"eps must be >= 0, got {self.eps!r}")
-        from .memory import parse_memory
+        from edkm.memory import parse_memory
 
         parse_memory(self.memory)  # raises on an unknown mode
 

@@ -9,8 +9,8 @@ configuration, computed rank counts), :mod:`.coreml` (the coremltools reference 
 
 from __future__ import annotations
 
-from .configs import BenchOptions
-from .memory import run, run_memory_benchmark
-from .render import format_table
+from edkm.bench.configs import BenchOptions
+from edkm.bench.memory import run, run_memory_benchmark
+from edkm.bench.render import format_table
 
 __all__ = ["BenchOptions", "run", "run_memory_benchmark", "format_table"]

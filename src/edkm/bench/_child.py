@@ -14,7 +14,7 @@ import sys
 
 def main(argv: list[str]) -> int:
     spec_json, result_path = argv
-    from .measure import measure_in_process
+    from edkm.bench.measure import measure_in_process
 
     result = measure_in_process(json.loads(spec_json))
     with open(result_path, "w") as f:

@@ -12,9 +12,9 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
-from .configs import REPO_ROOT, BenchOptions, GiB, Log
-from .measure import wait_for_memory
-from .report import error_row
+from edkm.bench.configs import REPO_ROOT, BenchOptions, GiB, Log
+from edkm.bench.measure import wait_for_memory
+from edkm.bench.report import error_row
 
 COREML_SCRIPT = REPO_ROOT / "benchmarks" / "coreml_reference.py"
 

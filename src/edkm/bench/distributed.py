@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .configs import BenchOptions, Log, Skipped, choose_units, estimate_peak_bytes
-from .measure import child_env, launch, make_spec, measure_in_process, wait_for_memory
-from .report import error_row, log_row
+from edkm.bench.configs import BenchOptions, Log, Skipped, choose_units, estimate_peak_bytes
+from edkm.bench.measure import child_env, launch, make_spec, measure_in_process, wait_for_memory
+from edkm.bench.report import error_row, log_row
 
 
 def _rank_env(rank: int, world: int, threads: int) -> dict[str, str]:

@@ -90,7 +90,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def run_child(args: list[str], env_extra: dict[str, str], timeout: float) -> dict:
     """``python -m edkm.bench.generate_child *args RESULT`` in a fresh interpreter; its JSON result."""
-    from .measure import child_env
+    from edkm.bench.measure import child_env
 
     with tempfile.TemporaryDirectory(prefix="edkm_generate_") as tmp:
         path = os.path.join(tmp, "result.json")

@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .measure import peak_rss_bytes, rss_bytes
+from edkm.bench.measure import peak_rss_bytes, rss_bytes
 
 
 def tensor_bytes(model: Any) -> dict[str, int]:
     """Bytes of the model's distinct parameter/buffer storages (and int8 re-grids): total and by dtype."""
-    from ..lut import LUTWeight
+    from edkm.layers.lut import LUTWeight
 
     seen: dict[int, Any] = {}
     extra = [t for m in model.modules() if isinstance(m, LUTWeight) and m.int8 is not None for t in (m.int8.q, m.int8.scales)]
@@ -42,11 +42,11 @@ def load(spec: dict) -> Any:
     import torch
 
     if spec["kind"] == "packed":
-        from ..export import load_palettized
+        from edkm.hf.load import load_palettized
 
         model = load_palettized(spec["path"])
         if spec.get("kernel"):
-            from ..lut import set_lut_kernel
+            from edkm.layers.lut import set_lut_kernel
 
             set_lut_kernel(model, spec["kernel"])
         return model
@@ -76,8 +76,8 @@ class DecodeCounter:
     """Counts whole-weight decodes (``edkm.decode`` calls from the LUT layers and kernels) while active."""
 
     def __enter__(self) -> "DecodeCounter":
-        from .. import lut
-        from ..kernels import linear
+        from edkm.layers import lut
+        from edkm.kernels import linear
 
         self.modules, self.count = (lut, linear), 0
         self.original = lut.decode
@@ -99,7 +99,7 @@ def measure(spec: dict) -> dict[str, Any]:
     import torch
     from transformers import LlamaForCausalLM  # noqa: F401  (imported before the baseline: every configuration needs it)
 
-    from .. import export  # noqa: F401
+    from edkm import export  # noqa: F401
 
     torch.set_num_threads(int(spec["threads"]))
     torch.manual_seed(0)
@@ -128,8 +128,8 @@ def measure(spec: dict) -> dict[str, Any]:
             loadavg_1min=os.getloadavg()[0],
         )
         if spec["kind"] == "packed":
-            from ..kernels import linear
-            from ..lut import set_lut_kernel
+            from edkm.kernels import linear
+            from edkm.layers.lut import set_lut_kernel
 
             result["compile_failed"] = linear.fused_gemv().failed
             auto = [model(prompt[:, :n]).logits.float() for n in (1, 64)]  # fused GEMV; tiled prefill
@@ -147,8 +147,8 @@ def prepare(spec: dict) -> dict[str, Any]:
 
     import torch
 
-    from .. import PalettizeConfig, ptq_kmeans_, save_palettized
-    from ..models import BUNDLED_MODEL_DIR, load_causal_lm
+    from edkm import PalettizeConfig, ptq_kmeans_, save_palettized
+    from edkm.models import BUNDLED_MODEL_DIR, load_causal_lm
 
     folder = Path(spec["dir"])
     folder.mkdir(parents=True, exist_ok=True)
@@ -157,7 +157,7 @@ def prepare(spec: dict) -> dict[str, Any]:
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from .generate import LLAMA150M
+        from edkm.bench.generate import LLAMA150M
 
         dense_dir = folder / "dense"
         torch.manual_seed(0)
@@ -187,7 +187,7 @@ def kernel_profile(spec: dict) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from ..lut import LUTWeight
+    from edkm.layers.lut import LUTWeight
 
     torch.set_num_threads(int(spec["threads"]))
     gen, rows = torch.Generator().manual_seed(0), []

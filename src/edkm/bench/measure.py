@@ -22,7 +22,7 @@ import tempfile
 import time
 from typing import Any
 
-from .configs import CONFIGS, PROJECTIONS, REPO_ROOT, BenchOptions, GiB, Log
+from edkm.bench.configs import CONFIGS, PROJECTIONS, REPO_ROOT, BenchOptions, GiB, Log
 
 
 def proc_kib(path: str, name: str) -> int | None:
@@ -75,7 +75,7 @@ def make_projection(spec: dict, p: int) -> tuple[Any, Any]:
 def _dkm_inputs(w: Any, k: int, tau_rel: float) -> tuple[Any, float]:
     """Centroids (one LUT per tensor) and absolute tau of ``w``."""
     import edkm
-    from edkm.wrap import tau_scale
+    from edkm.layers.dkm import tau_scale
 
     c = edkm.kmeans1d(w, k)  # (1, k)
     return c[0], tau_rel * float(tau_scale(c)[0])

@@ -3,7 +3,7 @@
 The paper-sized case (the default) is one LLaMA-7B attention block: the q, k, v and o
 projections, 4096 x 4096 each, bf16 weights, 3 bits (8 centroids), one LUT per tensor, centroids
 from :func:`edkm.kmeans1d`, ``tau = 0.05 x`` the median squared gap between sorted centroids (the
-trainer's relative tau, :func:`edkm.wrap.tau_scale`), ``iters = 3`` centroid updates, then one
+trainer's relative tau, :func:`edkm.layers.dkm.tau_scale`), ``iters = 3`` centroid updates, then one
 forward + backward with a random incoming gradient. The weights are synthetic (seeded Gaussian,
 std 0.02, rounded to bf16): no LLaMA checkpoint is available here, and what is measured depends
 on the shape, the dtype and the number of distinct 16-bit values, not on the model.
@@ -47,12 +47,12 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from .configs import CONFIGS, GiB, BenchOptions, Log, command_line, options_from_args
-from .coreml import measure_coremltools
-from .distributed import measure_config, measure_sharded
-from .measure import proc_kib
-from .render import format_table, write_outputs
-from .report import error_row, log_row, summarize
+from edkm.bench.configs import CONFIGS, GiB, BenchOptions, Log, command_line, options_from_args
+from edkm.bench.coreml import measure_coremltools
+from edkm.bench.distributed import measure_config, measure_sharded
+from edkm.bench.measure import proc_kib
+from edkm.bench.render import format_table, write_outputs
+from edkm.bench.report import error_row, log_row, summarize
 
 
 def _machine() -> str:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .configs import BenchOptions, MiB
-from .report import row_key
+from edkm.bench.configs import BenchOptions, MiB
+from edkm.bench.report import row_key
 
 HEADER = ["config", "ranks", "footprint MiB", "device MiB", "host MiB", "copied MiB", "peak RSS MiB",
           "seconds", "CPU s", "load", "vs plain", "mode"]

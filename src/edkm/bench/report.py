@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .configs import PAPER_RATIOS, BenchOptions, GiB, Log, MiB
+from edkm.bench.configs import PAPER_RATIOS, BenchOptions, GiB, Log, MiB
 
 # why save_on_cpu holds more than M (see offload_ratio)
 OFFLOAD_WHY = (

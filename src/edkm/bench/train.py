@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .configs import GiB
+from edkm.bench.configs import GiB
 
 ROWS = ("plain", "edkm-auto", "edkm-auto+ckpt", "edkm-M+U", "coremltools")
 DEFAULT_ROWS = "plain,edkm-auto,edkm-auto+ckpt,coremltools"
@@ -74,7 +74,7 @@ def weight_shapes(d: dict[str, int]) -> list[tuple[str, int, int]]:
 
 def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """One row in a fresh interpreter (``python -m edkm.bench.train_step``)."""
-    from .measure import child_env
+    from edkm.bench.measure import child_env
 
     with tempfile.TemporaryDirectory(prefix="edkm_bench_train_") as tmp:
         path = os.path.join(tmp, "row.json")
@@ -98,7 +98,7 @@ def spec_for(row: str, d: dict[str, int], args: Any, device: str) -> dict[str, A
 
 def coreml_rows(d: dict[str, int], args: Any, plain: dict | None) -> list[dict[str, Any]]:
     """The measured coremltools layer, and the whole model computed from it (``measured: false``)."""
-    from .coreml import load_coreml_reference
+    from edkm.bench.coreml import load_coreml_reference
 
     ref = load_coreml_reference()
     shape = tuple(args.coreml_shape)
@@ -156,9 +156,9 @@ def summarize(rows: list[dict], d: dict[str, int]) -> list[dict[str, Any]]:
 
 def run_train_benchmark(args: Any) -> dict[str, Any]:
     """Run the rows, write JSON (+ Markdown, + README section); returns the result."""
-    from ..device import resolve_device
-    from .measure import wait_for_memory
-    from .train_render import format_markdown, write_result
+    from edkm.distributed.device import resolve_device
+    from edkm.bench.measure import wait_for_memory
+    from edkm.bench.train_render import format_markdown, write_result
 
     wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     bad = [r for r in wanted if r not in ROWS]

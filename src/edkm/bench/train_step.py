@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .measure import proc_kib
+from edkm.bench.measure import proc_kib
 
 
 def reset_peak() -> bool:

@@ -1,4 +1,4 @@
-"""Differentiable k-means (DKM) for one weight tensor, as defined in SPEC §2.
+"""Differentiable k-means (DKM) for one weight tensor, as defined in docs/method.md §2.
 
 For weights w_i and k centroids c_j:
 
@@ -7,11 +7,14 @@ For weights w_i and k centroids c_j:
 repeated ``iters`` times (gradients flow through every update), then the clustered weights are
 W_hat = A C with A recomputed from the final centroids. All math runs in fp32.
 
+The public entry point with the memory modes is :func:`edkm.dkm` (:mod:`edkm.memory.dkm`).
+
 Example:
-    >>> import torch, edkm
+    >>> import torch
+    >>> from edkm.cluster.kmeans import kmeans1d
     >>> w = torch.randn(64, 32, requires_grad=True)
-    >>> c = edkm.kmeans1d(w.detach(), 8)
-    >>> w_hat, c_new = edkm.dkm(w, c, tau=1e-3, iters=3)
+    >>> c = kmeans1d(w.detach(), 8)
+    >>> w_hat, c_new = dkm_autograd(w, c, tau=1e-3, iters=3)
     >>> w_hat.sum().backward()
     >>> w.grad.shape
     torch.Size([64, 32])
@@ -86,38 +89,3 @@ def final_assignment(x: torch.Tensor, c: torch.Tensor, tau: float | torch.Tensor
     The last step of :func:`dkm_autograd`; called again with the same inputs it gives the same bits.
     """
     return (soft_assign(x, c, tau) * c).sum(dim=-1)
-
-
-def dkm(
-    weights: torch.Tensor,
-    centroids: torch.Tensor,
-    *,
-    tau: float | torch.Tensor,
-    iters: int,
-    eps: float = 0.0,
-    memory: str = "plain",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable k-means of ``weights`` warm-started from ``centroids``.
-
-    Args:
-        weights: any shape; with ``centroids`` of shape (G, k) it is split into G equal groups
-            in row-major order (one LUT per group of output channels).
-        centroids: (k,) or (G, k) starting centroids (treated as constants).
-        tau: absolute temperature (same units as w^2), a float or a (G,) tensor.
-        iters: number of centroid updates (0 = soft assignment to the given centroids).
-        eps: stop early once max|delta c| < eps (0 disables).
-        memory: "plain", "marshal", "unique", "shard", "+"-joined combinations, "fused" or "auto"
-            (see :mod:`edkm.memory`). Every mode gives the same values and gradients.
-
-    Returns:
-        (clustered weights in ``weights.dtype`` and shape, fp32 centroids after the last update).
-    """
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
-    if memory == "plain":
-        w_hat, c = dkm_autograd(weights, centroids, tau, iters, eps)
-    else:
-        from ..memory import dkm_with_memory  # local import keeps `import edkm` light
-
-        w_hat, c = dkm_with_memory(weights, centroids, tau=tau, iters=iters, eps=eps, memory=memory)
-    return w_hat.to(weights.dtype), c

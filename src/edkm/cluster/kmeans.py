@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .sixteen import SIXTEEN_BIT, count16
+from edkm.cluster.sixteen import SIXTEEN_BIT, count16
 
 
 def _distinct(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import conversion_copy, mark_compressed
-from .trace import StatefulLM, StatelessLM, causal_mask
+from edkm.coreml.layers import conversion_copy, mark_compressed
+from edkm.coreml.trace import StatefulLM, StatelessLM, causal_mask
 
 
 def import_coremltools() -> Any:

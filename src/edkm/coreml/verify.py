@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..cluster import decode
-from ..lut import LUTModule
-from .convert import import_coremltools
-from .layers import ios16_lut_size
+from edkm.cluster import decode
+from edkm.layers.lut import LUTModule
+from edkm.coreml.convert import import_coremltools
+from edkm.coreml.layers import ios16_lut_size
 
 WEIGHTS_DIR = Path("Data", "com.apple.CoreML", "weights")  # the weight blobs inside a .mlpackage
 

@@ -1,7 +1,7 @@
 """Beyond one device: FSDP2 fine-tuning with eDKM (:mod:`.fsdp`), sharded DKM (:mod:`.sharded`,
 :mod:`.clustered`) and sharded checkpoints / export (:mod:`.checkpoint`).
 
-Names load on first use, so ``edkm.distributed.options`` (the CLI flags) stays free of torch.
+Names load on first use, so ``edkm.cli.options`` (the CLI flags) stays free of torch.
 """
 
 from __future__ import annotations

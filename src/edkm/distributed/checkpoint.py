@@ -23,10 +23,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from ..export import save_palettized
-from ..lut import LUTModule, LUTWeight
-from ..wrap import clustered_modules, remove_scope_hooks, set_submodule
-from .clustered import hard_assignment
+from edkm.export import save_palettized
+from edkm.layers.lut import LUTModule, LUTWeight
+from edkm.layers.dkm import clustered_modules, remove_scope_hooks, set_submodule
+from edkm.distributed.clustered import hard_assignment
 
 
 def _barrier() -> None:

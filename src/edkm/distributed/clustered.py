@@ -2,7 +2,7 @@
 
 :func:`shard_clustered_weights_` turns every clustered weight of a palettized model into a
 ``Shard(0)`` DTensor Parameter (this rank's rows of the fp32 master weight) and its
-:class:`~edkm.wrap.ClusteredWeight` into a :class:`ShardedClusteredWeight`, which clusters only
+:class:`~edkm.layers.dkm.ClusteredWeight` into a :class:`ShardedClusteredWeight`, which clusters only
 those rows (:func:`edkm.distributed.sharded.sharded_dkm`) and all-gathers the clustered rows.
 FSDP must then ignore these Parameters (``fully_shard(..., ignored_params=...)``): they are already
 sharded, and AdamW, ``clip_grad_norm_`` and torch.distributed.checkpoint handle them as the
@@ -17,10 +17,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DeviceMesh, DTensor, Shard
 
-from ..cluster.sixteen import cast_straight_through
-from ..lut import LUT_DTYPE
-from ..wrap import ClusteredWeight, DKMModule, clustered_modules
-from .sharded import GatheredLinear, GatherRows, local_rows, sharded_dkm
+from edkm.cluster.sixteen import cast_straight_through
+from edkm.layers.lut import LUT_DTYPE
+from edkm.layers.dkm import ClusteredWeight, DKMModule, clustered_modules
+from edkm.distributed.sharded import GatheredLinear, GatherRows, local_rows, sharded_dkm
 
 
 def local_hard_indices(
@@ -39,7 +39,7 @@ def local_hard_indices(
 class ShardedClusteredWeight(ClusteredWeight):
     """A :class:`ClusteredWeight` whose weight is this rank's rows (a ``Shard(0)`` DTensor).
 
-    ``takes_shards`` is True: :class:`~edkm.wrap.DKMModule` computes with ``forward``'s gathered
+    ``takes_shards`` is True: :class:`~edkm.layers.dkm.DKMModule` computes with ``forward``'s gathered
     weight, never with the single-process kernels (``fused_layer``, ``cluster``), which refuse.
 
     ``forward(weight)`` returns the full clustered weight (all ranks' rows gathered, autograd-aware).

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..cluster.dkm import converged
+from edkm.cluster.dkm import converged
 
 PATTERNS = 1 << 16
 TINY = 1e-30

@@ -9,8 +9,8 @@ Imports torch only; models and tokenizers are passed in.
 
 from __future__ import annotations
 
-from .perplexity import eval_mode, heldout_tokens, perplexity
-from .zeroshot import TASKS, MCDoc, evaluate_task, evaluate_tasks, load_task, loglikelihoods
+from edkm.eval.perplexity import eval_mode, heldout_tokens, perplexity
+from edkm.eval.zeroshot import TASKS, MCDoc, evaluate_task, evaluate_tasks, load_task, loglikelihoods
 
 __all__ = [
     "TASKS",

@@ -10,7 +10,7 @@ more context per token gives lower numbers, so compare only numbers computed the
 
 Example::
 
-    from edkm.data import load_text, split_text, tokenize_text
+    from edkm.data.text import load_text, split_text, tokenize_text
     from edkm.eval import perplexity
     _, heldout = split_text(load_text("tinystories_val.txt"))
     ppl = perplexity(model, tokenize_text(tok, heldout), context=256)
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import split_text, tokenize_text
+from edkm.data.text import split_text, tokenize_text
 
 
 @contextlib.contextmanager
@@ -110,7 +110,7 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, context: int = 256,
 
 def heldout_tokens(tokenizer: Any, text: str, holdout: float = 0.2) -> torch.Tensor:
     """Token stream of the held-out part of ``text`` (its last ``holdout`` by characters, see
-    ``edkm.data.split_text``), tokenized by ``edkm.data.tokenize_text`` (BOS before each document)."""
+    ``edkm.data.text.split_text``), tokenized by ``edkm.data.text.tokenize_text`` (BOS before each document)."""
     return tokenize_text(tokenizer, split_text(text, holdout)[1])
 
 

@@ -61,7 +61,7 @@ from typing import Any
 
 import torch
 
-from .perplexity import context_length, eval_mode, model_device
+from edkm.eval.perplexity import context_length, eval_mode, model_device
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "eval"
 

@@ -39,14 +39,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..lut import LUTModule
-from ..wrap import set_submodule
-from .atomic import atomic_path
-from .errors import FormatError
-from .folder import is_edkm_folder, quiet_loading
-from .layers import build_lut, describe, digest, lut_layers, packed_parts
-from .validate import (PackedLayer, check_aliases, check_buffer_budget, check_finite, check_int, check_layout, check_tensor,
-                       parse_layers)
+from edkm.layers.lut import LUTModule
+from edkm.layers.dkm import set_submodule
+from edkm.export.atomic import atomic_path
+from edkm.export.errors import FormatError
+from edkm.export.layers import build_lut, describe, digest, lut_layers, packed_parts
+from edkm.export.validate import PackedLayer, check_aliases, check_buffer_budget, check_finite, check_int, check_layout, check_tensor, parse_layers
 
 FORMAT = "edkm-palettized"
 VERSION = 3  # 3: the checksum covers the header; 2: uniform levels stored as lo + step; 1: LUTs only
@@ -150,61 +148,16 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON header of a packed file, validated; FormatError for anything else."""
     return inspect_file(path).header
 
+def is_edkm_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder whose ``config.json`` names the edkm quantization method."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
 
-def _load_hf(packed: PackedFile, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """Build the Hugging Face model of the saved config with transformers, through the edkm quantizer."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    from ..hf import register
-    from ..hf.config import EdkmConfig
-    from ..hf.quantizer import INFIX
-
-    register()
-    where = str(packed.path)
-    cfg = dict(packed.header["model_config"])
-    try:
-        config = AutoConfig.for_model(cfg.pop("model_type", None), **cfg)
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except Exception as err:
-        raise FormatError(f"{where}: the saved model config is not a causal LM transformers can build: {err}") from err
-    if getattr(config, "num_hidden_layers", 0) > len(packed.table):  # each layer stores tensors: refuse a crafted size
-        raise FormatError(f"{where}: the model config asks for {config.num_hidden_layers} layers, "
-                          f"the file holds {len(packed.table)} tensors")
-    try:
-        with torch.device("meta"):
-            skeleton = model_class(config)
-    except Exception as err:
-        raise FormatError(f"{where}: transformers cannot build the saved model config: {type(err).__name__}: {err}") from err
-    check_layout(skeleton, packed.layers, packed.table, where, "", packed.aliases)
-    check_buffer_budget(skeleton, packed.path.stat().st_size, where)
-    lut_keys = {f"{name}.{part}" for name, layer in packed.layers.items() for part in layer.tensor_specs()}
-    state = {k: v for k, v in tensors.items() if k not in lut_keys}
-    state.update({alias: state[target] for alias, target in packed.aliases.items()})
-    for name, layer in packed.layers.items():
-        state.update({f"{name}.{INFIX}{part}": tensors[f"{name}.{part}"] for part in layer.tensor_specs()})
-    palettize = packed.header.get("palettize_config") or {}
-    config.quantization_config = EdkmConfig(
-        layers={name: layer.to_json() for name, layer in packed.layers.items()},
-        bits=palettize.get("bits"), group_size=palettize.get("group_size"),
-        palettize_config=packed.header.get("palettize_config"),
-    ).to_dict()
-    with quiet_loading():
-        return model_class.from_pretrained(None, config=config, state_dict=state)
-
-
-def load_palettized(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Load a packed file or an edkm Hugging Face folder.
-
-    Without ``model``, build the Hugging Face model of the saved config (on the meta device, through
-    transformers and the edkm quantizer). Damaged or crafted input raises FormatError.
-    """
+def read_packed(path: str | os.PathLike) -> tuple[PackedFile, dict[str, torch.Tensor]]:
+    """The validated header and tensors of a packed file (checksum and finiteness checked); FormatError if damaged."""
     from safetensors.torch import load_file
 
-    if Path(path).is_dir():
-        from .folder import load_folder
-
-        return load_folder(path)
     packed = inspect_file(path)
     try:
         tensors = load_file(path)
@@ -214,10 +167,15 @@ def load_palettized(path: str | os.PathLike, model: nn.Module | None = None) -> 
         raise FormatError(f"{path}: checksum mismatch, the file is corrupted")
     for name, layer in packed.layers.items():
         check_finite(layer, {part: tensors[f"{name}.{part}"] for part in layer.tensor_specs()}, str(path))
-    if model is None:
-        if packed.header.get("model_config") is None:
-            raise FormatError(f"{path} has no Hugging Face model config: pass the model to load into (model=...)")
-        return _load_hf(packed, tensors)
+    return packed, tensors
+
+
+def load_into(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+    """Load the packed file ``path`` into ``model`` (its LUT layers replace the saved ones); returns ``model``.
+
+    ``edkm.load_palettized`` (:mod:`edkm.hf.load`) also builds a Hugging Face model when none is given.
+    """
+    packed, tensors = read_packed(path)
     check_layout(model, packed.layers, packed.table, str(path), "", packed.aliases)
     for name, layer in packed.layers.items():
         first = model.get_submodule(name)

@@ -2,11 +2,11 @@
 
 ``lut_layers`` finds the LUT layers (tied modules share one), ``packed_parts`` gives the tensors a
 layer is stored as (fp16 LUT or fp32 min + step, densely packed indices), ``build_lut`` rebuilds a
-:class:`~edkm.lut.LUTWeight` from them, and ``digest`` is the checksum over header and tensors.
+:class:`~edkm.layers.lut.LUTWeight` from them, and ``digest`` is the checksum over header and tensors.
 
 Example:
     >>> import torch
-    >>> from edkm.lut import LUTWeight
+    >>> from edkm.layers.lut import LUTWeight
     >>> from edkm.export.layers import packed_parts, build_lut
     >>> from edkm.export.validate import PackedLayer
     >>> lut = LUTWeight(torch.randn(1, 4).half(), torch.randint(0, 4, (1, 6), dtype=torch.uint8), (2, 3), 2, torch.float32)
@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..lut import LUT_DTYPE, LUTModule, LUTWeight
-from .pack import pack_bits, unpack_bits
-from .validate import PackedLayer
+from edkm.layers.lut import LUT_DTYPE, LUTModule, LUTWeight
+from edkm.export.pack import pack_bits, unpack_bits
+from edkm.export.validate import PackedLayer
 
 
 def lut_layers(model: nn.Module) -> dict[str, tuple[LUTWeight, list[str]]]:

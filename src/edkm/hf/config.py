@@ -20,9 +20,9 @@ from typing import Any
 from torch import nn
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..export.errors import FormatError
-from ..export.layers import describe, lut_layers
-from ..export.validate import PackedLayer, check_int, parse_layers
+from edkm.export.errors import FormatError
+from edkm.export.layers import describe, lut_layers
+from edkm.export.validate import PackedLayer, check_int, parse_layers
 
 QUANT_METHOD = "edkm"
 FORMAT = "edkm-hf"

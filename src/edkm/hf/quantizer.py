@@ -5,7 +5,7 @@ quantizer checks the ``quantization_config`` and the checkpoint's tensor table a
 (every key, dtype and shape; the checksum over config and tensors), then puts a
 :class:`PackedSlot` where every clustered Linear/Embedding was. transformers loads the stored
 LUTs and packed indices into the slots; afterwards each slot becomes a
-:class:`~edkm.lut.LUTModule` (tied modules share one LUT). No fp32 weight is ever materialised.
+:class:`~edkm.layers.lut.LUTModule` (tied modules share one LUT). No fp32 weight is ever materialised.
 
 Saving: ``get_state_dict_and_metadata`` stores every LUT layer once as ``<module>.lut.lut`` (or
 ``lo`` + ``step``) and ``<module>.lut.indices`` (b-bit values packed densely), with the checksum
@@ -25,12 +25,12 @@ from torch import nn
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 
-from ..export.errors import FormatError
-from ..export.layers import build_lut, digest, digest_items, lut_layers, packed_parts
-from ..export.validate import PackedLayer, check_buffer_budget, check_finite, check_layout
-from ..lut import LUTModule, WrappedLayer
-from ..wrap import set_submodule
-from .config import QUANT_METHOD, EdkmConfig
+from edkm.export.errors import FormatError
+from edkm.export.layers import build_lut, digest, digest_items, lut_layers, packed_parts
+from edkm.export.validate import PackedLayer, check_buffer_budget, check_finite, check_layout
+from edkm.layers.lut import LUTModule, WrappedLayer
+from edkm.layers.dkm import set_submodule
+from edkm.hf.config import QUANT_METHOD, EdkmConfig
 
 CHECKSUM_KEY = "edkm_sha256"
 INFIX = "lut."  # a layer's parts are stored as <module>.lut.<part>: the LUTModule's own state-dict keys

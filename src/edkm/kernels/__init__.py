@@ -1,4 +1,4 @@
-"""Inference kernels of the packed (LUT + indices) layers; :class:`edkm.lut.LUTModule` calls them.
+"""Inference kernels of the packed (LUT + indices) layers; :class:`edkm.layers.lut.LUTModule` calls them.
 
 * :mod:`.layout`: where a weight's LUT groups sit; exact decoding of chosen rows only.
 * :mod:`.gemv`: the fused decode-and-multiply GEMV, compiled with ``torch.compile`` (exact).
@@ -7,10 +7,10 @@
 * :mod:`.int8`: the approximate int8 re-grid (explicit opt-in, error reported).
 """
 
-from .gemv import fused_gemv, lut_gemv
-from .int8 import Int8Weight
-from .layout import decode_rows, grid
-from .linear import KERNELS, KernelViews, PackedLinear, check_kernel, lut_embedding, lut_linear, tiled_linear
+from edkm.kernels.gemv import fused_gemv, lut_gemv
+from edkm.kernels.int8 import Int8Weight
+from edkm.kernels.layout import decode_rows, grid
+from edkm.kernels.linear import KERNELS, KernelViews, PackedLinear, check_kernel, lut_embedding, lut_linear, tiled_linear
 
 __all__ = ["KERNELS", "Int8Weight", "KernelViews", "PackedLinear", "check_kernel", "decode_rows", "fused_gemv", "grid",
            "lut_embedding", "lut_gemv", "lut_linear", "tiled_linear"]

@@ -1,6 +1,6 @@
 """How a LUT weight's groups sit in its rows, and exact decoding of any rows of it.
 
-A :class:`edkm.lut.LUTWeight` keeps an fp16 LUT ``(G, k)`` and uint8 indices ``(G, n)``: group ``g``
+A :class:`edkm.layers.lut.LUTWeight` keeps an fp16 LUT ``(G, k)`` and uint8 indices ``(G, n)``: group ``g``
 holds the ``n`` consecutive weights ``g * n ... (g + 1) * n - 1`` of the row-major weight. Two layouts
 arise from the library's clustering and both let a kernel broadcast the LUT instead of gathering it:
 

@@ -34,10 +34,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..cluster import decode
-from .gemv import fused_gemv
-from .int8 import Int8Weight
-from .layout import Grid, decode_rows, grid, weight_rows_cols
+from edkm.cluster import decode
+from edkm.kernels.gemv import fused_gemv
+from edkm.kernels.int8 import Int8Weight
+from edkm.kernels.layout import Grid, decode_rows, grid, weight_rows_cols
 
 KERNELS = ("auto", "eager", "decode", "int8")
 GEMV_MAX_TOKENS = 4  # the fused GEMV decodes once per token: beyond a few tokens, tiles + GEMM win

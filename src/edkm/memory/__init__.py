@@ -32,15 +32,16 @@ Measure with :func:`track_saved`::
 
 from __future__ import annotations
 
-import torch
 
-from .fused_layer import fused_embedding, fused_linear
-from .hooks import SavedTensorHooks
-from .layer import Clustered, cluster_weight, clustered_linear
-from .plan import MemoryPlan, parse_memory
-from .stats import SavedStats, current_stats, track_saved
+from edkm.memory.dkm import dkm, dkm_with_memory
+from edkm.memory.fused_layer import fused_embedding, fused_linear
+from edkm.memory.hooks import SavedTensorHooks
+from edkm.memory.layer import Clustered, cluster_weight, clustered_linear
+from edkm.memory.plan import MemoryPlan, parse_memory
+from edkm.memory.stats import SavedStats, current_stats, track_saved
 
 __all__ = [
+    "dkm",
     "Clustered",
     "cluster_weight",
     "clustered_linear",
@@ -54,33 +55,3 @@ __all__ = [
     "track_saved",
     "current_stats",
 ]
-
-
-def dkm_with_memory(
-    weights: torch.Tensor,
-    centroids: torch.Tensor,
-    *,
-    tau: float | torch.Tensor,
-    iters: int,
-    eps: float = 0.0,
-    memory: str | MemoryPlan,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """DKM (same arguments and results as ``edkm.cluster.dkm.dkm_autograd``) under a memory spec.
-
-    Raises:
-        ValueError: unknown spec; "unique"/"fused" on weights that are not exact 16-bit values (on
-            every rank alike).
-        RuntimeError: "shard" without an initialised process group, or with weights or centroids
-            that differ between ranks; ranks that disagree on whether the weights are 16-bit.
-    """
-    from ..cluster.dkm import dkm_autograd
-
-    plan, dtype = (memory if isinstance(memory, MemoryPlan) else parse_memory(memory)).decide(weights)
-    if plan.fused:
-        from .fused import fused_dkm
-
-        return fused_dkm(weights, centroids, tau=tau, iters=iters, eps=eps, dtype=dtype)
-    if plan.plain:
-        return dkm_autograd(weights, centroids, tau, iters, eps)
-    with SavedTensorHooks(plan, weights, centroids, dtype=dtype):
-        return dkm_autograd(weights, centroids, tau, iters, eps)

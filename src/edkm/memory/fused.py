@@ -44,9 +44,9 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..cluster.dkm import TINY, converged
-from ..cluster.sixteen import SIXTEEN_BIT, sixteen_bit_dtype
-from .domain import Domain
+from edkm.cluster.dkm import TINY, converged
+from edkm.cluster.sixteen import SIXTEEN_BIT, sixteen_bit_dtype
+from edkm.memory.domain import Domain
 
 __all__ = ["fused_dkm", "fused_recompute", "run_updates", "final_table", "backward_tables"]
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .domain import PATTERNS, Domain, patterns
-from .fused import backward_tables, final_table, run_updates
+from edkm.memory.domain import PATTERNS, Domain, patterns
+from edkm.memory.fused import backward_tables, final_table, run_updates
 
 __all__ = ["fused_linear", "fused_embedding", "supports"]
 

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from .marshal import MAX_HOPS, Flat, Kept, Registry, View, span, to_host
-from .plan import MemoryPlan
-from .shard import Shard, ShardedFlat, check_replicated, require_group, shard
-from .stats import SavedStats, current_stats, leaf_backed
-from .unique import IndexStore, Rows, UniqueIndex, build_index
+from edkm.memory.marshal import MAX_HOPS, Flat, Kept, Registry, View, span, to_host
+from edkm.memory.plan import MemoryPlan
+from edkm.memory.shard import Shard, ShardedFlat, check_replicated, require_group, shard
+from edkm.memory.stats import SavedStats, current_stats, leaf_backed
+from edkm.memory.unique import IndexStore, Rows, UniqueIndex, build_index
 
 _SPARSE_SPAN = 2  # copy compactly when a tensor's storage span is over 2x its elements
 

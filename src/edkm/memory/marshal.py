@@ -30,7 +30,7 @@ from typing import Protocol
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from .stats import storage_ref
+from edkm.memory.stats import storage_ref
 
 MAX_HOPS = 4  # the paper found 4 hops enough for every relation in DKM
 _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

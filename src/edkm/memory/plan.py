@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..cluster.sixteen import SIXTEEN_BIT, sixteen_bit_dtype
-from .shard import world_size
+from edkm.cluster.sixteen import SIXTEEN_BIT, sixteen_bit_dtype
+from edkm.memory.shard import world_size
 
 PAPER = ("marshal", "unique", "shard")
 ALONE = ("plain", "fused", "auto")

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cluster.sixteen import sixteen_bit_dtype, unique16
-from .shard import Shard, shard, unshard
+from edkm.cluster.sixteen import sixteen_bit_dtype, unique16
+from edkm.memory.shard import Shard, shard, unshard
 
 
 def narrow_index(inverse: torch.Tensor, rows: int) -> tuple[torch.Tensor, int]:

@@ -8,9 +8,9 @@ size and evaluation code measure them exactly like eDKM (see ``edkm compare``).
 * :mod:`~edkm.peers.qat`: torchao quantization-aware training.
 """
 
-from .calibrate import fisher_diagonal, input_hessians, quantize_layers_
-from .gptq import gptq, gptq_, gptq_uniform, rtn_lut
-from .squeeze import squeeze_, weighted_error, weighted_kmeans
+from edkm.peers.calibrate import fisher_diagonal, input_hessians, quantize_layers_
+from edkm.peers.gptq import gptq, gptq_, gptq_uniform, rtn_lut
+from edkm.peers.squeeze import squeeze_, weighted_error, weighted_kmeans
 
 __all__ = ["gptq", "gptq_", "gptq_uniform", "rtn_lut", "squeeze_", "weighted_kmeans", "weighted_error",
            "fisher_diagonal", "input_hessians", "quantize_layers_"]

@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import PalettizeConfig
-from ..lut import LUTModule
-from ..wrap import set_submodule, target_modules
-from .calibrate import run_batches
-from .gptq import rtn_lut
+from edkm.config import PalettizeConfig
+from edkm.layers.lut import LUTModule
+from edkm.layers.dkm import set_submodule, target_modules
+from edkm.peers.calibrate import run_batches
+from edkm.peers.gptq import rtn_lut
 
 GROUPS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
           ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),

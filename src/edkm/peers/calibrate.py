@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PalettizeConfig
-from ..lut import LUTModule, LUTWeight
-from ..wrap import set_submodule, target_modules
+from edkm.config import PalettizeConfig
+from edkm.layers.lut import LUTModule, LUTWeight
+from edkm.layers.dkm import set_submodule, target_modules
 
 BLOCK = re.compile(r"(.*\blayers\.\d+)\.")
 

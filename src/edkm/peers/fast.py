@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import PalettizeConfig
-from ..data import PackedDataset
-from ..export import save_palettized
-from .gptq import gptq_
-from .measure import bits_per_weight
-from .squeeze import squeeze_
+from edkm.config import PalettizeConfig
+from edkm.data.text import PackedDataset
+from edkm.export import save_palettized
+from edkm.peers.gptq import gptq_
+from edkm.peers.measure import bits_per_weight
+from edkm.peers.squeeze import squeeze_
 
 
 def calibration(data: PackedDataset, n: int = 32, seed: int = 0) -> torch.Tensor:

@@ -24,9 +24,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..config import PalettizeConfig
-from ..lut import LUTWeight, uniform_levels
-from .calibrate import input_hessians, quantize_layers_
+from edkm.config import PalettizeConfig
+from edkm.layers.lut import LUTWeight, uniform_levels
+from edkm.peers.calibrate import input_hessians, quantize_layers_
 
 QuantizeColumn = Callable[[torch.Tensor, int], torch.Tensor]
 

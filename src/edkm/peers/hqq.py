@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import PalettizeConfig
-from ..lut import LUTWeight
-from .calibrate import quantize_layers_
-from .gptq import fit_group, rtn_lut
+from edkm.config import PalettizeConfig
+from edkm.layers.lut import LUTWeight
+from edkm.peers.calibrate import quantize_layers_
+from edkm.peers.gptq import fit_group, rtn_lut
 
 
 def hqq_lut(weight: torch.Tensor, bits: int, group_size: int | None) -> LUTWeight:

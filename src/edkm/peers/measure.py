@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..export.format import read_header
+from edkm.export.format import read_header
 
 PARTS = ("indices", "lut", "lo", "step")
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import PalettizeConfig
-from ..lut import LUTModule, LUTWeight
-from ..wrap import set_submodule, target_modules
-from .gptq import rtn_lut
+from edkm.config import PalettizeConfig
+from edkm.layers.lut import LUTModule, LUTWeight
+from edkm.layers.dkm import set_submodule, target_modules
+from edkm.peers.gptq import rtn_lut
 
 
 def _base_configs(bits: int, group_size: int | None) -> list[tuple[object, object]]:

@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import PalettizeConfig
-from ..lut import LUT_DTYPE, LUTWeight
-from .calibrate import fisher_diagonal, quantize_layers_
+from edkm.config import PalettizeConfig
+from edkm.layers.lut import LUT_DTYPE, LUTWeight
+from edkm.peers.calibrate import fisher_diagonal, quantize_layers_
 
 
 def _assign(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

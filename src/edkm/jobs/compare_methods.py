@@ -29,8 +29,8 @@ class Method:
 
 
 def _rtn(r: Any, plan: Any, group: bool) -> Any:
-    from .peers.calibrate import quantize_layers_
-    from .peers.gptq import rtn_lut
+    from edkm.peers.calibrate import quantize_layers_
+    from edkm.peers.gptq import rtn_lut
 
     size = r.cfg.group_size if group else None
     return quantize_layers_(copy.deepcopy(r.model), plan,
@@ -38,31 +38,31 @@ def _rtn(r: Any, plan: Any, group: bool) -> Any:
 
 
 def _kmeans(r: Any, plan: Any) -> Any:
-    from .baselines import ptq_kmeans_
+    from edkm.peers.baselines import ptq_kmeans_
 
     return ptq_kmeans_(copy.deepcopy(r.model), plan)
 
 
 def _gptq(r: Any, plan: Any, damp: float, group: bool) -> Any:
-    from .peers.gptq import gptq_
+    from edkm.peers.gptq import gptq_
 
     return gptq_(copy.deepcopy(r.model), r.calib, plan, r.cfg.group_size if group else None, damp=damp)
 
 
 def _squeeze(r: Any, plan: Any, per_row: bool) -> Any:
-    from .peers.squeeze import squeeze_
+    from edkm.peers.squeeze import squeeze_
 
     return squeeze_(copy.deepcopy(r.model), r.calib, plan, per_row=per_row)
 
 
 def _awq(r: Any, plan: Any) -> Any:
-    from .peers.awq import awq_
+    from edkm.peers.awq import awq_
 
     return awq_(copy.deepcopy(r.model), r.calib, plan, r.cfg.group_size)
 
 
 def _hqq(r: Any, plan: Any, group: bool) -> Any:
-    from .peers.hqq import hqq_
+    from edkm.peers.hqq import hqq_
 
     return hqq_(copy.deepcopy(r.model), plan, r.cfg.group_size if group else None)
 
@@ -92,7 +92,7 @@ def _edkm(r: Any, plan: Any, knob: tuple[float, float], seed: int, rows: int | N
     layer (else per tensor)."""
     from dataclasses import replace
 
-    from .wrap import finalize_, palettize_, target_modules
+    from edkm.layers.dkm import finalize_, palettize_, target_modules
 
     lr, tau = knob
     plan = replace(plan, tau=tau)
@@ -105,7 +105,7 @@ def _edkm(r: Any, plan: Any, knob: tuple[float, float], seed: int, rows: int | N
 
 
 def _qat(r: Any, plan: Any, lr: float, seed: int) -> Any:
-    from .peers.qat import convert_qat_, prepare_qat_, qat_to_lut_
+    from edkm.peers.qat import convert_qat_, prepare_qat_, qat_to_lut_
 
     model = prepare_qat_(copy.deepcopy(r.model), plan, r.cfg.group_size)
     r.finetune(model, lr, seed, tau=None)

@@ -20,8 +20,9 @@ from typing import Any
 
 from torch import nn
 
-from .atomic import atomic_path, file_mode
-from .errors import FormatError
+from edkm.export.atomic import atomic_path, file_mode
+from edkm.export.errors import FormatError
+from edkm.export.format import is_edkm_folder
 
 WEIGHTS = "model.safetensors"
 
@@ -31,7 +32,7 @@ def save_folder(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None)
 
     Other files already in ``out`` stay; each written file replaces its old version atomically.
     """
-    from ..hf.quantizer import attach
+    from edkm.hf.quantizer import attach
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -51,11 +52,6 @@ def save_folder(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None)
     return out
 
 
-def is_edkm_folder(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a folder whose ``config.json`` names the edkm quantization method."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
     try:
         quant = json.loads(config.read_text()).get("quantization_config") or {}
         return isinstance(quant, dict) and quant.get("quant_method") == "edkm"
@@ -86,7 +82,7 @@ def load_folder(path: str | os.PathLike) -> nn.Module:
         raise FormatError(f"{path}/config.json has no quantization_config with quant_method 'edkm': not an edkm model folder")
     from transformers import AutoModelForCausalLM
 
-    from ..hf import register
+    from edkm.hf import register
 
     register()
     try:

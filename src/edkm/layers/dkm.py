@@ -30,12 +30,12 @@ from functools import partial
 import torch
 from torch import nn
 
-from .cluster import decode, hard_assign, kmeans1d
-from .config import LayerSpec, PalettizeConfig, matches
-from .lut import LUT_DTYPE, LUTModule, LUTWeight, WrappedLayer, is_transposed, layer_kind, rows_first_weight
-from .memory.fused_layer import fused_embedding, fused_linear, supports
-from .memory.layer import Clustered, cluster_weight, clustered_linear
-from .memory.plan import parse_memory
+from edkm.cluster import decode, hard_assign, kmeans1d
+from edkm.config import LayerSpec, PalettizeConfig, matches
+from edkm.layers.lut import LUT_DTYPE, LUTModule, LUTWeight, WrappedLayer, is_transposed, layer_kind, rows_first_weight
+from edkm.memory.fused_layer import fused_embedding, fused_linear, supports
+from edkm.memory.layer import Clustered, cluster_weight, clustered_linear
+from edkm.memory.plan import parse_memory
 
 
 def tau_scale(centroids: torch.Tensor) -> torch.Tensor:
@@ -176,7 +176,7 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def target_modules(model: nn.Module, config: PalettizeConfig) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every layer ``config`` clusters: its ``modules`` kinds (see :func:`edkm.lut.layer_kind`:
+    """(name, module) of every layer ``config`` clusters: its ``modules`` kinds (see :func:`edkm.layers.lut.layer_kind`:
     Linear includes transformers' Conv1D, subclasses included), after ``include`` / ``exclude``."""
     found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if layer_kind(m) in config.modules]
     names = [n for n, _ in found]

@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from .runstate import MODEL_FILE
+from edkm.jobs.runstate import MODEL_FILE
 
 
 def _number(kind: Callable[[str], float], ok: Callable[[float], bool], what: str) -> Callable[[str], float]:
@@ -77,7 +77,7 @@ def check_compress(args: argparse.Namespace, bundled_model_dir: Path) -> None:
     check_file(args.text, "--text")
     check_file(args.alpaca, "--alpaca")
     if args.alpaca:
-        from .data import load_alpaca
+        from edkm.data.text import load_alpaca
 
         load_alpaca(args.alpaca)  # every record checked now, not after the model has loaded
     if args.batch_size % args.grad_accum:

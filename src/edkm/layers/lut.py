@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cluster import decode
-from .kernels import Int8Weight, KernelViews, check_kernel, decode_rows, lut_embedding, lut_linear
+from edkm.cluster import decode
+from edkm.kernels import Int8Weight, KernelViews, check_kernel, decode_rows, lut_embedding, lut_linear
 
 LUT_DTYPE = torch.float16
 
@@ -96,7 +96,7 @@ def layer_kind(module: nn.Module) -> str | None:
     """The kind of layer edkm can cluster: ``'Linear'`` (``nn.Linear``, its subclasses, transformers' ``Conv1D``),
     ``'Embedding'`` (``nn.Embedding`` and subclasses), or None: anything else, an already wrapped layer, or a
     subclass holding child modules (its own forward could not run on a wrapped copy; it stays unclustered and
-    :func:`edkm.wrap.unclustered_weights` lists it).
+    :func:`edkm.layers.dkm.unclustered_weights` lists it).
 
     >>> layer_kind(nn.Linear(2, 3)), layer_kind(nn.Embedding(4, 2)), layer_kind(nn.LayerNorm(2))
     ('Linear', 'Embedding', None)

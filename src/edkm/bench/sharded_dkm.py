@@ -1,6 +1,6 @@
 """Benchmark: per-rank DKM time and memory, "DKM on the gathered weight" vs "sharded DKM", on gloo ranks.
 
-    python -m edkm.distributed.bench --ranks 1 2 4 --out benchmarks/results/fsdp_dkm.json
+    python -m edkm.bench.sharded_dkm --ranks 1 2 4 --out benchmarks/results/fsdp_dkm.json
 
 Under FSDP every rank holds the gathered weight for forward and backward. "gathered" runs the
 unique-domain DKM (:func:`edkm.memory.fused.fused_dkm`) on the whole weight on every rank, as
@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ..bench.measure import peak_rss_bytes, rss_bytes
-from ..memory.fused import fused_dkm
-from .sharded import local_rows, sharded_dkm
+from edkm.bench.measure import peak_rss_bytes, rss_bytes
+from edkm.memory.fused import fused_dkm
+from edkm.distributed.sharded import local_rows, sharded_dkm
 
 
 def _reset_peak() -> None:
@@ -106,7 +106,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m edkm.distributed.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m edkm.bench.sharded_dkm", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", type=int, nargs=2, default=[4096, 4096])
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--iters", type=int, default=3)

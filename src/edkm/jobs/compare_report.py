@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .compare_methods import format_knob
+from edkm.jobs.compare_methods import format_knob
 
 PLOT = "compare.png"
 

@@ -27,7 +27,7 @@ def resolve_model(path: str | Path) -> tuple[Path, Path]:
     ...
     FileNotFoundError: no packed edkm model at /nonexistent/model.edkm.safetensors
     """
-    from ..export.folder import is_edkm_folder
+    from edkm.export import is_edkm_folder
 
     path = Path(path)
     if path.is_dir():
@@ -43,9 +43,9 @@ def resolve_model(path: str | Path) -> tuple[Path, Path]:
 
 
 def cmd_export_coreml(args: argparse.Namespace) -> None:
-    from ..export import load_palettized
-    from .convert import export_coreml, import_coremltools
-    from .verify import verify_mlpackage
+    from edkm.hf.load import load_palettized
+    from edkm.coreml.convert import export_coreml, import_coremltools
+    from edkm.coreml.verify import verify_mlpackage
 
     if not args.out.endswith(".mlpackage"):
         raise ValueError(f"--out must name a .mlpackage folder, got {args.out!r}")

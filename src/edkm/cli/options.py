@@ -22,7 +22,7 @@ def add_fsdp_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_plan(args: argparse.Namespace) -> None:
     """`edkm plan` (imports the estimator only when it runs)."""
-    from ..plan import cmd_plan
+    from edkm.jobs.plan import cmd_plan
 
     cmd_plan(args)
 

@@ -7,7 +7,7 @@ run the same curve as an uninterrupted one.
 
 Example:
     >>> import torch
-    >>> from edkm.train import TrainConfig, train
+    >>> from edkm.training.loop import TrainConfig, train
     >>> model = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16))
     >>> data = torch.randint(0, 16, (32, 9))
     >>> losses = train(lambda x, y: torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()),
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .wrap import set_tau
+from edkm.layers.dkm import set_tau
 
 
 @dataclass

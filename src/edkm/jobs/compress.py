@@ -2,7 +2,7 @@
 
 load -> baselines (RTN, post-training k-means, GPTQ, Fisher-weighted k-means) -> fine-tune with eDKM
 (and, as the fair control, without clustering) -> finalize -> save as a Hugging Face folder (packed, see
-:mod:`edkm.export.folder`) -> reload -> evaluate -> ``report.json`` and the model card ``README.md``.
+:mod:`edkm.hf.folder`) -> reload -> evaluate -> ``report.json`` and the model card ``README.md``.
 Every perplexity is measured on the test split (the last ``test`` fraction of the text) with the same
 context; the validation split before it is for tuning (``edkm compare``). Under ``torchrun``
 every rank trains (DDP, gloo on CPU / nccl on GPU); rank 0 evaluates and writes.
@@ -23,21 +23,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .baselines import ptq_kmeans_, rtn_
-from .config import PalettizeConfig
-from .data import PackedDataset, check_seq_len, load_alpaca, load_text, split_records, split_text, tokenize_alpaca, tokenize_text
-from .eval.perplexity import perplexity
-from .distributed import DCPCheckpointer, FSDPOptions, finalize_fsdp_, fsdp_, shard_layers_
-from .export import load_palettized, save_folder, save_palettized, write_model_card
-from .export.card import model_card
-from .export.folder import WEIGHTS
-from .models import BUNDLED_TEXT, load_causal_lm
-from .progress import JobProgress, PhaseBar
-from .runstate import check_resume, prune_checkpoints, write_json
-from .runtime import run_environment
-from .train import TrainConfig, batch_indices, train, world
-from .peers.fast import fast_peers
-from .wrap import clustered_fraction, finalize_, palettize_
+from edkm.peers.baselines import ptq_kmeans_, rtn_
+from edkm.config import PalettizeConfig
+from edkm.data.text import PackedDataset, check_seq_len, load_alpaca, load_text, split_records, split_text, tokenize_alpaca, tokenize_text
+from edkm.eval.perplexity import perplexity
+from edkm.distributed import DCPCheckpointer, FSDPOptions, finalize_fsdp_, fsdp_, shard_layers_
+from edkm.hf.load import load_palettized
+from edkm.hf.folder import save_folder, write_model_card
+from edkm.export import save_palettized
+from edkm.export.card import model_card
+from edkm.hf.folder import WEIGHTS
+from edkm.models import BUNDLED_TEXT, load_causal_lm
+from edkm.jobs.progress import JobProgress, PhaseBar
+from edkm.jobs.runstate import check_resume, prune_checkpoints, write_json
+from edkm.jobs.runtime import run_environment
+from edkm.training.loop import TrainConfig, batch_indices, train, world
+from edkm.peers.fast import fast_peers
+from edkm.layers.dkm import clustered_fraction, finalize_, palettize_
 
 __all__ = ["CompressConfig", "compress", "generate_text", "job_costs", "loss_label"]
 
@@ -168,7 +170,7 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str = "", max_new_to
 def compress(cfg: CompressConfig) -> dict[str, Any]:
     """Run the whole job; returns the report (also written to ``<out>/report.json`` by rank 0).
 
-    Progress goes to stderr in five numbered phases (``cfg.train.progress``); see ``edkm.progress``.
+    Progress goes to stderr in five numbered phases (``cfg.train.progress``); see ``edkm.jobs.progress``.
     """
     rank, size = world()
     start = time.perf_counter()

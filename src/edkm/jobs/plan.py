@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import PalettizeConfig
-from .size import GiB, load_config
-from .wrap import target_modules
+from edkm.config import PalettizeConfig
+from edkm.jobs.size import GiB, load_config
+from edkm.layers.dkm import target_modules
 
 MODES = ("plain-ft", "coremltools", "marshal", "marshal+unique", "marshal+shard", "marshal+unique+shard", "fused", "sharded")
 
@@ -72,7 +72,7 @@ def activation_bytes(config: Any, batch: int, seq: int, dtype: torch.dtype) -> t
     """(bytes saved for backward outside the decoder layers, bytes per decoder layer), FakeTensorMode."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .memory import track_saved
+    from edkm.memory import track_saved
 
     saved = []
     for layers in (1, 2):
@@ -91,8 +91,8 @@ def _saved_by_dkm(mode: str, size: int, k: int, iters: int, world: int, dtype: t
     Linear in ``dtype`` holds for backward beyond the plain layer, in memory ``mode``; S's share per rank."""
     import copy
 
-    from .memory import track_saved
-    from .wrap import palettize_
+    from edkm.memory import track_saved
+    from edkm.layers.dkm import palettize_
 
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(size, size, bias=False)).to(dtype)

@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import PalettizeConfig
-from .lut import LUTModule, LUTWeight, rows_first_weight
-from .wrap import finalize_, palettize_, set_submodule, weight_plans
+from edkm.config import PalettizeConfig
+from edkm.layers.lut import LUTModule, LUTWeight, rows_first_weight
+from edkm.layers.dkm import finalize_, palettize_, set_submodule, weight_plans
 
 
 def ptq_kmeans_(model: nn.Module, config: PalettizeConfig | None = None) -> nn.Module:

@@ -17,10 +17,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from . import __version__
-from .cli_validate import bits, positive_int
-from .runstate import resume_command
-from .size_presets import PRESETS
+from edkm import __version__
+from edkm.cli.validate import bits, positive_int
+from edkm.jobs.runstate import resume_command
+from edkm.jobs.presets import PRESETS
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -57,9 +57,9 @@ def _overrides(items: Sequence[str]) -> dict[str, dict[str, int]]:
 
 
 def cmd_size(args: argparse.Namespace) -> None:
-    from .config import PalettizeConfig
-    from .size import load_config, meta_model, palettized_size
-    from .size_presets import human_bytes, human_count
+    from edkm.config import PalettizeConfig
+    from edkm.jobs.size import load_config, meta_model, palettized_size
+    from edkm.jobs.presets import human_bytes, human_count
 
     config = PalettizeConfig(bits=args.bits, group_size=args.group_size, memory="plain", overrides=_overrides(args.override))
     r = palettized_size(meta_model(load_config(args.model)), config)
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_size_parser(sub)
 
-    from .commands import add_commands  # compress / eval / generate / bench (parsers only: no torch)
+    from edkm.cli.commands import add_commands  # compress / eval / generate / bench (parsers only: no torch)
 
     add_commands(sub)
     return parser

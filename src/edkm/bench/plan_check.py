@@ -1,13 +1,13 @@
 """Validate `edkm plan` against measured training steps on this machine (one process, one thread).
 
-    python -m edkm.plan_check --out benchmarks/results/plan_validation.json
+    python -m edkm.bench.plan_check --out benchmarks/results/plan_validation.json
 
 For small LLaMA-style configs, each (config, mode) runs in a fresh process: build the model from its
 config (random weights, fp32), palettize it (except "plain-ft"), and run two whole training steps
 (forward, cross-entropy, backward, AdamW step); the measured figure is the peak RSS above the RSS
 before the model was built, after one step of a tiny model has initialised the libraries, with
 ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors go back to the system (RSS then follows the
-live tensors rather than glibc's heap high-water mark). The estimate is :func:`edkm.plan.estimate` for one GPU, fp32 compute.
+live tensors rather than glibc's heap high-water mark). The estimate is :func:`edkm.jobs.plan.estimate` for one GPU, fp32 compute.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def measure(name: str, mode: str, batch: int, seq: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m edkm.plan_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m edkm.bench.plan_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/results/plan_validation.json")
     p.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -89,12 +89,12 @@ def main(argv: list[str] | None = None) -> None:
         name, mode, batch, seq = args.child
         print(json.dumps({"peak": measure(name, mode, int(batch), int(seq))}))
         return
-    from .plan import PlanOptions, estimate
+    from edkm.jobs.plan import PlanOptions, estimate
 
     rows = []
     for name, mode, batch, seq in CASES:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-        res = subprocess.run([sys.executable, "-m", "edkm.plan_check", "--child", name, mode, str(batch), str(seq)],
+        res = subprocess.run([sys.executable, "-m", "edkm.bench.plan_check", "--child", name, mode, str(batch), str(seq)],
                              capture_output=True, text=True, env=env, timeout=1800)
         if res.returncode:
             raise RuntimeError(f"measurement {name} {mode} failed: {res.stderr[-2000:]}")

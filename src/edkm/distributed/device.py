@@ -5,7 +5,7 @@ of its ``LOCAL_RANK`` and the backend follows the device: NCCL for CUDA tensors,
 (NCCL cannot move CPU tensors). Building the CLI parser imports nothing heavy from here.
 
 Example:
-    >>> from edkm.device import resolve_device, backend_for
+    >>> from edkm.distributed.device import resolve_device, backend_for
     >>> resolve_device("cpu"), backend_for(resolve_device("cpu"))
     (device(type='cpu'), 'gloo')
 """

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .compare_methods import METHODS, Method, format_knob
+from edkm.jobs.compare_methods import METHODS, Method, format_knob
 
 DEFAULT_METHODS = tuple(METHODS)
 
@@ -72,9 +72,9 @@ class Runner:
     def __init__(self, cfg: CompareConfig) -> None:
         import torch
 
-        from .compress import CompressConfig, split_data
-        from .models import load_causal_lm
-        from .peers.fast import calibration
+        from edkm.jobs.compress import CompressConfig, split_data
+        from edkm.models import load_causal_lm
+        from edkm.peers.fast import calibration
 
         self.cfg = cfg
         torch.manual_seed(0)
@@ -86,13 +86,13 @@ class Runner:
         self._controls: dict[int, Any] = {}
 
     def ppl(self, model: Any, split: str) -> float:
-        from .eval.perplexity import perplexity
+        from edkm.eval.perplexity import perplexity
 
         return perplexity(model, self.val if split == "val" else self.test, context=self.cfg.context)
 
     def train_config(self, lr: float, seed: int, tau: float | None) -> Any:
         """Training settings of the shared budget; ``tau`` (the starting tau of DKM) anneals by ``tau_anneal``."""
-        from .train import TrainConfig
+        from edkm.training.loop import TrainConfig
 
         c = self.cfg
         return TrainConfig(steps=c.steps, batch_size=c.batch_size, lr=lr, seed=seed, progress=False, checkpoint_every=0,
@@ -102,7 +102,7 @@ class Runner:
         """The fp model fine-tuned at ``control_lr`` with ``seed`` (cached on disk): the teacher and the fp row."""
         import torch
 
-        from .compress import finetune
+        from edkm.jobs.compress import finetune
 
         if seed not in self._controls:
             c = self.cfg
@@ -119,14 +119,15 @@ class Runner:
         return self._controls[seed]
 
     def finetune(self, model: Any, lr: float, seed: int, tau: float | None) -> list[float]:
-        from .compress import finetune
+        from edkm.jobs.compress import finetune
 
         teacher = self.control(seed) if self.cfg.distill else None
         return finetune(model, self.data, self.train_config(lr, seed, tau), None, False, teacher, self.cfg.distill)
 
     def save_and_reload(self, model: Any, path: Path) -> tuple[Any, dict[str, Any]]:
-        from .export import load_palettized, save_palettized
-        from .peers.measure import bits_per_weight
+        from edkm.hf.load import load_palettized
+        from edkm.export import save_palettized
+        from edkm.peers.measure import bits_per_weight
 
         save_palettized(model, path)
         return load_palettized(path).eval(), bits_per_weight(path)
@@ -137,7 +138,7 @@ def run_method(r: Runner, method: Method, bits: int, log: Callable[[str], None],
 
     ``inherited``: the value a sibling method chose on validation (``Method.tune_like``), used instead of a grid.
     """
-    from .config import PalettizeConfig
+    from edkm.config import PalettizeConfig
 
     cfg = r.cfg
     plan = PalettizeConfig(bits=bits, tau=cfg.tau, memory="auto", overrides={"embed_tokens|lm_head": {"bits": cfg.embed_bits, "group_size": None}})
@@ -211,7 +212,7 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[int,
             kept = next((row for row in rows if row["method"] == "fp"), None)
             fp_row = kept if kept and (kept.get("control_test_ppl") is not None or not trained) else fp_rows(r, trained)
         rows = [fp_row] + [row for row in rows if row["method"] != "fp"]
-        from .runtime import run_environment
+        from edkm.jobs.runtime import run_environment
 
         report = {"bits": bits, "model": cfg.model or "bundled:stories260K", "config": asdict(cfg), "protocol": protocol(r),
                   "environment": run_environment(), "rows": rows}
@@ -294,6 +295,6 @@ def cmd_compare(args: argparse.Namespace) -> None:
                         qat_lrs=args.qat_lrs,
                         model=args.model, text=args.text, out=args.out, work=args.work, resume=args.resume)
     compare(cfg)
-    from .compare_report import write_plot
+    from edkm.jobs.compare_report import write_plot
 
     print(f"wrote {write_plot(Path(cfg.out))}")

@@ -70,7 +70,7 @@ def run_environment(device: str = "cpu") -> dict[str, Any]:
     """
     import torch
 
-    from . import __version__
+    from edkm import __version__
 
     try:
         import transformers

@@ -9,16 +9,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .cli_validate import (
-    bits, bits_or_zero, check_compress, check_eval, find_model, fraction, nonnegative_float, nonnegative_int,
-    positive_float, positive_int, top_p, unit_weight,
-)
-from .bench.generate import add_bench_generate_parser
-from .bench.train import add_train_parser
-from .coreml.command import add_export_parser
-from .compare import add_compare_parser
-from .device import add_device_argument, init_distributed, resolve_device
-from .distributed.options import add_fsdp_arguments, add_plan_parser
+from edkm.cli.validate import bits, bits_or_zero, check_compress, check_eval, find_model, fraction, nonnegative_float, nonnegative_int, positive_float, positive_int, top_p, unit_weight
+from edkm.bench.generate import add_bench_generate_parser
+from edkm.bench.train import add_train_parser
+from edkm.cli.export import add_export_parser
+from edkm.jobs.compare import add_compare_parser
+from edkm.distributed.device import add_device_argument, init_distributed, resolve_device
+from edkm.cli.options import add_fsdp_arguments, add_plan_parser
 
 
 def _load_any(path: str, tokenizer: str | None = None) -> tuple[Any, Any]:
@@ -28,8 +25,9 @@ def _load_any(path: str, tokenizer: str | None = None) -> tuple[Any, Any]:
     """
     from transformers import AutoTokenizer
 
-    from .export import is_edkm_folder, load_palettized
-    from .models import load_causal_lm
+    from edkm.export import is_edkm_folder
+    from edkm.hf.load import load_palettized
+    from edkm.models import load_causal_lm
 
     p, tok_dir = find_model(path, tokenizer)
     if p.suffix == ".safetensors" or p.is_file() or is_edkm_folder(p):
@@ -40,19 +38,19 @@ def _load_any(path: str, tokenizer: str | None = None) -> tuple[Any, Any]:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from .models import BUNDLED_MODEL_DIR
+    from edkm.models import BUNDLED_MODEL_DIR
 
     check_compress(args, BUNDLED_MODEL_DIR)  # every flag and file, before anything loads
-    from .compress import CompressConfig, compress
-    from .config import EMBEDDING_LAYERS, PalettizeConfig
-    from .runtime import configure_threads
-    from .train import TrainConfig
+    from edkm.jobs.compress import CompressConfig, compress
+    from edkm.config import EMBEDDING_LAYERS, PalettizeConfig
+    from edkm.jobs.runtime import configure_threads
+    from edkm.training.loop import TrainConfig
 
     overrides = {EMBEDDING_LAYERS: {"bits": args.embed_bits}} if args.embed_bits else {}
     plan = PalettizeConfig(bits=args.bits, group_size=args.group_size, tau=args.tau, iters=args.iters,
                            memory=args.memory, overrides=overrides)
     if args.group_size:  # must divide every clustered layer's rows: checked on the config's shapes, as `edkm size` does
-        from .size import load_config, meta_model, palettized_size
+        from edkm.jobs.size import load_config, meta_model, palettized_size
 
         palettized_size(meta_model(load_config(str(args.model or BUNDLED_MODEL_DIR))), plan)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
@@ -63,7 +61,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
                          distill=args.distill, resume=args.resume, keep_checkpoints=args.keep_checkpoints,
                          device=str(resolve_device(args.device)))
     if args.fsdp:
-        from .distributed import FSDPOptions
+        from edkm.distributed import FSDPOptions
 
         cfg.fsdp = FSDPOptions(args.mixed_precision, args.activation_checkpointing, not args.fsdp_gathered_dkm)
     configure_threads(args.model or BUNDLED_MODEL_DIR, args.threads)
@@ -104,9 +102,9 @@ def format_report(r: dict[str, Any]) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     check_eval(args)
-    from .data import load_text, split_text, tokenize_text
-    from .eval.perplexity import perplexity
-    from .eval.zeroshot import TASKS, evaluate_tasks
+    from edkm.data.text import load_text, split_text, tokenize_text
+    from edkm.eval.perplexity import perplexity
+    from edkm.eval.zeroshot import TASKS, evaluate_tasks
 
     tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else []
     unknown = [t for t in tasks if t not in TASKS]
@@ -128,7 +126,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
-    from .compress import generate_text
+    from edkm.jobs.compress import generate_text
 
     model, tok = _load_any(args.model, args.tokenizer)
     model.to(resolve_device(args.device))
@@ -138,7 +136,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .bench import run_memory_benchmark
+    from edkm.bench import run_memory_benchmark
 
     run_memory_benchmark(args)
 
@@ -238,7 +236,7 @@ def add_commands(sub: Any) -> None:
     add_compress_parser(sub)
     add_eval_parser(sub)
     add_generate_parser(sub)
-    add_export_parser(sub)  # edkm export coreml (edkm.coreml.command)
+    add_export_parser(sub)  # edkm export coreml (edkm.cli.export)
     bench = sub.add_parser("bench", help="benchmarks (results go to runs/bench/ unless --out says otherwise)")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     add_bench_memory_parser(bench_sub)  # `edkm bench NAME` benchmarks register on bench_sub

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import PalettizeConfig
-from .export.pack import packed_nbytes
-from .lut import rows_first_weight
-from .size_presets import PRESETS
-from .wrap import weight_plans
+from edkm.config import PalettizeConfig
+from edkm.export.pack import packed_nbytes
+from edkm.layers.lut import rows_first_weight
+from edkm.jobs.presets import PRESETS
+from edkm.layers.dkm import weight_plans
 
 GiB = 1 << 30
 
