@@ -1,17 +1,23 @@
-"""The README's FSDP tables from the committed JSON results (sharded DKM benchmark, `edkm plan`).
+"""The FSDP tables from the committed JSON results (sharded DKM benchmark, `edkm plan`).
 
     python scripts/fsdp_tables.py            # print them
-    python scripts/fsdp_tables.py --readme   # rewrite the tables between the README's markers
+    python scripts/fsdp_tables.py --readme   # rewrite them between their markers wherever they are
+                                             # (README.md, docs/*.md; today docs/distributed.md)
+                                             # (--docs is the same flag)
+
+Files are written only when they change, so a second run changes nothing.
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
-from edkm.bench.sharded_dkm import markdown as fsdp_dkm_table
 from edkm.bench.plan_check import table as validation_table
+from edkm.bench.sharded_dkm import markdown as fsdp_dkm_table
 
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 GPUS = (1, 2, 4, 8)
 
 
@@ -42,18 +48,29 @@ def tables() -> dict[str, str]:
     }
 
 
-def update_readme() -> None:
-    readme = RESULTS.parent.parent / "README.md"
-    text = readme.read_text()
-    for name, table in tables().items():
-        start, end = f"<!-- {name} table -->", f"<!-- /{name} table -->"
-        a, b = text.index(start) + len(start), text.index(end)
-        text = text[:a] + "\n" + table + "\n" + text[b:]
-    readme.write_text(text)
+def rewrite_sections(tables: dict[str, str]) -> list[Path]:
+    """Replace every `<!-- NAME table -->` section of README.md and docs/*.md; returns the files changed."""
+    found, changed = set(), []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = new = path.read_text()
+        for name, table in tables.items():
+            begin, end = f"<!-- {name} table -->", f"<!-- /{name} table -->"
+            section = re.compile(f"^{re.escape(begin)}$.*?^{re.escape(end)}$", re.DOTALL | re.MULTILINE)  # markers on lines of their own
+            if section.search(new):
+                found.add(name)
+                body = begin + "\n" + table + "\n" + end
+                new = section.sub(lambda _, body=body: body, new)  # a function: the table is not a template
+        if new != text:
+            path.write_text(new)
+            changed.append(path)
+    if missing := sorted(set(tables) - found):
+        sys.exit(f"no <!-- NAME table --> section for {missing} in README.md or docs/*.md")
+    return changed
 
 
 if __name__ == "__main__":
-    if "--readme" in sys.argv:
-        update_readme()
+    if "--readme" in sys.argv or "--docs" in sys.argv:
+        for path in rewrite_sections(tables()):
+            print(f"rewrote {path.relative_to(ROOT)}", file=sys.stderr)
     else:
         print("\n\n".join(tables().values()))

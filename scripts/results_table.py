@@ -1,20 +1,27 @@
-"""The README's results tables, from the committed JSON results.
+"""The main job's and the memory benchmark's results tables, from the committed JSON results.
 
     python scripts/results_table.py            # print them (benchmarks/results/compress_*.json, memory.md)
-    python scripts/results_table.py --readme   # rewrite the tables between the README's markers
+    python scripts/results_table.py --readme   # rewrite them between their markers in README.md and docs/*.md
+                                               # (--docs is the same flag)
+
+The compress table is in README.md and docs/results.md, the memory table in docs/results.md; every
+`<!-- NAME table -->` ... `<!-- /NAME table -->` section found is rewritten, files are written only
+when they change, so a second run changes nothing.
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def compress_table() -> str:
     rows = ["| bits (decoder / embedding) | fp32 original | fp32 fine-tuned (control) | RTN per channel | k-means per tensor (PTQ) | GPTQ per channel | SqueezeLLM-style per row | **eDKM** (hard, packed, reloaded) | eDKM vs control | packed size | split |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    peer = lambda r, k: f"{r[k + '_ppl']:.3f} ({r[k + '_bpw']:.2f} b/w)" if r.get(k + "_ppl") else "-"  # noqa: E731
+    peer = lambda r, k: f"{r[k + '_ppl']:.3f} ({r[k + '_bpw']:.2f} b/w)" if r.get(k + "_ppl") else "-"
     for path in sorted(RESULTS.glob("compress_*.json")):
         r = json.loads(path.read_text())
         embed = next(iter(r["plan"]["overrides"].values()), {}).get("bits", r["bits"])  # the --embed-bits override
@@ -35,20 +42,31 @@ def memory_table() -> str:
     return text[start : text.index("## Notes")].replace("## Targets", "Targets:").strip()
 
 
-def update_readme() -> None:
-    readme = RESULTS.parent.parent / "README.md"
-    text = readme.read_text()
-    for name, table in (("compress", compress_table()), ("memory", memory_table())):
-        begin, end = f"<!-- {name} table -->", f"<!-- /{name} table -->"
-        head, rest = text.split(begin)
-        text = head + begin + "\n" + table + "\n" + end + rest.split(end)[1]
-    readme.write_text(text)
+def rewrite_sections(tables: dict[str, str]) -> list[Path]:
+    """Replace every `<!-- NAME table -->` section of README.md and docs/*.md; returns the files changed."""
+    found, changed = set(), []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = new = path.read_text()
+        for name, table in tables.items():
+            begin, end = f"<!-- {name} table -->", f"<!-- /{name} table -->"
+            section = re.compile(f"^{re.escape(begin)}$.*?^{re.escape(end)}$", re.DOTALL | re.MULTILINE)  # markers on lines of their own
+            if section.search(new):
+                found.add(name)
+                body = begin + "\n" + table + "\n" + end
+                new = section.sub(lambda _, body=body: body, new)  # a function: the table is not a template
+        if new != text:
+            path.write_text(new)
+            changed.append(path)
+    if missing := sorted(set(tables) - found):
+        sys.exit(f"no <!-- NAME table --> section for {missing} in README.md or docs/*.md")
+    return changed
 
 
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
-    if which == "--readme":
-        update_readme()
+    if which in ("--readme", "--docs"):
+        for path in rewrite_sections({"compress": compress_table(), "memory": memory_table()}):
+            print(f"rewrote {path.relative_to(ROOT)}", file=sys.stderr)
         sys.exit()
     if which in ("all", "compress"):
         print(compress_table())

@@ -17,13 +17,13 @@ import edkm
 from edkm.config import EMBEDDING_LAYERS
 from edkm.export.format import read_header
 from edkm.layers.lut import LUTModule
-from edkm.layers.dkm import clustered_fraction, unclustered_weights
+from edkm.transform import clustered_fraction, unclustered_weights
 
 pytest.importorskip("transformers")
 
 VOCAB = 128
 ARCHS = ("llama", "mistral", "qwen2", "phi3", "gemma", "gpt2", "opt")
-PLAN = dict(bits=3, memory="plain", overrides={EMBEDDING_LAYERS: {"bits": 8}})
+PLAN = dict(bits=3, overrides={EMBEDDING_LAYERS: {"bits": 8}})
 
 
 def load_packed(path, model):
@@ -81,14 +81,14 @@ def test_8bit_clustering_keeps_the_layers_own_forward(arch, tiny_causal_lm):
     x = torch.randint(3, VOCAB, (2, 12))
     with torch.no_grad():
         reference = model(x).logits
-        clustered = edkm.ptq_kmeans_(copy.deepcopy(model), edkm.PalettizeConfig(bits=8, memory="plain"))(x).logits
+        clustered = edkm.ptq_kmeans_(copy.deepcopy(model), edkm.PalettizeConfig(bits=8))(x).logits
     scale = reference.abs().mean()
     assert (clustered - reference).abs().mean() < 0.05 * scale, arch
 
 
 def test_tied_weight_gets_the_most_bits_any_name_asks_for(tmp_path, tiny_causal_lm):
     model = tiny_causal_lm("gpt2")  # transformer.wte tied to lm_head
-    edkm.ptq_kmeans_(model, edkm.PalettizeConfig(bits=3, memory="plain", overrides={"lm_head": {"bits": 8}}))
+    edkm.ptq_kmeans_(model, edkm.PalettizeConfig(bits=3, overrides={"lm_head": {"bits": 8}}))
     assert model.transformer.wte.lut is model.lm_head.lut and model.lm_head.lut.bits == 8
     assert model.transformer.h[0].attn.c_attn.lut.bits == 3
     edkm.save_palettized(model, tmp_path / "m.safetensors")
@@ -100,7 +100,7 @@ def test_conv1d_clusters_per_output_channel_group(tiny_causal_lm):
     model = tiny_causal_lm("gpt2")
     conv = model.transformer.h[0].mlp.c_fc  # weight stored (in=32, out=128)
     x = torch.randn(3, 32)
-    edkm.ptq_kmeans_(model, edkm.PalettizeConfig(bits=2, group_size=16, memory="plain"))
+    edkm.ptq_kmeans_(model, edkm.PalettizeConfig(bits=2, group_size=16))
     assert isinstance(model.transformer.h[0].mlp.c_fc, LUTModule)
     lut = model.transformer.h[0].mlp.c_fc.lut
     assert lut.shape == (128, 32) and lut.lut.shape == (8, 4)  # 128 output channels / 16 = 8 LUTs

@@ -221,7 +221,7 @@ def test_size_presets_match_published_parameter_counts(preset, params):
     from edkm.config import PalettizeConfig
     from edkm.jobs.size import load_config, meta_model, palettized_size
 
-    assert palettized_size(meta_model(load_config(preset)), PalettizeConfig(memory="plain"))["params"] == params
+    assert palettized_size(meta_model(load_config(preset)), PalettizeConfig())["params"] == params
 
 
 def test_size_readable_units_and_group_size_checked(capsys):
@@ -239,7 +239,7 @@ def test_run_folder_states(tmp_path):
     (tmp_path / "checkpoint_edkm.pt").write_bytes(b"x")  # a run from before settings.json: resumed, not cleared
     assert check_resume(tmp_path, {"plan": {"bits": 3}}, resume=True) == "resume"
     assert (tmp_path / "checkpoint_edkm.pt").exists()
-    with pytest.raises(ValueError, match="--bits 4 differs from the checkpoint's 3"):
+    with pytest.raises(ValueError, match="plan.bits 4 differs from the checkpoint's 3"):
         check_resume(tmp_path, {"plan": {"bits": 4}}, resume=True)
     assert check_resume(tmp_path, {"plan": {"bits": 4}}, resume=False) == "fresh"  # starting over clears the old state
     assert not (tmp_path / "checkpoint_edkm.pt").exists()

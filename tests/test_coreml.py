@@ -118,14 +118,14 @@ def test_traced_wrappers_compute_the_models_logits(grouped):
 def test_every_architecture_exports_bit_exact(arch, tiny_causal_lm, tmp_path):
     """Exported from a plain from_pretrained load of the saved folder, checked against the model that was saved.
     GPT-2: Conv1D weights (in, out), so its per-output-channel LUTs group along axis 1; tied wte/lm_head at 8 bits."""
+    from transformers import AutoModelForCausalLM
+
     from edkm.config import EMBEDDING_LAYERS
     from edkm.coreml import export_coreml
 
-    from transformers import AutoModelForCausalLM
-
     model = tiny_causal_lm(arch)
     group = 4 if arch == "gpt2" else None
-    edkm.ptq_kmeans_(model, edkm.PalettizeConfig(bits=3, memory="plain", group_size=group, overrides={EMBEDDING_LAYERS: {"bits": 8}}))
+    edkm.ptq_kmeans_(model, edkm.PalettizeConfig(bits=3, group_size=group, overrides={EMBEDDING_LAYERS: {"bits": 8}}))
     loaded = AutoModelForCausalLM.from_pretrained(edkm.save_folder(model, tmp_path / arch), local_files_only=True)
     report = verify_mlpackage(export_coreml(loaded, tmp_path / f"{arch}.mlpackage", length=16), model)  # vs. the original
     assert report["ok"], report["problems"]

@@ -9,7 +9,19 @@ import pytest
 import torch
 
 import edkm
-from edkm.data.text import IGNORE_INDEX, PackedDataset, check_seq_len, format_alpaca_prompt, load_alpaca, load_text, split_documents, split_records, split_text, tokenize_alpaca, tokenize_text
+from edkm.data.text import (
+    IGNORE_INDEX,
+    PackedDataset,
+    check_seq_len,
+    format_alpaca_prompt,
+    load_alpaca,
+    load_text,
+    split_documents,
+    split_records,
+    split_text,
+    tokenize_alpaca,
+    tokenize_text,
+)
 
 ASSETS = Path(edkm.__file__).parent / "assets"
 STORIES = [ASSETS / "tinystories" / "tinystories_val.txt", Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_val.txt"]

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import edkm
-from edkm.models import BUNDLED_MODEL_DIR
 from edkm.cli.main import main
 from edkm.distributed.device import backend_for, resolve_device
 from edkm.memory.marshal import to_host
+from edkm.models import BUNDLED_MODEL_DIR
 
 CUDA = torch.cuda.is_available()
 

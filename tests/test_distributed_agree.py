@@ -5,7 +5,6 @@ Real gloo processes (forked, file rendezvous: no port to collide on), 2 ranks.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -12,9 +12,9 @@ import torch
 
 from edkm.cluster.dkm import dkm_autograd
 from edkm.cluster.kmeans import kmeans1d
+from edkm.cluster.sixteen import bit_patterns
 from edkm.memory.domain import patterns as _patterns
 from edkm.memory.fused import fused_dkm
-from edkm.cluster.sixteen import bit_patterns
 
 TOL = 1e-4
 

@@ -15,8 +15,8 @@ import torch
 
 import edkm
 from edkm.export import FormatError
-from edkm.hf.folder import save_folder
 from edkm.export.layers import digest
+from edkm.hf.folder import save_folder
 from edkm.layers.lut import LUTModule
 from edkm.models import load_causal_lm
 
@@ -75,7 +75,7 @@ def flip(raw: bytes, lo: int, hi: int, rng: random.Random) -> bytes:
 def reference(tmp_path_factory):
     model, tok = load_causal_lm(None)
     pristine = copy.deepcopy(model)
-    edkm.palettize_(model, edkm.PalettizeConfig(bits=3, memory="plain", overrides={"embed_tokens|lm_head": {"bits": 8}}))
+    edkm.palettize_(model, edkm.PalettizeConfig(bits=3, overrides={"embed_tokens|lm_head": {"bits": 8}}))
     model.train()
     model(X)  # initializes the centroids
     edkm.finalize_(model).eval()

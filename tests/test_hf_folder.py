@@ -17,7 +17,7 @@ X = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
 @pytest.fixture(scope="module")
 def palettized():
     model, tok = load_causal_lm(None)
-    plan = edkm.PalettizeConfig(bits=3, group_size=4, memory="plain", overrides={"embed_tokens|lm_head": {"bits": 8}})
+    plan = edkm.PalettizeConfig(bits=3, group_size=4, overrides={"embed_tokens|lm_head": {"bits": 8}})
     edkm.ptq_kmeans_(model, plan)
     return model, tok
 
@@ -87,7 +87,7 @@ def test_uniform_levels_round_trip(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, tok = load_causal_lm(None)
-    edkm.rtn_(model, edkm.PalettizeConfig(bits=4, memory="plain"))
+    edkm.rtn_(model, edkm.PalettizeConfig(bits=4))
     save_folder(model, tmp_path, tok)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert loaded.model.layers[1].self_attn.q_proj.lut.uniform
@@ -96,7 +96,7 @@ def test_uniform_levels_round_trip(tmp_path):
 
 def test_unclustered_tied_embedding_round_trips(tmp_path):
     model, tok = load_causal_lm(None)
-    edkm.ptq_kmeans_(model, edkm.PalettizeConfig(bits=4, memory="plain", exclude=["embed_tokens", "lm_head"]))
+    edkm.ptq_kmeans_(model, edkm.PalettizeConfig(bits=4, exclude=["embed_tokens", "lm_head"]))
     edkm.save_folder(model, tmp_path / "hf", tok)
     edkm.save_palettized(model, tmp_path / "m.safetensors")
     for loaded in (edkm.load_palettized(tmp_path / "hf"), edkm.load_palettized(tmp_path / "m.safetensors")):

@@ -10,9 +10,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import edkm
-from edkm.memory.dkm import dkm
 from edkm.cluster.sixteen import cast_straight_through
 from edkm.memory.layer import cluster_weight, clustered_linear
+from edkm.memory.modes import dkm
 
 
 def saved_bytes_beyond(model: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -82,7 +82,7 @@ class _LargeOutputs(TorchDispatchMode):
 def test_nothing_weight_sized_alive_after_backward_and_step(memory):
     model = master_weights(nn.Sequential(nn.Embedding(512, 128), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 512)))
     model[3].weight = model[0].weight  # tied head
-    edkm.palettize_(model, edkm.PalettizeConfig(bits=3, memory=memory, overrides={"0|3": {"bits": 6}}))
+    edkm.palettize_(model, edkm.PalettizeConfig(bits=3, overrides={"0|3": {"bits": 6}}), memory=memory)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, 512, (1, 16))  # activations stay below the smallest weight (128 x 128)
     for _ in range(2):  # step 1 initialises the centroids and the optimizer state
@@ -96,7 +96,7 @@ def test_nothing_weight_sized_alive_after_backward_and_step(memory):
     alive = [(shape, op) for ref, shape, op in mode.refs if not ref.expired() and ref.cdata not in keep]
     assert loss.grad_fn is not None  # the graph is still referenced, as in a training loop
     assert not alive, f"|W|-sized tensors alive after backward and step: {alive}"
-    assert all(m._scope is None for m in model.modules() if isinstance(m, edkm.layers.dkm.ClusteredWeight))
+    assert all(m.scope.entries is None for m in model.modules() if isinstance(m, edkm.layers.dkm.ClusteredWeight))
 
 
 def reference_linear(w: torch.Tensor, c: torch.Tensor, x: torch.Tensor, tau: float, memory: str) -> torch.Tensor:

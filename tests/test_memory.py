@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import edkm
+from edkm.cluster.dkm import dkm_autograd
 from edkm.memory import MemoryPlan, dkm_with_memory, parse_memory, track_saved
 from edkm.memory.hooks import SavedTensorHooks
-from edkm.cluster.dkm import dkm_autograd
 
 K, ITERS, TAU = 8, 3, 1e-4
 

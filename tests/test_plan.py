@@ -5,8 +5,8 @@ import json
 import pytest
 
 from edkm.cli.main import main
-from edkm.models import BUNDLED_MODEL_DIR
 from edkm.jobs.plan import PlanOptions, estimate
+from edkm.models import BUNDLED_MODEL_DIR
 
 
 @pytest.fixture(scope="module")

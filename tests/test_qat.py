@@ -17,7 +17,7 @@ from edkm.peers.qat import convert_qat_, prepare_qat_, qat_to_lut_  # noqa: E402
 def test_qat_fake_quantizes_and_equals_its_converted_model(bits, group_size, tmp_path):
     model, _ = load_causal_lm(None)
     fp = copy.deepcopy(model).eval()
-    plan = PalettizeConfig(bits=bits, memory="plain", overrides={"embed_tokens|lm_head": {"bits": 8}})
+    plan = PalettizeConfig(bits=bits, overrides={"embed_tokens|lm_head": {"bits": 8}})
     prepare_qat_(model, plan, group_size)
     x = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     model.train()

@@ -22,7 +22,7 @@ def tiny():
 
 @pytest.fixture
 def saved(tmp_path):
-    model = edkm.ptq_kmeans_(tiny(), edkm.PalettizeConfig(bits=3, memory="plain"))
+    model = edkm.ptq_kmeans_(tiny(), edkm.PalettizeConfig(bits=3))
     path = tmp_path / "m.safetensors"
     edkm.save_palettized(model, path)
     return path
@@ -71,7 +71,7 @@ CONV = "transformer.h.0.mlp.c_fc"  # GPT-2 Conv1D: weight stored (in=32, out=128
 def gpt2_saved(tmp_path_factory, tiny_causal_lm):
     """A 3-bit GPT-2 (Conv1D projections) as a single file and as a Hugging Face folder."""
     root = tmp_path_factory.mktemp("gpt2")
-    model = edkm.ptq_kmeans_(tiny_causal_lm("gpt2"), edkm.PalettizeConfig(bits=3, memory="plain"))
+    model = edkm.ptq_kmeans_(tiny_causal_lm("gpt2"), edkm.PalettizeConfig(bits=3))
     edkm.save_palettized(model, root / "m.safetensors")
     edkm.save_folder(model, root / "folder")
     return root

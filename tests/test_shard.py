@@ -6,7 +6,6 @@ child runs single-threaded, as DataLoader workers do) and report through a queue
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -12,7 +12,7 @@ from edkm.jobs.size import GiB, load_config, meta_model, palettized_size
 def test_llama7b_matches_paper():
     model = meta_model(load_config("llama-7b"))
     assert all(p.is_meta for p in model.parameters())
-    r = palettized_size(model, PalettizeConfig(bits=3, memory="plain", overrides={"embed_tokens|lm_head": {"bits": 8}}))
+    r = palettized_size(model, PalettizeConfig(bits=3, overrides={"embed_tokens|lm_head": {"bits": 8}}))
     assert r["params"] == 6_738_415_616
     assert abs(r["fp16_bytes"] / GiB - 12.55) < 0.01  # the paper's "12.6 GB"
     assert abs(r["palettized_bytes"] / GiB - 2.51) < 0.01  # the paper's "2.5 GB"

@@ -27,7 +27,7 @@ class Tiny(nn.Module):
         return self.head(self.down(torch.relu(self.up(self.embed(x)))))
 
 
-CONFIG = dict(bits=3, memory="plain", overrides={"embed|head": {"bits": 8}})
+CONFIG = dict(bits=3, overrides={"embed|head": {"bits": 8}})
 
 
 def trained(config=None):
@@ -68,7 +68,7 @@ def test_eval_equals_finalized_equals_loaded(tmp_path, group_size):
 
 
 def test_size_on_disk_within_two_percent(tmp_path):
-    model = edkm.ptq_kmeans_(nn.Sequential(nn.Linear(512, 512), nn.LayerNorm(512)), edkm.PalettizeConfig(bits=3, memory="plain"))
+    model = edkm.ptq_kmeans_(nn.Sequential(nn.Linear(512, 512), nn.LayerNorm(512)), edkm.PalettizeConfig(bits=3))
     edkm.save_palettized(model, tmp_path / "m.safetensors")
     expected = 512 * 512 * 3 / 8 + 8 * 2 + (512 + 512 + 512) * 4  # indices + LUT + bias and LayerNorm (fp32)
     size = (tmp_path / "m.safetensors").stat().st_size
@@ -79,7 +79,7 @@ def test_rtn_per_channel_and_group():
     w = torch.randn(6, 8)
     lin = nn.Linear(8, 6)
     lin.weight.data = w.clone()
-    edkm.rtn_(nn.Sequential(lin), edkm.PalettizeConfig(bits=8, memory="plain"), group_size=4)
+    edkm.rtn_(nn.Sequential(lin), edkm.PalettizeConfig(bits=8), group_size=4)
     assert (lin_w := nn.Sequential(lin)[0].weight).shape == (6, 8)
     assert (lin_w - w).abs().max() < (w.max() - w.min()) / 255  # 8-bit uniform: within one step
 
@@ -90,15 +90,15 @@ def test_bad_config():
     with pytest.raises(ValueError, match="bits must be an integer from 1 to 8"):
         edkm.PalettizeConfig(overrides={"up": {"bits": 0}})
     with pytest.raises(ValueError, match="does not divide"):
-        edkm.palettize_(Tiny(), edkm.PalettizeConfig(group_size=5, memory="plain"))
+        edkm.palettize_(Tiny(), edkm.PalettizeConfig(group_size=5))
     with pytest.raises(ValueError, match="matches no"):
-        edkm.palettize_(Tiny(), edkm.PalettizeConfig(include=["q_proj"], memory="plain"))
+        edkm.palettize_(Tiny(), edkm.PalettizeConfig(include=["q_proj"]))
     with pytest.raises(ValueError, match="matches no"):
-        edkm.palettize_(Tiny(), edkm.PalettizeConfig(overrides={"lm_head": {"bits": 8}}, memory="plain"))
+        edkm.palettize_(Tiny(), edkm.PalettizeConfig(overrides={"lm_head": {"bits": 8}}))
 
 
 def saved(tmp_path):
-    model = edkm.rtn_(Tiny(), edkm.PalettizeConfig(bits=3, memory="plain"))
+    model = edkm.rtn_(Tiny(), edkm.PalettizeConfig(bits=3))
     path = tmp_path / "m.safetensors"
     edkm.save_palettized(model, path)
     return path
@@ -137,7 +137,7 @@ def rewrite_header(path, out, edit):
 def test_rtn_stores_min_and_scale_and_reloads_exactly(tmp_path):
     from safetensors import safe_open
 
-    model = edkm.rtn_(nn.Sequential(nn.Linear(512, 512)), edkm.PalettizeConfig(bits=8, memory="plain"))
+    model = edkm.rtn_(nn.Sequential(nn.Linear(512, 512)), edkm.PalettizeConfig(bits=8))
     path = tmp_path / "rtn.safetensors"
     edkm.save_palettized(model, path)
     with safe_open(path, framework="pt") as f:
@@ -153,7 +153,7 @@ def test_version_1_files_still_load(tmp_path):
 
     from edkm.export.layers import digest
 
-    model = edkm.ptq_kmeans_(Tiny(), edkm.PalettizeConfig(bits=3, memory="plain"))
+    model = edkm.ptq_kmeans_(Tiny(), edkm.PalettizeConfig(bits=3))
     edkm.save_palettized(model, tmp_path / "v3.safetensors")
 
     def to_v1(header):  # version 1: no "levels", checksum over the tensors only
@@ -178,7 +178,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(OSError):
-        edkm.save_palettized(edkm.rtn_(Tiny(), edkm.PalettizeConfig(bits=2, memory="plain")), path)
+        edkm.save_palettized(edkm.rtn_(Tiny(), edkm.PalettizeConfig(bits=2)), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edkm.atomic import write_text
+
 MiB = 1 << 20
 # name -> (kind, dtype or bits, embedding/head bits or None, kernel or None, extra environment)
 CONFIGS: dict[str, tuple[str, Any, int | None, str | None, dict[str, str]]] = {
@@ -43,30 +45,6 @@ LLAMA150M = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, 
                  num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
 
 
-def add_bench_generate_parser(bench_sub: Any) -> None:
-    """Register ``edkm bench generate`` on the ``bench`` subparsers (no heavy imports)."""
-    p = bench_sub.add_parser("generate", help="batch-1 generation speed, memory and load time: dense vs packed")
-    p.add_argument("--out", default="runs/bench/generate.json",
-                   help="JSON output (the committed results: --out benchmarks/results/generate.json)")
-    p.add_argument("--md", default=None, help="Markdown table output (default: --out with .md)")
-    p.add_argument("--readme", default=None, help="also replace the <!-- generate table --> section of this README")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
-    p.add_argument("--work-dir", default="runs/bench/generate-models", help="where the prepared models are kept")
-    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for the time to first token")
-    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated (decode speed)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per measurement process")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per process")
-    p.add_argument("--no-profile", dest="profile", action="store_false",
-                   help="skip the per-shape kernel profile (dense vs packed ms per Linear, interleaved)")
-    p.set_defaults(func=cmd_bench_generate)
-
-
-def cmd_bench_generate(args: Any) -> None:
-    result = run_generate_benchmark(args)
-    print(format_markdown(result))
-
-
 def subset(text: str, allowed: Any, what: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     bad = [n for n in names if n not in allowed]
@@ -75,17 +53,6 @@ def subset(text: str, allowed: Any, what: str) -> list[str]:
     return names
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (a temporary file in the same folder, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def run_child(args: list[str], env_extra: dict[str, str], timeout: float) -> dict:
@@ -222,9 +189,9 @@ def format_markdown(result: dict) -> str:
 def write_outputs(result: dict, args: Any) -> None:
     """JSON to ``--out``, Markdown beside it (or ``--md``), and the README section if ``--readme``."""
     out = Path(args.out)
-    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    write_text(out, json.dumps(result, indent=1) + "\n")
     md = format_markdown(result)
-    atomic_write_text(Path(args.md) if args.md else out.with_suffix(".md"), md)
+    write_text(Path(args.md) if args.md else out.with_suffix(".md"), md)
     if args.readme:
         readme = Path(args.readme)
         text = readme.read_text()
@@ -232,6 +199,6 @@ def write_outputs(result: dict, args: Any) -> None:
         if start not in text or end not in text:
             raise ValueError(f"{readme} has no '<!-- generate table -->' ... '<!-- /generate table -->' section")
         head, rest = text.split(start, 1)
-        atomic_write_text(readme, head + start + md + rest[rest.index(end):])
+        write_text(readme, head + start + md + rest[rest.index(end):])
     print(f"wrote {out}" + (f" and {args.readme}" if args.readme else ""), file=sys.stderr)
 

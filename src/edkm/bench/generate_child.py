@@ -76,8 +76,8 @@ class DecodeCounter:
     """Counts whole-weight decodes (``edkm.decode`` calls from the LUT layers and kernels) while active."""
 
     def __enter__(self) -> "DecodeCounter":
-        from edkm.layers import lut
         from edkm.kernels import linear
+        from edkm.layers import lut
 
         self.modules, self.count = (lut, linear), 0
         self.original = lut.decode
@@ -169,7 +169,7 @@ def prepare(spec: dict) -> dict[str, Any]:
         path = folder / name
         if not path.is_file():
             overrides = {"embed_tokens|lm_head": {"bits": embed_bits}} if embed_bits else {}
-            packed = ptq_kmeans_(copy.deepcopy(model), PalettizeConfig(bits=bits, overrides=overrides, memory="plain"))
+            packed = ptq_kmeans_(copy.deepcopy(model), PalettizeConfig(bits=bits, overrides=overrides))
             save_palettized(packed, path)
             del packed
         files[name] = path.stat().st_size

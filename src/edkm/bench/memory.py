@@ -47,7 +47,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from edkm.bench.configs import CONFIGS, GiB, BenchOptions, Log, command_line, options_from_args
+from edkm.bench.configs import CONFIGS, BenchOptions, GiB, Log, command_line, options_from_args
 from edkm.bench.coreml import measure_coremltools
 from edkm.bench.distributed import measure_config, measure_sharded
 from edkm.bench.measure import proc_kib

@@ -1,6 +1,6 @@
 """Validate `edkm plan` against measured training steps on this machine (one process, one thread).
 
-    python -m edkm.bench.plan_check --out benchmarks/results/plan_validation.json
+    edkm bench plan-check --out benchmarks/results/plan_validation.json
 
 For small LLaMA-style configs, each (config, mode) runs in a fresh process: build the model from its
 config (random weights, fp32), palettize it (except "plain-ft"), and run two whole training steps
@@ -12,12 +12,13 @@ live tensors rather than glibc's heap high-water mark). The estimate is :func:`e
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
+
+from edkm.atomic import write_json
+from edkm.jobs.plan import PlanOptions, estimate
 
 CONFIGS = {
     "llama-h256-l4": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, vocab_size=2048),
@@ -69,7 +70,7 @@ def measure(name: str, mode: str, batch: int, seq: int) -> int:
     start = rss_bytes() or 0
     model = AutoModelForCausalLM.from_config(config)
     if mode != "plain-ft":
-        edkm.palettize_(model, edkm.PalettizeConfig(bits=BITS, memory={"coremltools": "plain"}.get(mode, mode)))
+        edkm.palettize_(model, edkm.PalettizeConfig(bits=BITS), memory={"coremltools": "plain"}.get(mode, mode))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for _ in range(2):
@@ -80,21 +81,12 @@ def measure(name: str, mode: str, batch: int, seq: int) -> int:
     return peak_rss_bytes() - start
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m edkm.bench.plan_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="benchmarks/results/plan_validation.json")
-    p.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child:
-        name, mode, batch, seq = args.child
-        print(json.dumps({"peak": measure(name, mode, int(batch), int(seq))}))
-        return
-    from edkm.jobs.plan import PlanOptions, estimate
-
+def run(out: str = "benchmarks/results/plan_validation.json") -> list[dict]:
+    """Measure every case in its own process, compare with the estimate, write ``out``; returns the rows."""
     rows = []
     for name, mode, batch, seq in CASES:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-        res = subprocess.run([sys.executable, "-m", "edkm.bench.plan_check", "--child", name, mode, str(batch), str(seq)],
+        res = subprocess.run([sys.executable, "-m", "edkm.bench.plan_check", name, mode, str(batch), str(seq)],
                              capture_output=True, text=True, env=env, timeout=1800)
         if res.returncode:
             raise RuntimeError(f"measurement {name} {mode} failed: {res.stderr[-2000:]}")
@@ -104,12 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"config": name, **CONFIGS[name], "mode": mode, "batch": batch, "seq": seq, "measured_bytes": measured,
                      "estimated_bytes": int(est), "error": est / measured - 1, "load_avg_1min": round(os.getloadavg()[0], 2)})
         print(json.dumps(rows[-1]))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"bits": BITS, "threads": 1, "rows": rows}, indent=1))
-    os.replace(tmp, out)
-    print(table(rows))
+    write_json(out, {"bits": BITS, "threads": 1, "rows": rows})
+    return rows
 
 
 def table(rows: list[dict]) -> str:
@@ -119,5 +107,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # a measurement process of run(): NAME MODE BATCH SEQ
+    name, mode, batch, seq = sys.argv[1:5]
+    print(json.dumps({"peak": measure(name, mode, int(batch), int(seq))}))

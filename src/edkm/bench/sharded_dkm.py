@@ -1,6 +1,6 @@
 """Benchmark: per-rank DKM time and memory, "DKM on the gathered weight" vs "sharded DKM", on gloo ranks.
 
-    python -m edkm.bench.sharded_dkm --ranks 1 2 4 --out benchmarks/results/fsdp_dkm.json
+    edkm bench sharded-dkm --ranks 1 2 4 --out benchmarks/results/fsdp_dkm.json
 
 Under FSDP every rank holds the gathered weight for forward and backward. "gathered" runs the
 unique-domain DKM (:func:`edkm.memory.fused.fused_dkm`) on the whole weight on every rank, as
@@ -16,21 +16,20 @@ ranks share this machine's cores, so the 1-minute load average is recorded with 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from edkm.atomic import write_json
 from edkm.bench.measure import peak_rss_bytes, rss_bytes
-from edkm.memory.fused import fused_dkm
 from edkm.distributed.sharded import local_rows, sharded_dkm
+from edkm.memory.fused import fused_dkm
 
 
 def _reset_peak() -> None:
@@ -105,34 +104,20 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m edkm.bench.sharded_dkm", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", type=int, nargs=2, default=[4096, 4096])
-    p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="benchmarks/results/fsdp_dkm.json")
-    args = p.parse_args(argv)
-    if max(args.ranks) > 4 or min(args.ranks) < 1:
-        raise SystemExit("--ranks: 1 to 4 processes")
+def run(shape: tuple[int, int] = (4096, 4096), bits: int = 3, iters: int = 3, ranks: tuple[int, ...] = (1, 2, 4),
+        repeats: int = 3, out: str = "benchmarks/results/fsdp_dkm.json") -> dict:
+    """Gathered vs sharded DKM of one weight at each rank count (real gloo processes); writes ``out``."""
+    if max(ranks) > 4 or min(ranks) < 1:
+        raise ValueError("--ranks: 1 to 4 processes")
     rows = []
-    for world in args.ranks:
+    for world in ranks:
         load = os.getloadavg()[0]
         rows.append({"ranks": world, "load_avg_1min": round(load, 2),
-                     **measure(world, tuple(args.shape), args.bits, args.iters, args.repeats)})
+                     **measure(world, tuple(shape), bits, iters, repeats)})
         print(json.dumps(rows[-1]))
-    result = {"shape": args.shape, "bits": args.bits, "iters": args.iters, "repeats": args.repeats,
+    result = {"shape": list(shape), "bits": bits, "iters": iters, "repeats": repeats,
               "dtype": "bfloat16 values (fp32 master)", "threads_per_rank": 1, "rows": rows,
               "note": "seconds / cpu_seconds: wall / process CPU time of forward+backward of one weight, median over repeats, slowest rank; peak_bytes: "
                       "peak RSS above the RSS before the call, largest rank"}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
-    print(markdown(result))
-
-
-if __name__ == "__main__":
-    main()
+    write_json(out, result)
+    return result

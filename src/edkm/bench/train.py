@@ -33,29 +33,6 @@ DEFAULT_ROWS = "plain,edkm-auto,edkm-auto+ckpt,coremltools"
 TARGETS = {"peak": 1.10, "step": 1.5}  # eDKM auto vs plain fine-tuning
 
 
-def add_train_parser(bench_sub: Any) -> None:
-    """``edkm bench train`` (parser only; no torch import)."""
-    p = bench_sub.add_parser("train", help="whole training steps: plain fine-tuning vs eDKM vs coremltools")
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--intermediate", type=int, default=None, help="default: LLaMA's rule (11008 at hidden 4096)")
-    p.add_argument("--heads", type=int, default=None, help="default: hidden / 128")
-    p.add_argument("--layers", type=int, default=1, help="decoder layers")
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--embed-bits", type=int, default=8)
-    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (median)")
-    p.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated subset of {','.join(ROWS)}")
-    p.add_argument("--coreml-shape", type=int, nargs=2, default=[2048, 2048], help="the layer coremltools is measured on")
-    p.add_argument("--out", default="runs/bench/train.json", help="JSON result (Markdown table beside it)")
-    p.add_argument("--readme", default=None, help="also rewrite the <!-- train table --> section of this file")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto = CUDA when present (then peaks are CUDA allocator bytes; the CUDA path is untested)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per row")
-    p.set_defaults(func=run_train_benchmark)
-
-
 def model_dims(args: Any) -> dict[str, int]:
     """The model's dimensions (LLaMA rules for the defaults)."""
     inter = args.intermediate or 256 * -(-int(8 * args.hidden / 3) // 256)
@@ -92,7 +69,7 @@ def spec_for(row: str, d: dict[str, int], args: Any, device: str) -> dict[str, A
     spec = {**d, "bits": args.bits, "embed_bits": args.embed_bits, "steps": args.steps, "device": device,
             "edkm": row != "plain", "memory": "auto", "checkpointing": row.endswith("+ckpt"), "profile": row == "edkm-auto"}
     if row == "edkm-M+U":
-        spec.update(memory="marshal+unique", embed_override={"memory": "fused"})
+        spec.update(memory="marshal+unique", embed_memory="fused")
     return spec
 
 
@@ -156,9 +133,9 @@ def summarize(rows: list[dict], d: dict[str, int]) -> list[dict[str, Any]]:
 
 def run_train_benchmark(args: Any) -> dict[str, Any]:
     """Run the rows, write JSON (+ Markdown, + README section); returns the result."""
-    from edkm.distributed.device import resolve_device
     from edkm.bench.measure import wait_for_memory
     from edkm.bench.train_render import format_markdown, write_result
+    from edkm.distributed.device import resolve_device
 
     wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     bad = [r for r in wanted if r not in ROWS]

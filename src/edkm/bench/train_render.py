@@ -8,10 +8,11 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
+
+from edkm.atomic import write_text
 
 HEADER = ["row", "measured", "peak above start GiB", "vs plain", "first-step peak GiB", "step s", "vs plain",
           "tokens/s", "forward / backward / AdamW s", "load"]
@@ -47,12 +48,6 @@ def format_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def replace_section(text: str, table: str) -> str:
     """``text`` with the part between the train-table markers replaced (ValueError when they are missing)."""
@@ -64,8 +59,8 @@ def replace_section(text: str, table: str) -> str:
 
 def write_result(result: dict[str, Any], out: Path, readme: Path | None = None) -> None:
     """JSON at ``out``, the table beside it (.md), and optionally the README section; all atomic."""
-    _atomic_write(out, json.dumps(result, indent=1, default=str) + "\n")
+    write_text(out, json.dumps(result, indent=1, default=str) + "\n")
     table = format_markdown(result)
-    _atomic_write(out.with_suffix(".md"), table)
+    write_text(out.with_suffix(".md"), table)
     if readme is not None:
-        _atomic_write(readme, replace_section(readme.read_text(), table))
+        write_text(readme, replace_section(readme.read_text(), table))

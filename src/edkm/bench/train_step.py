@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from edkm.atomic import write_json
 from edkm.bench.measure import proc_kib
 
 
@@ -68,9 +69,9 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["edkm"]:
         import edkm
 
-        plan = edkm.PalettizeConfig(bits=spec["bits"], memory=spec["memory"],
-                                    overrides={"embed_tokens|lm_head": {"bits": spec["embed_bits"], **spec.get("embed_override", {})}})
-        edkm.palettize_(model, plan)
+        plan = edkm.PalettizeConfig(bits=spec["bits"], overrides={"embed_tokens|lm_head": {"bits": spec["embed_bits"]}})
+        memory = {"": spec["memory"], **({"embed_tokens|lm_head": spec["embed_memory"]} if "embed_memory" in spec else {})}
+        edkm.palettize_(model, plan, memory=memory)
     if spec["checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -135,10 +136,7 @@ def profile_step(step) -> list[dict[str, Any]]:
 def main(argv: list[str]) -> int:
     spec_json, result_path = argv
     row = run_row(json.loads(spec_json))
-    tmp = result_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(row, f)
-    os.replace(tmp, result_path)
+    write_json(result_path, row, indent=None)
     return 0
 
 

@@ -10,47 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
-
-FOLDER_WEIGHTS = "model.safetensors"  # the packed weights of an edkm Hugging Face folder (edkm compress --out DIR)
-LEGACY_FILE = "model.edkm.safetensors"  # the single packed file older edkm compress runs wrote into their folder
-
-
-def resolve_model(path: str | Path) -> tuple[Path, Path]:
-    """(what :func:`edkm.load_palettized` reads, the packed weights file whose size is reported) for ``path``:
-    an edkm Hugging Face folder (what ``edkm compress --out DIR`` writes), a single packed file, or a folder
-    holding one.
-
-    >>> resolve_model("/nonexistent/model.edkm.safetensors")
-    Traceback (most recent call last):
-    ...
-    FileNotFoundError: no packed edkm model at /nonexistent/model.edkm.safetensors
-    """
-    from edkm.export import is_edkm_folder
-
-    path = Path(path)
-    if path.is_dir():
-        if is_edkm_folder(path):
-            return path, path / FOLDER_WEIGHTS
-        if (path / LEGACY_FILE).is_file():
-            return path / LEGACY_FILE, path / LEGACY_FILE
-        raise FileNotFoundError(f"{path} is neither an edkm model folder (config.json with quant_method 'edkm') "
-                                f"nor a folder holding {LEGACY_FILE}")
-    if not path.is_file():
-        raise FileNotFoundError(f"no packed edkm model at {path}")
-    return path, path
 
 
 def cmd_export_coreml(args: argparse.Namespace) -> None:
-    from edkm.hf.load import load_palettized
+    # deferred: coremltools, torch and transformers load only when the command runs
     from edkm.coreml.convert import export_coreml, import_coremltools
     from edkm.coreml.verify import verify_mlpackage
+    from edkm.hf.load import load_palettized
+    from edkm.jobs.runfolder import locate_packed
 
     if not args.out.endswith(".mlpackage"):
         raise ValueError(f"--out must name a .mlpackage folder, got {args.out!r}")
     import_coremltools()  # fail before loading anything when the extra is missing
-    source, packed = resolve_model(args.model)
+    source, packed = locate_packed(args.model)
     model = load_palettized(source).eval()
     out = export_coreml(model, args.out, target=args.target, kv_cache=args.kv_cache, length=args.length)
     report: dict[str, Any] = {"mlpackage": str(out), "kv_cache": args.kv_cache, **verify_mlpackage(out, model, args.target)}

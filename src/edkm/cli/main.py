@@ -12,15 +12,21 @@ Building the parser imports neither torch nor transformers: `--help` and `--vers
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from edkm import __version__
-from edkm.cli.validate import bits, positive_int
-from edkm.jobs.runstate import resume_command
-from edkm.jobs.presets import PRESETS
+from edkm.cli.bench import add_bench_parser
+from edkm.cli.compare import add_compare_parser
+from edkm.cli.compress import add_compress_parser
+from edkm.cli.evaluate import add_eval_parser, add_generate_parser
+from edkm.cli.export import add_export_parser
+from edkm.cli.plan import add_plan_parser
+from edkm.cli.size import add_size_parser
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -46,56 +52,45 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _overrides(items: Sequence[str]) -> dict[str, dict[str, int]]:
-    out = {}
-    for item in items:
-        pattern, sep, value = item.rpartition("=")
-        if not sep or not value.isdigit() or not 1 <= int(value) <= 8:
-            raise ValueError(f"--override expects REGEX=BITS with BITS from 1 to 8, got {item!r}")
-        out[pattern] = {"bits": int(value)}
-    return out
-
-
-def cmd_size(args: argparse.Namespace) -> None:
-    from edkm.config import PalettizeConfig
-    from edkm.jobs.size import load_config, meta_model, palettized_size
-    from edkm.jobs.presets import human_bytes, human_count
-
-    config = PalettizeConfig(bits=args.bits, group_size=args.group_size, memory="plain", overrides=_overrides(args.override))
-    r = palettized_size(meta_model(load_config(args.model)), config)
-    print(f"parameters: {human_count(r['params'])}, clustered: {human_count(r['clustered_params'])}")
-    print(f"fp16: {human_bytes(r['fp16_bytes'])} -> palettized: {human_bytes(r['palettized_bytes'])} "
-          f"({r['fp16_bytes'] / r['palettized_bytes']:.1f}x smaller; KiB/MiB/GiB = 2^10/2^20/2^30 bytes)")
-
-
-def add_size_parser(sub: Any) -> None:
-    p = sub.add_parser("size", help="fp16 and palettized size of a model config (meta device, no weights)",
-                       description="fp16 and palettized size of a model's weights, from its config alone.")
-    p.add_argument("model", help=f"preset ({', '.join(PRESETS)}), a config.json or a model folder")
-    p.add_argument("--bits", type=bits, default=3, help="bits per clustered weight (LUT of 2^bits entries)")
-    p.add_argument("--group-size", type=positive_int, default=None,
-                   help="output channels per LUT; must divide every layer's rows (default: one LUT per tensor)")
-    p.add_argument("--override", action="append", default=[], metavar="REGEX=BITS",
-                   help="other bits for modules matching REGEX, e.g. 'embed_tokens|lm_head=8' (repeatable)")
-    p.set_defaults(func=cmd_size)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="edkm", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edkm {__version__}", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_size_parser(sub)
-
-    from edkm.cli.commands import add_commands  # compress / eval / generate / bench (parsers only: no torch)
-
-    add_commands(sub)
+    for add in (add_compress_parser, add_eval_parser, add_generate_parser, add_size_parser, add_export_parser,
+                add_bench_parser, add_compare_parser, add_plan_parser):  # one module per command
+        add(sub)
     return parser
+
+
+# transformers imports torchao, when installed, for its quantizer registry; torchao's import then warns about its
+# CUDA-only kernels and torch about deprecated calls in it: nothing a command that does not use torchao can act on
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+USES_TORCHAO = ("compare",)
+
+
+def quiet_unasked_libraries(command: str) -> None:
+    """Keep the import warnings of libraries ``command`` does not use off stderr (errors still show)."""
+    if command not in USES_TORCHAO:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues an interrupted ``edkm`` run.
+
+    >>> resume_command(["compress", "--steps", "20"])
+    'edkm compress --steps 20 --resume'
+    """
+    args = list(argv)
+    return shlex.join(["edkm", *args, *([] if "--resume" in args else ["--resume"])])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # the command line as given (for the --resume hint after Ctrl-C)
+    quiet_unasked_libraries(args.command)
     try:
         args.func(args)
     except (FileNotFoundError, ValueError, RuntimeError) as err:

@@ -1,9 +1,37 @@
-"""Command-line options of FSDP fine-tuning and `edkm plan` (kept free of torch imports: the parser must stay light)."""
+"""Options several commands share (device, FSDP, per-module bits) and where benchmarks write by default.
+
+Building a parser imports nothing heavy: ``edkm --help`` answers without torch.
+
+Example:
+    >>> parse_overrides(["embed_tokens|lm_head=8"])
+    {'embed_tokens|lm_head': {'bits': 8}}
+"""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from typing import Any
+
+DEVICES = ("auto", "cpu", "cuda")
+BENCH_RUN_DIR = "runs/bench"  # benchmarks write here unless --out names another place
+
+
+def add_device_argument(parser: Any) -> None:
+    """``--device auto|cpu|cuda``."""
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="where the model, data and clustering state live (auto = CUDA when present)")
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, int]]:
+    """``REGEX=BITS`` items as PalettizeConfig overrides."""
+    out = {}
+    for item in items:
+        pattern, sep, value = item.rpartition("=")
+        if not sep or not value.isdigit() or not 1 <= int(value) <= 8:
+            raise ValueError(f"--override expects REGEX=BITS with BITS from 1 to 8, got {item!r}")
+        out[pattern] = {"bits": int(value)}
+    return out
 
 
 def add_fsdp_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,26 +46,3 @@ def add_fsdp_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each decoder layer in backward")
     g.add_argument("--fsdp-gathered-dkm", action="store_true",
                    help="run DKM on the weight FSDP gathered (every rank clusters all of it) instead of sharded DKM")
-
-
-def run_plan(args: argparse.Namespace) -> None:
-    """`edkm plan` (imports the estimator only when it runs)."""
-    from edkm.jobs.plan import cmd_plan
-
-    cmd_plan(args)
-
-
-def add_plan_parser(sub: Any) -> None:
-    """Register `edkm plan` (no heavy imports here)."""
-    p = sub.add_parser("plan", help="per-GPU peak memory of FSDP fine-tuning with eDKM (no weights needed)")
-    p.add_argument("model", help="preset (llama-7b, ...), config.json or model folder")
-    p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--embed-bits", type=int, default=8, help="bits of embedding and output layer (0 = same as --bits)")
-    p.add_argument("--gpus", type=int, default=1)
-    p.add_argument("--gpu-memory-gib", type=float, default=80.0)
-    p.add_argument("--batch", type=int, default=1, help="sequences per GPU")
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--fp32", action="store_true", help="fp32 compute (default: bf16 mixed precision)")
-    p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--json", default=None, help="also write the result as JSON")
-    p.set_defaults(func=run_plan)

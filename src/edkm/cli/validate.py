@@ -22,8 +22,6 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from edkm.jobs.runstate import MODEL_FILE
-
 
 def _number(kind: Callable[[str], float], ok: Callable[[float], bool], what: str) -> Callable[[str], float]:
     def convert(text: str) -> float:
@@ -80,6 +78,9 @@ def check_compress(args: argparse.Namespace, bundled_model_dir: Path) -> None:
         from edkm.data.text import load_alpaca
 
         load_alpaca(args.alpaca)  # every record checked now, not after the model has loaded
+    from edkm.memory.plan import parse_memory  # deferred: torch, only when the command runs
+
+    parse_memory(args.memory)  # an unknown --memory fails before the model loads
     if args.batch_size % args.grad_accum:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by --grad-accum {args.grad_accum}")
     limit = model_context(args.model or bundled_model_dir)
@@ -98,27 +99,8 @@ def check_eval(args: argparse.Namespace) -> None:
     check_file(args.text, "--text")
 
 
-def find_model(path: str, tokenizer: str | None = None) -> tuple[Path, Path | None]:
-    """(model path, tokenizer folder or None = the model's own) for ``edkm eval/generate``.
-
-    A run folder (``edkm compress --out``) resolves to its packed ``model.edkm.safetensors``. A packed
-    file needs a tokenizer: its own folder's ``tokenizer_config.json`` or ``--tokenizer``.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"model not found: {path}")
-    if p.is_dir() and (p / MODEL_FILE).is_file() and not (p / "config.json").is_file():
-        p = p / MODEL_FILE
-    if tokenizer is not None:
-        if not (Path(tokenizer) / "tokenizer_config.json").is_file():
-            raise FileNotFoundError(f"--tokenizer {tokenizer}: no tokenizer_config.json there")
-        return p, Path(tokenizer)
-    if p.is_file() and not (p.parent / "tokenizer_config.json").is_file():
-        raise FileNotFoundError(f"{p} has no tokenizer beside it (tokenizer_config.json); pass --tokenizer FOLDER")
-    return p, None
-
 
 __all__ = [
-    "bits", "bits_or_zero", "check_compress", "check_eval", "check_file", "find_model", "fraction",
+    "bits", "bits_or_zero", "check_compress", "check_eval", "check_file", "fraction",
     "model_context", "nonnegative_float", "nonnegative_int", "positive_float", "positive_int", "top_p", "unit_weight",
 ]

@@ -7,7 +7,7 @@ For weights w_i and k centroids c_j:
 repeated ``iters`` times (gradients flow through every update), then the clustered weights are
 W_hat = A C with A recomputed from the final centroids. All math runs in fp32.
 
-The public entry point with the memory modes is :func:`edkm.dkm` (:mod:`edkm.memory.dkm`).
+The public entry point with the memory modes is :func:`edkm.dkm` (:mod:`edkm.memory.modes`).
 
 Example:
     >>> import torch

@@ -14,8 +14,8 @@ import copy
 import torch
 from torch import nn
 
-from edkm.layers.lut import LUTModule, WrappedLayer
-from edkm.layers.dkm import set_submodule
+from edkm.layers.base import WrappedLayer, set_submodule
+from edkm.layers.lut import LUTModule
 
 TARGETS = ("ios18", "ios16")
 IOS16_LUT_SIZES = (2, 4, 16, 64, 256)  # entries an iOS 16/17 constexpr_lut_to_dense takes

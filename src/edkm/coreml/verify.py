@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from edkm.cluster import decode
-from edkm.layers.lut import LUTModule
 from edkm.coreml.convert import import_coremltools
 from edkm.coreml.layers import ios16_lut_size
+from edkm.layers.lut import LUTModule
 
 WEIGHTS_DIR = Path("Data", "com.apple.CoreML", "weights")  # the weight blobs inside a .mlpackage
 

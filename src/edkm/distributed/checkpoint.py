@@ -23,10 +23,11 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from edkm.export import save_palettized
-from edkm.layers.lut import LUTModule, LUTWeight
-from edkm.layers.dkm import clustered_modules, remove_scope_hooks, set_submodule
 from edkm.distributed.clustered import hard_assignment
+from edkm.export import save_palettized
+from edkm.layers.base import set_submodule
+from edkm.layers.lut import LUTModule, LUTWeight
+from edkm.transform import clustered_modules, forward_scopes, release_scopes
 
 
 def _barrier() -> None:
@@ -92,6 +93,7 @@ def finalize_fsdp_(model: nn.Module) -> nn.Module:
     further FSDP training.
     """
     luts: dict[int, LUTWeight] = {}
+    scopes = forward_scopes(model)
     for name, module in clustered_modules(model):
         cw = module.clusterer
         if id(cw) not in luts:
@@ -102,7 +104,7 @@ def finalize_fsdp_(model: nn.Module) -> nn.Module:
         for key, param in list(module._parameters.items()):
             if isinstance(param, DTensor):
                 module._parameters[key] = nn.Parameter(param.full_tensor(), requires_grad=param.requires_grad)
-    remove_scope_hooks(model)
+    release_scopes(scopes)
     return model
 
 

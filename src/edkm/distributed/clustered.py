@@ -18,9 +18,10 @@ from torch import nn
 from torch.distributed.tensor import DeviceMesh, DTensor, Shard
 
 from edkm.cluster.sixteen import cast_straight_through
-from edkm.layers.lut import LUT_DTYPE
-from edkm.layers.dkm import ClusteredWeight, DKMModule, clustered_modules
 from edkm.distributed.sharded import GatheredLinear, GatherRows, local_rows, sharded_dkm
+from edkm.layers.dkm import ClusteredWeight, DKMModule
+from edkm.layers.lut import LUT_DTYPE
+from edkm.transform import clustered_modules
 
 
 def local_hard_indices(
@@ -52,9 +53,9 @@ class ShardedClusteredWeight(ClusteredWeight):
     takes_shards = True
 
     def __init__(self, base: ClusteredWeight, mesh: DeviceMesh, tied: bool) -> None:
-        super().__init__(base.spec, base.shape, base.cluster_dtype)
+        super().__init__(base.spec, base.shape, base.cluster_dtype, base.memory, base.scope)
         self.load_state_dict(base.state_dict())
-        self.tau, self.training = base.tau, base.training
+        self.progress, self.training = base.progress, base.training
         self.group = mesh.get_group()
         self.rows = self.shape[0]
         self.row_start, self.row_end = local_rows(self.rows, mesh.get_local_rank(), mesh.size())
@@ -85,8 +86,9 @@ class ShardedClusteredWeight(ClusteredWeight):
     def clustered_rows(self, weight: torch.Tensor) -> torch.Tensor:
         """This rank's rows of the clustered weight (differentiable); clustered once per model forward."""
         key = ("rows", self.training, torch.is_grad_enabled())
-        if self._scope is not None and key in self._scope and not self.recomputing:
-            return self._scope[key]  # a tied weight already clustered in this model forward
+        cached = None if self.scope is None or self.recomputing else self.scope.get(self, key)
+        if cached is not None:
+            return cached  # a tied weight already clustered in this model forward
         local = self._local(weight)
         if self.training:
             w16 = local if local.dtype == self.cluster_dtype else cast_straight_through(local, self.cluster_dtype)
@@ -101,8 +103,8 @@ class ShardedClusteredWeight(ClusteredWeight):
         else:
             out = self._decode_local(weight)
         out = out.to(self.out_dtype or local.dtype)
-        if self._scope is not None and not self.recomputing:  # dropped when the model forward ends
-            self._scope[key] = out
+        if self.scope is not None and not self.recomputing:  # dropped when the model forward ends
+            self.scope.put(self, key, out)
         return out
 
     def cluster(self, weight: torch.Tensor):  # type: ignore[override]

@@ -31,10 +31,11 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
+from edkm.distributed.clustered import ShardedClusteredWeight, shard_clustered_weights_
 from edkm.distributed.device import init_distributed as join_process_group
 from edkm.distributed.device import resolve_device
-from edkm.layers.dkm import ClusteredWeight, clustered_modules
-from edkm.distributed.clustered import ShardedClusteredWeight, shard_clustered_weights_
+from edkm.layers.dkm import ClusteredWeight
+from edkm.transform import clustered_modules
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 

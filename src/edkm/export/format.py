@@ -20,7 +20,7 @@ A file with a Hugging Face config loads through transformers' ``from_pretrained`
 
 Example:
     >>> import torch, edkm, tempfile, os
-    >>> model = edkm.rtn_(torch.nn.Sequential(torch.nn.Linear(16, 8)), edkm.PalettizeConfig(bits=3, memory="plain"))
+    >>> model = edkm.rtn_(torch.nn.Sequential(torch.nn.Linear(16, 8)), edkm.PalettizeConfig(bits=3))
     >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
     >>> edkm.save_palettized(model, path)
     >>> loaded = edkm.load_palettized(path, torch.nn.Sequential(torch.nn.Linear(16, 8)))
@@ -39,12 +39,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from edkm.layers.lut import LUTModule
-from edkm.layers.dkm import set_submodule
-from edkm.export.atomic import atomic_path
+from edkm.atomic import atomic_path
 from edkm.export.errors import FormatError
+from edkm.export.files import is_edkm_folder
 from edkm.export.layers import build_lut, describe, digest, lut_layers, packed_parts
-from edkm.export.validate import PackedLayer, check_aliases, check_buffer_budget, check_finite, check_int, check_layout, check_tensor, parse_layers
+from edkm.export.validate import (
+    PackedLayer,
+    check_aliases,
+    check_finite,
+    check_int,
+    check_layout,
+    check_tensor,
+    parse_layers,
+)
+from edkm.layers.base import set_submodule
+from edkm.layers.lut import LUTModule
 
 FORMAT = "edkm-palettized"
 VERSION = 3  # 3: the checksum covers the header; 2: uniform levels stored as lo + step; 1: LUTs only
@@ -147,12 +156,6 @@ def inspect_file(path: str | os.PathLike) -> PackedFile:
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON header of a packed file, validated; FormatError for anything else."""
     return inspect_file(path).header
-
-def is_edkm_folder(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a folder whose ``config.json`` names the edkm quantization method."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
 
 def read_packed(path: str | os.PathLike) -> tuple[PackedFile, dict[str, torch.Tensor]]:
     """The validated header and tensors of a packed file (checksum and finiteness checked); FormatError if damaged."""

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from edkm.layers.lut import LUT_DTYPE, LUTModule, LUTWeight
 from edkm.export.pack import pack_bits, unpack_bits
 from edkm.export.validate import PackedLayer
+from edkm.layers.lut import LUT_DTYPE, LUTModule, LUTWeight
 
 
 def lut_layers(model: nn.Module) -> dict[str, tuple[LUTWeight, list[str]]]:

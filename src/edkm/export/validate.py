@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from edkm.layers.lut import LUTModule, layer_kind, rows_first_weight
 from edkm.export.errors import FormatError
 from edkm.export.pack import packed_nbytes
+from edkm.layers.base import layer_kind, rows_first_weight
+from edkm.layers.lut import LUTModule
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # decode dtypes allowed
 LEVELS = ("lut", "uniform", "uniform16")  # fp16 LUT; fp32 lo + step; fp16 lo + step (group-wise scales)
@@ -174,7 +175,7 @@ def check_layout(model: nn.Module, layers: Mapping[str, PackedLayer], table: Map
                  where: str, infix: str = "", aliases: Mapping[str, str] | None = None) -> None:
     """Check a file's tensor ``table`` (key -> (dtype, shape)) against ``model`` (may live on the meta device).
 
-    Every listed module exists, is a layer edkm clusters (:func:`edkm.layers.lut.layer_kind`: Linear, Conv1D, Embedding
+    Every listed module exists, is a layer edkm clusters (:func:`edkm.layers.base.layer_kind`: Linear, Conv1D, Embedding
     or a subclass without children; or a LUT layer) whose weight, output channels first, has the layer's shape; every
     layer's parts are stored with their exact dtype and shape; the other tensors (plus ``aliases``)
     are exactly the model's remaining state-dict entries. Tied weights the model re-ties on load

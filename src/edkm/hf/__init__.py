@@ -18,8 +18,8 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import sys
-from importlib import import_module
 from collections.abc import Sequence
+from importlib import import_module
 from types import ModuleType
 from typing import Any
 

@@ -9,7 +9,6 @@ Every file is replaced atomically and gets the usual permissions.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -20,11 +19,9 @@ from typing import Any
 
 from torch import nn
 
-from edkm.export.atomic import atomic_path, file_mode
+from edkm.atomic import atomic_path, file_mode
 from edkm.export.errors import FormatError
-from edkm.export.format import is_edkm_folder
-
-WEIGHTS = "model.safetensors"
+from edkm.export.files import FOLDER_WEIGHTS, is_edkm_folder
 
 
 def save_folder(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None) -> Path:
@@ -42,7 +39,7 @@ def save_folder(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None)
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        for item in sorted(staging.iterdir(), key=lambda p: p.name == WEIGHTS):  # weights last
+        for item in sorted(staging.iterdir(), key=lambda p: p.name == FOLDER_WEIGHTS):  # weights last
             os.chmod(item, file_mode())
             with open(item, "rb+") as f:
                 os.fsync(f.fileno())
@@ -50,13 +47,6 @@ def save_folder(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
-
-
-    try:
-        quant = json.loads(config.read_text()).get("quantization_config") or {}
-        return isinstance(quant, dict) and quant.get("quant_method") == "edkm"
-    except (ValueError, OSError, AttributeError, RecursionError):
-        return False
 
 
 @contextmanager

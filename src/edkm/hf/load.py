@@ -2,7 +2,7 @@
 
 Example:
     >>> import torch, edkm, tempfile, os
-    >>> model = edkm.rtn_(torch.nn.Sequential(torch.nn.Linear(16, 8)), edkm.PalettizeConfig(bits=3, memory="plain"))
+    >>> model = edkm.rtn_(torch.nn.Sequential(torch.nn.Linear(16, 8)), edkm.PalettizeConfig(bits=3))
     >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
     >>> edkm.save_palettized(model, path)
     >>> loaded = load_palettized(path, torch.nn.Sequential(torch.nn.Linear(16, 8)))
@@ -23,6 +23,7 @@ from edkm.export.format import PackedFile, load_into, read_packed
 from edkm.export.validate import check_buffer_budget, check_layout
 from edkm.hf import register
 from edkm.hf.folder import load_folder, quiet_loading
+
 
 def load_palettized(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """Load a packed file or an edkm Hugging Face folder.

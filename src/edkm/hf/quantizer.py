@@ -28,9 +28,9 @@ from transformers.quantizers.base import HfQuantizer
 from edkm.export.errors import FormatError
 from edkm.export.layers import build_lut, digest, digest_items, lut_layers, packed_parts
 from edkm.export.validate import PackedLayer, check_buffer_budget, check_finite, check_layout
-from edkm.layers.lut import LUTModule, WrappedLayer
-from edkm.layers.dkm import set_submodule
 from edkm.hf.config import QUANT_METHOD, EdkmConfig
+from edkm.layers.base import WrappedLayer, set_submodule
+from edkm.layers.lut import LUTModule
 
 CHECKSUM_KEY = "edkm_sha256"
 INFIX = "lut."  # a layer's parts are stored as <module>.lut.<part>: the LUTModule's own state-dict keys

@@ -13,10 +13,8 @@ from the saved file. Results: ``<out>/compare_<b>bit.json`` (rewritten after eve
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edkm.atomic import atomic_path, write_json
 from edkm.jobs.compare_methods import METHODS, Method, format_knob
 
 DEFAULT_METHODS = tuple(METHODS)
@@ -56,11 +55,6 @@ class CompareConfig:
     resume: bool = False
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
 
 def _summary(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
@@ -90,13 +84,12 @@ class Runner:
 
         return perplexity(model, self.val if split == "val" else self.test, context=self.cfg.context)
 
-    def train_config(self, lr: float, seed: int, tau: float | None) -> Any:
-        """Training settings of the shared budget; ``tau`` (the starting tau of DKM) anneals by ``tau_anneal``."""
+    def train_config(self, lr: float, seed: int) -> Any:
+        """Training settings of the shared budget (eDKM's tau schedule is in its PalettizeConfig)."""
         from edkm.training.loop import TrainConfig
 
         c = self.cfg
-        return TrainConfig(steps=c.steps, batch_size=c.batch_size, lr=lr, seed=seed, progress=False, checkpoint_every=0,
-                           tau_start=tau, tau_end=tau / c.tau_anneal if tau else None)
+        return TrainConfig(steps=c.steps, batch_size=c.batch_size, lr=lr, seed=seed, progress=False, checkpoint_every=0)
 
     def control(self, seed: int) -> Any:
         """The fp model fine-tuned at ``control_lr`` with ``seed`` (cached on disk): the teacher and the fp row."""
@@ -111,22 +104,21 @@ class Runner:
             if path.is_file():
                 model.load_state_dict(torch.load(path, weights_only=True))
             else:
-                finetune(model, self.data, self.train_config(c.control_lr, seed, tau=None), None, False)
-                tmp = path.with_suffix(".tmp")
-                torch.save(model.state_dict(), tmp)
-                os.replace(tmp, path)
+                finetune(model, self.data, self.train_config(c.control_lr, seed), None, False)
+                with atomic_path(path) as tmp:
+                    torch.save(model.state_dict(), tmp)
             self._controls[seed] = model.eval().requires_grad_(False)
         return self._controls[seed]
 
-    def finetune(self, model: Any, lr: float, seed: int, tau: float | None) -> list[float]:
+    def finetune(self, model: Any, lr: float, seed: int) -> list[float]:
         from edkm.jobs.compress import finetune
 
         teacher = self.control(seed) if self.cfg.distill else None
-        return finetune(model, self.data, self.train_config(lr, seed, tau), None, False, teacher, self.cfg.distill)
+        return finetune(model, self.data, self.train_config(lr, seed), None, False, teacher, self.cfg.distill)
 
     def save_and_reload(self, model: Any, path: Path) -> tuple[Any, dict[str, Any]]:
-        from edkm.hf.load import load_palettized
         from edkm.export import save_palettized
+        from edkm.hf.load import load_palettized
         from edkm.peers.measure import bits_per_weight
 
         save_palettized(model, path)
@@ -141,7 +133,7 @@ def run_method(r: Runner, method: Method, bits: int, log: Callable[[str], None],
     from edkm.config import PalettizeConfig
 
     cfg = r.cfg
-    plan = PalettizeConfig(bits=bits, tau=cfg.tau, memory="auto", overrides={"embed_tokens|lm_head": {"bits": cfg.embed_bits, "group_size": None}})
+    plan = PalettizeConfig(bits=bits, tau=cfg.tau, overrides={"embed_tokens|lm_head": {"bits": cfg.embed_bits, "group_size": None}})
     candidates = [inherited] if inherited is not None else method.candidates(cfg)
     seeds = cfg.seeds if method.trained else [None]
     tuning, built = [], {}
@@ -224,10 +216,10 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[int,
             report["targets"] = targets(rows, bits)
             report["not_run"] = [m for m in METHODS if not any(row["method"] == m for row in rows)]
             report["seconds"] = round(time.perf_counter() - start, 1)
-            _write_json(path, report)
+            write_json(path, report)
         report["targets"] = targets(rows, bits)
         report["not_run"] = [m for m in METHODS if not any(row["method"] == m for row in rows)]
-        _write_json(path, report)
+        write_json(path, report)
         results[bits] = report
     return results
 
@@ -268,33 +260,3 @@ def protocol(r: Runner) -> dict[str, Any]:
     }
 
 
-def add_compare_parser(sub: Any) -> None:
-    p = sub.add_parser("compare", help="eDKM vs GPTQ, AWQ, SqueezeLLM-style, HQQ, RTN, torchao QAT (train/val/test protocol)")
-    p.add_argument("--bits", type=int, nargs="+", default=[3, 4])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=None, help="subset of the methods (default: all); see --list")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--context", type=int, default=256)
-    p.add_argument("--edkm-lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3], help="eDKM learning rates to choose from on validation")
-    p.add_argument("--edkm-taus", type=float, nargs="*", default=[0.1, 0.4],
-                   help="starting taus tried at the middle eDKM lr (besides --tau); empty: tau not tuned")
-    p.add_argument("--tau", type=float, default=0.2, help="default starting tau of DKM (annealed 100x)")
-    p.add_argument("--qat-lrs", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4, 1e-3, 2e-3], help="QAT learning rates to choose from on validation")
-    p.add_argument("--model", default=None)
-    p.add_argument("--text", default=None)
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--work", default="runs/compare", help="saved models and cached controls")
-    p.add_argument("--resume", action="store_true", help="keep the rows already in the JSON files (same settings)")
-    p.set_defaults(func=cmd_compare)
-
-
-def cmd_compare(args: argparse.Namespace) -> None:
-    cfg = CompareConfig(bits=args.bits, seeds=args.seeds, methods=args.methods or list(DEFAULT_METHODS), steps=args.steps,
-                        batch_size=args.batch_size, context=args.context, edkm_lrs=args.edkm_lrs, edkm_taus=args.edkm_taus, tau=args.tau,
-                        qat_lrs=args.qat_lrs,
-                        model=args.model, text=args.text, out=args.out, work=args.work, resume=args.resume)
-    compare(cfg)
-    from edkm.jobs.compare_report import write_plot
-
-    print(f"wrote {write_plot(Path(cfg.out))}")

@@ -92,15 +92,15 @@ def _edkm(r: Any, plan: Any, knob: tuple[float, float], seed: int, rows: int | N
     layer (else per tensor)."""
     from dataclasses import replace
 
-    from edkm.layers.dkm import finalize_, palettize_, target_modules
+    from edkm.transform import finalize_, palettize_, target_modules
 
     lr, tau = knob
-    plan = replace(plan, tau=tau)
+    plan = replace(plan, tau=tau, tau_end=tau / r.cfg.tau_anneal)
     if rows:
         whole = {n: {"group_size": None} for n, m in target_modules(r.model, plan) if m.weight.shape[0] % rows}
         plan = replace(plan, group_size=rows, overrides={**plan.overrides, **whole})
     model = palettize_(copy.deepcopy(r.model), plan)
-    r.finetune(model, lr, seed, tau=tau)
+    r.finetune(model, lr, seed)
     return finalize_(model)
 
 
@@ -108,7 +108,7 @@ def _qat(r: Any, plan: Any, lr: float, seed: int) -> Any:
     from edkm.peers.qat import convert_qat_, prepare_qat_, qat_to_lut_
 
     model = prepare_qat_(copy.deepcopy(r.model), plan, r.cfg.group_size)
-    r.finetune(model, lr, seed, tau=None)
+    r.finetune(model, lr, seed)
     return qat_to_lut_(convert_qat_(model.eval()))
 
 

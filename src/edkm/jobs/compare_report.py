@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from edkm.atomic import atomic_path
 from edkm.jobs.compare_methods import format_knob
 
 PLOT = "compare.png"
@@ -94,8 +95,7 @@ def write_plot(results: Path) -> Path:
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(alpha=0.3)
     path = results / PLOT
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path

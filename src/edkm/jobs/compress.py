@@ -23,25 +23,36 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from edkm.peers.baselines import ptq_kmeans_, rtn_
+from edkm.atomic import write_json
 from edkm.config import PalettizeConfig
-from edkm.data.text import PackedDataset, check_seq_len, load_alpaca, load_text, split_records, split_text, tokenize_alpaca, tokenize_text
-from edkm.eval.perplexity import perplexity
+from edkm.data.text import (
+    PackedDataset,
+    check_seq_len,
+    load_alpaca,
+    load_text,
+    split_records,
+    split_text,
+    tokenize_alpaca,
+    tokenize_text,
+)
 from edkm.distributed import DCPCheckpointer, FSDPOptions, finalize_fsdp_, fsdp_, shard_layers_
-from edkm.hf.load import load_palettized
-from edkm.hf.folder import save_folder, write_model_card
+from edkm.eval.generate import generate_text
+from edkm.eval.perplexity import perplexity
 from edkm.export import save_palettized
 from edkm.export.card import model_card
-from edkm.hf.folder import WEIGHTS
-from edkm.models import BUNDLED_TEXT, load_causal_lm
+from edkm.export.files import FOLDER_WEIGHTS, PROGRESS_FILE, REPORT_FILE
+from edkm.hf.folder import save_folder, write_model_card
+from edkm.hf.load import load_palettized
 from edkm.jobs.progress import JobProgress, PhaseBar
-from edkm.jobs.runstate import check_resume, prune_checkpoints, write_json
+from edkm.jobs.runstate import check_resume, prune_checkpoints
 from edkm.jobs.runtime import run_environment
-from edkm.training.loop import TrainConfig, batch_indices, train, world
+from edkm.models import BUNDLED_TEXT, load_causal_lm
+from edkm.peers.baselines import ptq_kmeans_, rtn_
 from edkm.peers.fast import fast_peers
-from edkm.layers.dkm import clustered_fraction, finalize_, palettize_
+from edkm.training.loop import TrainConfig, batch_indices, train, world
+from edkm.transform import clustered_fraction, finalize_, palettize_
 
-__all__ = ["CompressConfig", "compress", "generate_text", "job_costs", "loss_label"]
+__all__ = ["CompressConfig", "compress", "job_costs", "loss_label"]
 
 
 @dataclass
@@ -54,6 +65,7 @@ class CompressConfig:
     context: int = 256
     out: str = "runs/default"
     plan: PalettizeConfig = field(default_factory=PalettizeConfig)
+    memory: str = "auto"  # eDKM memory mode of palettize_ (changes no value: not a setting compared on --resume)
     train: TrainConfig = field(default_factory=TrainConfig)
     fp_control: bool = True  # also fine-tune without clustering for the same steps
     control_lr: float | None = 5e-4  # peak lr of the fp control (None = train.lr); its best measured, see README
@@ -158,13 +170,7 @@ def _file_size(model: nn.Module, path: Path) -> int:
     return path.stat().st_size
 
 
-def generate_text(model: nn.Module, tokenizer: Any, prompt: str = "", max_new_tokens: int = 80, **sampling: Any) -> str:
-    """Decode a continuation of ``prompt`` (greedy unless ``do_sample=True`` with temperature/top_p)."""
-    ids = tokenizer(prompt, return_tensors="pt").input_ids if prompt else torch.tensor([[tokenizer.bos_token_id]])
-    ids = ids.to(next(model.parameters()).device)
-    with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id, **sampling)
-    return tokenizer.decode(out[0], skip_special_tokens=True)
+
 
 
 def compress(cfg: CompressConfig) -> dict[str, Any]:
@@ -180,10 +186,10 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     state = check_resume(out, cfg.settings(), cfg.resume, write=rank == 0)
     if state == "complete":
         say(f"{out} holds a finished run with these settings: its report, not recomputed")
-        return json.loads((out / "report.json").read_text()) if rank == 0 else {}
+        return json.loads((out / REPORT_FILE).read_text()) if rank == 0 else {}
     if cfg.resume and state == "fresh":
         say(f"--resume: no checkpoint in {out}: starting fresh")
-    progress_path = out / "progress.json"
+    progress_path = out / PROGRESS_FILE
     done: dict[str, Any] = json.loads(progress_path.read_text()) if state == "resume" and progress_path.is_file() else {}
 
     def record(**values: Any) -> None:
@@ -243,7 +249,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         teacher = shard_layers_(copy.deepcopy(model), cfg.fsdp) if cfg.fsdp else copy.deepcopy(model)
     teacher = teacher.eval().requires_grad_(False) if cfg.distill else None
 
-    palettize_(model, cfg.plan)
+    palettize_(model, cfg.plan, memory=cfg.memory)
     if cfg.fsdp:
         fsdp_(model, cfg.fsdp)
     loss_name = loss_label(cfg.distill if teacher is not None else 0.0)
@@ -258,7 +264,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
             if not cfg.fsdp:
                 finalize_(model)
             save_folder(model, out, tokenizer)  # a Hugging Face folder: config.json, model.safetensors, tokenizer
-            path = out / WEIGHTS
+            path = out / FOLDER_WEIGHTS
             bar.update(2, note=f"{path} ({path.stat().st_size / 1e3:.0f} kB)")
             loaded = load_palettized(out).to(cfg.device)
             bar.update()
@@ -284,7 +290,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
             "environment": {**run_environment(cfg.device), "world_size": size},
             "sample": sample,
         }
-        write_json(out / "report.json", report)
+        write_json(out / REPORT_FILE, report)
         write_model_card(out, model_card(report))
         record(complete=True)
         if not cfg.keep_checkpoints:

@@ -42,7 +42,7 @@ from torch import nn
 
 from edkm.config import PalettizeConfig
 from edkm.jobs.size import GiB, load_config
-from edkm.layers.dkm import target_modules
+from edkm.transform import target_modules
 
 MODES = ("plain-ft", "coremltools", "marshal", "marshal+unique", "marshal+shard", "marshal+unique+shard", "fused", "sharded")
 
@@ -92,7 +92,7 @@ def _saved_by_dkm(mode: str, size: int, k: int, iters: int, world: int, dtype: t
     import copy
 
     from edkm.memory import track_saved
-    from edkm.layers.dkm import palettize_
+    from edkm.transform import palettize_
 
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(size, size, bias=False)).to(dtype)
@@ -103,7 +103,7 @@ def _saved_by_dkm(mode: str, size: int, k: int, iters: int, world: int, dtype: t
         plain(x)
     distinct = int(torch.unique(plain[0].weight.detach().to(torch.bfloat16)).numel())
     spec = {"coremltools": "plain"}.get(mode, mode).replace("+shard", "")  # S measured unsharded, divided below
-    model = palettize_(copy.deepcopy(plain), PalettizeConfig(bits=k.bit_length() - 1, iters=iters, memory=spec, tau=0.05))
+    model = palettize_(copy.deepcopy(plain), PalettizeConfig(bits=k.bit_length() - 1, iters=iters, tau=0.05), memory=spec)
     with torch.no_grad():
         model(x)  # first-step k-means
     with track_saved() as stats:
@@ -162,7 +162,7 @@ def estimate(model_spec: str | Any, opts: PlanOptions) -> dict[str, Any]:
         raise ValueError(f"gpus, batch and seq must be >= 1, got {opts.gpus}, {opts.batch}, {opts.seq}")
     meta = _model(config, config.num_hidden_layers)
     overrides = {"embed_tokens|lm_head": {"bits": opts.embed_bits}} if opts.embed_bits else {}
-    pcfg = PalettizeConfig(bits=opts.bits, memory="plain", overrides=overrides)
+    pcfg = PalettizeConfig(bits=opts.bits, overrides=overrides)
     params = sum(p.numel() for p in {id(p): p for p in meta.parameters()}.values())
     clustered: dict[int, tuple[int, int]] = {}  # id(weight) -> (numel, k)
     for name, module in target_modules(meta, pcfg):
@@ -215,19 +215,3 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_plan(args: Any) -> None:
-    """`edkm plan`: print the table (and write --json)."""
-    import json
-    import os
-    from pathlib import Path
-
-    opts = PlanOptions(bits=args.bits, embed_bits=args.embed_bits, gpus=args.gpus, gpu_memory_gib=args.gpu_memory_gib,
-                       batch=args.batch, seq=args.seq, mixed_precision=not args.fp32,
-                       activation_checkpointing=args.activation_checkpointing)
-    result = estimate(args.model, opts)
-    print(markdown(result))
-    if args.json:
-        out = Path(args.json)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out)

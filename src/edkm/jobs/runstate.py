@@ -1,7 +1,8 @@
 """What a run folder (``edkm compress --out``) remembers between invocations, and the checks of ``--resume``.
 
 ``settings.json`` holds the settings that decide the result (model, data, bits, steps, lr, ...);
-``--resume`` with different ones is refused with one line naming the first difference as a flag.
+``--resume`` with different ones is refused with one line naming the first difference
+(:class:`ResumeMismatch`; the command line names the setting by its flag).
 ``--memory`` is not compared: every memory mode gives the same values and gradients, so switching
 mode on resume (e.g. after running out of memory) is allowed. When a run completes, its training
 checkpoints are deleted (``--keep-checkpoints`` keeps them): the report and the packed model are
@@ -9,32 +10,20 @@ the result, and ``--resume`` of a finished run prints its report again without r
 
 Example:
     >>> first_difference({"plan": {"bits": 3}, "train": {"steps": 300}}, {"plan": {"bits": 4}, "train": {"steps": 300}})
-    "--bits 4 differs from the checkpoint's 3"
-    >>> resume_command(["compress", "--steps", "20"])
-    'edkm compress --steps 20 --resume'
+    ('plan.bits', 4, 3)
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shlex
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-MODEL_FILE = "model.edkm.safetensors"  # the packed model of a run folder
-SETTINGS_FILE = "settings.json"
-CHECKPOINTS = ("checkpoint_fp.pt", "checkpoint_fp.dcp", "checkpoint_edkm.pt", "checkpoint_edkm.dcp")  # .dcp: a sharded (--fsdp) folder
-NOT_COMPARED = {"plan.memory", "train.progress", "train.checkpoint_every", "plan.format_version"}
-FLAGS = {
-    "model": "--model", "text": "--text", "alpaca": "--alpaca", "context": "--context", "holdout": "--holdout",
-    "plan.bits": "--bits", "plan.group_size": "--group-size", "plan.tau": "--tau", "plan.iters": "--iters",
-    "plan.overrides": "--embed-bits", "train.steps": "--steps", "train.batch_size": "--batch-size",
-    "train.grad_accum": "--grad-accum", "train.lr": "--lr", "train.tau_start": "--tau", "train.tau_end": "--tau-end",
-    "train.seed": "--seed", "fp_control": "--no-fp-control", "control_lr": "--control-lr", "distill": "--distill",
-}
+from edkm.atomic import write_json
+from edkm.export.files import CHECKPOINTS, PROGRESS_FILE, REPORT_FILE, SETTINGS_FILE
+
+NOT_COMPARED = {"plan.memory", "memory", "train.progress", "train.checkpoint_every", "plan.format_version"}
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -48,21 +37,34 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def first_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """'--FLAG new differs from the checkpoint's old' for the first differing setting, else None."""
+class ResumeMismatch(ValueError):
+    """``--resume`` of a run folder whose saved settings differ from this run's: names the first difference.
+
+    ``key`` is the setting's dotted name (``plan.bits``); the command line names it by its flag instead.
+    """
+
+    def __init__(self, key: str, new: Any, old: Any, path: Path) -> None:
+        self.key, self.new, self.old, self.path = key, show(new), show(old), path
+        super().__init__(self.describe(key))
+
+    def describe(self, name: str) -> str:
+        return (f"--resume: {name} {self.new} differs from the checkpoint's {self.old} ({self.path}); "
+                "drop --resume to start over, or use another --out")
+
+
+def show(value: Any) -> str:
+    """A setting's value as a message shows it."""
+    return "none" if value is None else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def first_difference(saved: dict[str, Any], current: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """(key, new value, saved value) of the first differing setting, else None."""
     old, new = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(current)))  # tuples as lists
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
-            show = lambda v: "none" if v is None else json.dumps(v) if isinstance(v, (dict, list)) else str(v)  # noqa: E731
-            return f"{FLAGS.get(key, key)} {show(new.get(key))} differs from the checkpoint's {show(old.get(key))}"
+            return key, new.get(key), old.get(key)
     return None
 
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as JSON atomically (a killed run never leaves half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def check_resume(out: Path, settings: dict[str, Any], resume: bool, write: bool = True) -> str:
@@ -74,18 +76,18 @@ def check_resume(out: Path, settings: dict[str, Any], resume: bool, write: bool 
     """
     path = out / SETTINGS_FILE
     saved = json.loads(path.read_text()) if path.is_file() else None
-    has_state = any((out / name).exists() for name in (*CHECKPOINTS, "progress.json"))
-    if resume and saved is not None and (has_state or (out / "report.json").is_file()):
+    has_state = any((out / name).exists() for name in (*CHECKPOINTS, PROGRESS_FILE))
+    if resume and saved is not None and (has_state or (out / REPORT_FILE).is_file()):
         diff = first_difference(saved, settings)
         if diff:
-            raise ValueError(f"--resume: {diff} ({path}); drop --resume to start over, or use another --out")
-        return "complete" if (out / "report.json").is_file() and is_complete(out) else "resume"
+            raise ResumeMismatch(*diff, path)
+        return "complete" if (out / REPORT_FILE).is_file() and is_complete(out) else "resume"
     if resume and has_state:  # a run from before settings.json existed: nothing to compare, resume as asked
         if write:
             write_json(path, settings)
         return "resume"
     if write:  # a fresh start: nothing of an earlier run in this folder may be resumed later
-        for name in (*CHECKPOINTS, "progress.json"):
+        for name in (*CHECKPOINTS, PROGRESS_FILE):
             remove(out / name)
         write_json(path, settings)
     return "fresh"
@@ -93,7 +95,7 @@ def check_resume(out: Path, settings: dict[str, Any], resume: bool, write: bool 
 
 def is_complete(out: Path) -> bool:
     """True when the run in ``out`` finished (its progress.json says so)."""
-    progress = out / "progress.json"
+    progress = out / PROGRESS_FILE
     return progress.is_file() and json.loads(progress.read_text()).get("complete", False)
 
 
@@ -118,11 +120,4 @@ def remove(path: Path) -> int:
     return 0
 
 
-def resume_command(argv: Sequence[str]) -> str:
-    """The command line that continues an interrupted ``edkm`` run."""
-    args = list(argv)
-    return shlex.join(["edkm", *args, *([] if "--resume" in args else ["--resume"])])
-
-
-__all__ = ["CHECKPOINTS", "MODEL_FILE", "SETTINGS_FILE", "check_resume", "first_difference", "is_complete", "prune_checkpoints",
-           "resume_command", "write_json"]
+__all__ = ["ResumeMismatch", "check_resume", "first_difference", "is_complete", "prune_checkpoints"]

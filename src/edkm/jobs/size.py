@@ -18,9 +18,9 @@ from torch import nn
 
 from edkm.config import PalettizeConfig
 from edkm.export.pack import packed_nbytes
-from edkm.layers.lut import rows_first_weight
 from edkm.jobs.presets import PRESETS
-from edkm.layers.dkm import weight_plans
+from edkm.layers.base import rows_first_weight
+from edkm.transform import weight_plans
 
 GiB = 1 << 30
 

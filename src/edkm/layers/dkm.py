@@ -1,26 +1,25 @@
-"""Model wrapping: `palettize_` (prepare for train-time clustering) and `finalize_` (hard LUTs).
+"""The DKM layers of training: one :class:`ClusteredWeight` per weight tensor, one :class:`DKMModule` per layer.
 
-``palettize_`` swaps every targeted ``nn.Linear`` / ``nn.Embedding`` for a DKM module that
-computes with soft-clustered weights in training mode and hard-clustered ones in eval mode. The
-weight Parameter is kept as it is (fp32 master weights train with any optimizer); each step it is
-rounded to 16 bits (gradient straight through) and clustered by
-:func:`edkm.memory.layer.cluster_weight`, which keeps for backward only small tables (a Linear
-recomputes W_hat when backward needs it). Tied weights (embedding = output layer) share one
-:class:`ClusteredWeight`, computed once per model forward (a scope opened by a forward pre-hook
-on the model and dropped by its forward hook: nothing is cached between steps).
-``finalize_`` replaces the DKM modules by LUT modules holding an fp16 LUT and uint8 indices.
+A DKM module computes with soft-clustered weights in training mode and hard-clustered ones in eval mode.
+The weight Parameter stays as it is (fp32 master weights train with any optimizer); each step it is
+rounded to 16 bits (gradient straight through) and clustered by :func:`edkm.memory.layer.cluster_weight`,
+which keeps for backward only small tables (a Linear recomputes W_hat when backward needs it). Tied weights
+(embedding = output layer) share one ClusteredWeight, clustered once per model forward
+(:class:`~edkm.layers.tied.ForwardScope`). :mod:`edkm.transform` puts these layers into a model
+(``palettize_``) and takes them out (``finalize_``).
+
+tau: the spec's relative temperature, annealed geometrically to ``spec.tau_end`` as the training
+``progress`` (0 -> 1, set by :func:`edkm.transform.anneal_`) advances; the absolute temperature of a LUT is
+that times its ``scale`` (docs/method.md §2).
 
 Example:
-    >>> import torch, edkm
-    >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
-    >>> _ = edkm.palettize_(model, edkm.PalettizeConfig(bits=2, memory="plain"))
-    >>> model(torch.randn(3, 16)).sum().backward()    # training step: soft clustering
-    >>> _ = model.eval(); expected = model(torch.ones(1, 16))
-    >>> _ = edkm.finalize_(model)
-    >>> torch.allclose(model(torch.ones(1, 16)), expected, rtol=1e-5, atol=1e-7)  # packed kernels: fp32 sums reordered
-    True
-    >>> model[0].lut.lut.shape, model[0].lut.indices.dtype
-    (torch.Size([1, 4]), torch.uint8)
+    >>> import torch
+    >>> from edkm.config import LayerSpec
+    >>> cw = ClusteredWeight(LayerSpec(bits=2, tau=0.2, tau_end=0.002), torch.Size([4, 8]), torch.bfloat16)
+    >>> cw.tau, (cw.anneal(1.0), round(cw.tau, 6))[1]
+    (0.2, 0.002)
+    >>> cw(torch.randn(4, 8)).shape            # training mode: DKM
+    torch.Size([4, 8])
 """
 
 from __future__ import annotations
@@ -31,8 +30,10 @@ import torch
 from torch import nn
 
 from edkm.cluster import decode, hard_assign, kmeans1d
-from edkm.config import LayerSpec, PalettizeConfig, matches
-from edkm.layers.lut import LUT_DTYPE, LUTModule, LUTWeight, WrappedLayer, is_transposed, layer_kind, rows_first_weight
+from edkm.config import LayerSpec
+from edkm.layers.base import WrappedLayer
+from edkm.layers.lut import LUT_DTYPE
+from edkm.layers.tied import ForwardScope
 from edkm.memory.fused_layer import fused_embedding, fused_linear, supports
 from edkm.memory.layer import Clustered, cluster_weight, clustered_linear
 from edkm.memory.plan import parse_memory
@@ -53,23 +54,34 @@ class ClusteredWeight(nn.Module):
     #: returns the whole clustered weight, and the single-process layer kernels do not apply.
     takes_shards = False
 
-    def __init__(self, spec: LayerSpec, shape: torch.Size, cluster_dtype: torch.dtype) -> None:
+    def __init__(self, spec: LayerSpec, shape: torch.Size, cluster_dtype: torch.dtype, memory: str = "auto",
+                 scope: ForwardScope | None = None) -> None:
         super().__init__()
         rows = shape[0]
         if spec.group_size is not None and rows % spec.group_size:
             raise ValueError(f"group_size {spec.group_size} does not divide the {rows} output channels of a {tuple(shape)} weight")
         self.spec, self.shape, self.cluster_dtype = spec, torch.Size(shape), cluster_dtype
         self.groups = 1 if spec.group_size is None else rows // spec.group_size
-        self.tau = spec.tau  # relative; the trainer may anneal it
+        self.progress = 0.0  # training progress 0 -> 1: where tau is on its annealing schedule
         self.register_buffer("centroids", torch.zeros(self.groups, spec.k))
         self.register_buffer("scale", torch.zeros(self.groups))
         self.register_buffer("initialized", torch.tensor(False))
-        self._scope: dict | None = None  # clustered weights of the current model forward (tied weights)
+        self.scope = scope  # clustered weights of the current model forward (tied weights), or None
         self.tied = False  # set by palettize_ when several modules share the weight
-        self.plan = parse_memory(spec.memory)
+        self.memory, self.plan = memory, parse_memory(memory)  # how DKM holds its tensors: changes no value
 
     def extra_repr(self) -> str:
-        return f"bits={self.spec.bits}, groups={self.groups}, iters={self.spec.iters}, memory={self.spec.memory!r}"
+        return f"bits={self.spec.bits}, groups={self.groups}, iters={self.spec.iters}, memory={self.memory!r}"
+
+    @property
+    def tau(self) -> float:
+        """The relative temperature now: ``spec.tau`` annealed geometrically to ``spec.tau_end`` over ``progress``."""
+        spec = self.spec
+        return spec.tau if spec.tau_end is None else spec.tau * (spec.tau_end / spec.tau) ** self.progress
+
+    def anneal(self, progress: float) -> None:
+        """Move tau along its schedule: ``progress`` 0 at the first training step, 1 at the last."""
+        self.progress = float(progress)
 
     @torch.no_grad()
     def initialize(self, w16: torch.Tensor) -> None:
@@ -95,14 +107,15 @@ class ClusteredWeight(nn.Module):
     def cluster(self, weight: torch.Tensor) -> Clustered:
         """This step's clustered weight (training: DKM, advancing the warm start; eval: hard)."""
         key = (weight._version, self.training, torch.is_grad_enabled())
-        if self._scope is not None and key in self._scope:
-            return self._scope[key]  # a tied weight already clustered in this forward
+        cached = None if self.scope is None else self.scope.get(self, key)
+        if cached is not None:
+            return cached  # a tied weight already clustered in this forward
         if self.training:
             if not self.initialized:
                 self.initialize(weight.detach().to(self.cluster_dtype))
             tau = self.tau * self.scale if self.groups > 1 else float(self.tau * self.scale)
             out = cluster_weight(weight, self.centroids, tau=tau, iters=self.spec.iters, eps=self.spec.eps,
-                                 dtype=self.cluster_dtype, memory=self.spec.memory)
+                                 dtype=self.cluster_dtype, memory=self.plan)
             self.centroids.copy_(out.centroids.reshape(self.centroids.shape))
             if self.spec.hard_forward:
                 soft = out.w_hat
@@ -112,8 +125,8 @@ class ClusteredWeight(nn.Module):
         else:
             w = self.hard_weight(weight)
             out = Clustered(weight, w, self.centroids, lambda _w: w)
-        if self._scope is not None:
-            self._scope[key] = out
+        if self.scope is not None:
+            self.scope.put(self, key, out)
         return out
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -168,138 +181,3 @@ class DKMModule(WrappedLayer):
         if self.base_type == "Linear":
             return clustered_linear(x, clustered, self.bias)  # keeps x and small tables, not W_hat
         return self._compute(x, clustered.w_hat)  # F.embedding keeps only its indices
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def target_modules(model: nn.Module, config: PalettizeConfig) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every layer ``config`` clusters: its ``modules`` kinds (see :func:`edkm.layers.lut.layer_kind`:
-    Linear includes transformers' Conv1D, subclasses included), after ``include`` / ``exclude``."""
-    found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if layer_kind(m) in config.modules]
-    names = [n for n, _ in found]
-    for kind, patterns in (("include", config.include or []), ("exclude", config.exclude), ("overrides", config.overrides)):
-        for pattern in patterns:
-            if not any(matches(pattern, n) for n in names):
-                raise ValueError(
-                    f"{kind} entry {pattern!r} matches no {'/'.join(config.modules)} module; "
-                    f"modules are e.g. {names[:6]}"
-                )
-    keep = [(n, m) for n, m in found if config.include is None or any(matches(p, n) for p in config.include)]
-    return [(n, m) for n, m in keep if not any(matches(p, n) for p in config.exclude)]
-
-
-def weight_plans(model: nn.Module, config: PalettizeConfig) -> list[tuple[list[tuple[str, nn.Module]], LayerSpec]]:
-    """Targeted layers grouped by the weight they hold (tied weights together) and that weight's LayerSpec:
-    the one of its module names with the most bits (the first such name in ``named_modules`` order).
-
-    >>> import torch, edkm
-    >>> emb = torch.nn.Embedding(8, 4); head = torch.nn.Linear(4, 8, bias=False); head.weight = emb.weight
-    >>> cfg = edkm.PalettizeConfig(bits=3, overrides={"1": {"bits": 8}})
-    >>> [([n for n, _ in mods], spec.bits) for mods, spec in weight_plans(torch.nn.Sequential(emb, head), cfg)]
-    [(['0', '1'], 8)]
-    """
-    groups: dict[int, list[tuple[str, nn.Module]]] = {}
-    for name, module in target_modules(model, config):
-        groups.setdefault(id(module.weight), []).append((name, module))
-    plans = []
-    for modules in groups.values():
-        if len({is_transposed(m) for _, m in modules}) > 1:
-            raise ValueError(f"tied weight of {[n for n, _ in modules]} is used in two layouts (Conv1D and Linear): cannot cluster it")
-        specs = [config.for_module(name) for name, _ in modules]
-        plans.append((modules, max(specs, key=lambda spec: spec.bits)))  # max keeps the first of equal bits
-    return plans
-
-
-def _open_scope(module: nn.Module, _args: object) -> None:
-    for m in module.modules():
-        if isinstance(m, ClusteredWeight):
-            m._scope = {}
-
-
-def _close_scope(module: nn.Module, _args: object, _out: object) -> None:
-    for m in module.modules():
-        if isinstance(m, ClusteredWeight):
-            m._scope = None
-
-
-def palettize_(model: nn.Module, config: PalettizeConfig | None = None) -> nn.Module:
-    """Prepare ``model`` in place for train-time clustering; returns it.
-
-    Tied weights (one Parameter used by several modules) get one ClusteredWeight with the settings of
-    the module name asking for the most bits (see :func:`weight_plans`).
-    """
-    config = config or PalettizeConfig()
-    dtype = getattr(torch, config.cluster_dtype)
-    plans = weight_plans(model, config)
-    for modules, spec in plans:
-        weight = rows_first_weight(modules[0][1])
-        clusterer = ClusteredWeight(spec, weight.shape, dtype).to(weight.device)
-        clusterer.tied = len(modules) > 1
-        for name, module in modules:
-            set_submodule(model, name, DKMModule(module, clusterer))
-    if not plans:
-        raise ValueError("palettize_ found no module to cluster")
-    if not hasattr(model, "_edkm_hook"):  # tied weights are clustered once per forward, shared only within it
-        model._edkm_hook = (model.register_forward_pre_hook(_open_scope),
-                            model.register_forward_hook(_close_scope, always_call=True))
-    model.edkm_config = config  # recorded in exports
-    return model
-
-
-def clustered_modules(model: nn.Module) -> list[tuple[str, DKMModule]]:
-    """(name, module) of every DKM module, tied ones included."""
-    return [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, DKMModule)]
-
-
-def set_tau(model: nn.Module, tau: float) -> None:
-    """Set the relative temperature of every ClusteredWeight (for annealing)."""
-    for m in model.modules():
-        if isinstance(m, ClusteredWeight):
-            m.tau = tau
-
-
-@torch.no_grad()
-def finalize_(model: nn.Module) -> nn.Module:
-    """Replace every DKM module by a LUT module (hard assignment to the trained centroids)."""
-    luts: dict[int, LUTWeight] = {}
-    for name, module in clustered_modules(model):
-        cw = module.clusterer
-        if id(cw) not in luts:
-            idx, lut = cw.hard(module.rows_first(module.weight))
-            luts[id(cw)] = LUTWeight(lut, idx, cw.shape, cw.spec.bits, module.weight.dtype)
-        set_submodule(model, name, LUTModule(module, luts[id(cw)]))
-    remove_scope_hooks(model)
-    return model
-
-
-def remove_scope_hooks(model: nn.Module) -> None:
-    """Remove the per-forward scope hooks ``palettize_`` registered on ``model`` (once it holds no DKM module)."""
-    for hook in model.__dict__.pop("_edkm_hook", ()):
-        hook.remove()
-
-
-def clustered_fraction(model: nn.Module) -> float:
-    """Share of the model's parameters (tied ones once) held by clustered weights, DKM or LUT layers.
-
-    >>> import torch, edkm
-    >>> model = edkm.ptq_kmeans_(torch.nn.Sequential(torch.nn.Linear(8, 4)), edkm.PalettizeConfig(bits=2, memory="plain"))
-    >>> round(clustered_fraction(model), 3)   # 32 clustered weights, 4 fp biases
-    0.889
-    """
-    clustered: dict[int, int] = {}
-    for module in model.modules():
-        if isinstance(module, DKMModule):
-            clustered[id(module.weight)] = module.weight.numel()
-        elif isinstance(module, LUTModule):
-            clustered[id(module.lut)] = module.lut.shape.numel()
-    other = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in clustered)
-    total = sum(clustered.values()) + other
-    return sum(clustered.values()) / total if total else 0.0
-
-
-def unclustered_weights(model: nn.Module) -> list[str]:
-    """Names of parameters of two or more dimensions left in floating point (weights nothing clusters)."""
-    return [n for n, p in model.named_parameters() if p.dim() >= 2 and not isinstance(model.get_submodule(n.rpartition(".")[0]), DKMModule)]

@@ -32,11 +32,10 @@ Measure with :func:`track_saved`::
 
 from __future__ import annotations
 
-
-from edkm.memory.dkm import dkm, dkm_with_memory
 from edkm.memory.fused_layer import fused_embedding, fused_linear
 from edkm.memory.hooks import SavedTensorHooks
 from edkm.memory.layer import Clustered, cluster_weight, clustered_linear
+from edkm.memory.modes import dkm, dkm_with_memory
 from edkm.memory.plan import MemoryPlan, parse_memory
 from edkm.memory.stats import SavedStats, current_stats, track_saved
 

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from edkm.cluster.dkm import final_assignment, group_tau, group_view
-from edkm.memory.dkm import dkm
 from edkm.cluster.sixteen import cast_straight_through
 from edkm.memory.fused import fused_dkm, fused_recompute
+from edkm.memory.modes import dkm
 from edkm.memory.plan import MemoryPlan, parse_memory
 
 __all__ = ["Clustered", "cluster_weight", "clustered_linear"]

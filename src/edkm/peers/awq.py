@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from edkm.config import PalettizeConfig
+from edkm.layers.base import set_submodule
 from edkm.layers.lut import LUTModule
-from edkm.layers.dkm import set_submodule, target_modules
 from edkm.peers.calibrate import run_batches
 from edkm.peers.gptq import rtn_lut
+from edkm.transform import target_modules
 
 GROUPS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
           ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),

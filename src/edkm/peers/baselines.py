@@ -9,7 +9,7 @@
 Example:
     >>> import torch, edkm
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 4))
-    >>> _ = edkm.rtn_(model, edkm.PalettizeConfig(bits=2, memory="plain"))
+    >>> _ = edkm.rtn_(model, edkm.PalettizeConfig(bits=2))
     >>> model[0].lut.lut.shape   # one 4-level LUT per output channel
     torch.Size([4, 4])
 """
@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from edkm.config import PalettizeConfig
-from edkm.layers.lut import LUTModule, LUTWeight, rows_first_weight
-from edkm.layers.dkm import finalize_, palettize_, set_submodule, weight_plans
+from edkm.layers.base import rows_first_weight, set_submodule
+from edkm.layers.lut import LUTModule, LUTWeight
+from edkm.transform import finalize_, palettize_, weight_plans
 
 
 def ptq_kmeans_(model: nn.Module, config: PalettizeConfig | None = None) -> nn.Module:

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from edkm.config import PalettizeConfig
+from edkm.layers.base import set_submodule
 from edkm.layers.lut import LUTModule, LUTWeight
-from edkm.layers.dkm import set_submodule, target_modules
+from edkm.transform import target_modules
 
 BLOCK = re.compile(r"(.*\blayers\.\d+)\.")
 

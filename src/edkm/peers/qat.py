@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from edkm.config import PalettizeConfig
+from edkm.layers.base import set_submodule
 from edkm.layers.lut import LUTModule, LUTWeight
-from edkm.layers.dkm import set_submodule, target_modules
 from edkm.peers.gptq import rtn_lut
+from edkm.transform import target_modules
 
 
 def _base_configs(bits: int, group_size: int | None) -> list[tuple[object, object]]:

@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from edkm.layers.dkm import set_tau
+from edkm.atomic import atomic_path
+from edkm.transform import anneal_
 
 
 @dataclass
@@ -44,8 +45,6 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.0
     clip: float = 1.0  # max gradient norm (0 = off)
-    tau_start: float | None = None  # relative tau annealed geometrically tau_start -> tau_end
-    tau_end: float | None = None
     seed: int = 0
     checkpoint_every: int = 50  # steps (0 = only at the end)
     progress: bool = True
@@ -63,13 +62,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def tau_at(step: int, cfg: TrainConfig) -> float | None:
-    if cfg.tau_start is None:
-        return None
-    end = cfg.tau_end if cfg.tau_end is not None else cfg.tau_start
-    return cfg.tau_start * (end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
 
 
 def batch_indices(step: int, n: int, cfg: TrainConfig) -> torch.Tensor:
@@ -110,11 +102,10 @@ def clip_grad_norm_(params: Any, max_norm: float) -> float:
 
 
 def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, losses: list[float]) -> None:
-    tmp = path.with_suffix(".tmp")
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "losses": losses,
              "rng": (torch.get_rng_state(), random.getstate())}
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint
+    with atomic_path(path) as tmp:  # a crash leaves the previous checkpoint
+        torch.save(state, tmp)
 
 
 def train(
@@ -175,9 +166,7 @@ def train(
     device = next(model.parameters()).device  # batches go where the model is
     tokens_seen, t0 = 0, time.perf_counter()
     for step in range(start, cfg.steps):
-        tau = tau_at(step, cfg)
-        if tau is not None:
-            set_tau(model, tau)
+        anneal_(model, step / max(1, cfg.steps - 1))  # tau along each clusterer's schedule (PalettizeConfig.tau_end)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         batch = batch_indices(step, len(inputs), cfg)

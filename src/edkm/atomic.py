@@ -1,8 +1,10 @@
 """Atomic file writes with the usual permissions (the process umask applies, like ``open(path, "w")``).
 
+Every file edkm writes goes through :func:`atomic_path` (or :func:`write_text` / :func:`write_json` on it).
+
 Example:
     >>> import os, tempfile
-    >>> from edkm.export.atomic import atomic_path
+    >>> from edkm.atomic import atomic_path
     >>> path = os.path.join(tempfile.mkdtemp(), "a.txt")
     >>> with atomic_path(path) as tmp:
     ...     _ = open(tmp, "w").write("hello")
@@ -12,11 +14,13 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def file_mode() -> int:
@@ -46,3 +50,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a killed process never leaves half a file)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> None:
+    """Write ``data`` as JSON to ``path`` atomically."""
+    write_text(path, json.dumps(data, indent=indent))

@@ -6,7 +6,7 @@ the unique domain (:func:`edkm.memory.fused.fused_dkm`); "auto" picks fused for 
 
 Example:
     >>> import torch, edkm
-    >>> w = torch.randn(64, 32, requires_grad=True)
+    >>> w = torch.randn(64, 32).to(torch.bfloat16).float().requires_grad_()  # "unique" needs exact 16-bit values
     >>> c = edkm.kmeans1d(w.detach(), 8)
     >>> w_hat, c_new = edkm.dkm(w, c, tau=1e-3, iters=3, memory="marshal+unique")
     >>> w_hat.sum().backward()

@@ -1,0 +1,67 @@
+"""Where a model given on the command line lies: a run folder, an edkm folder, a packed file or a plain HF folder.
+
+One resolver for every command that reads a model (``eval``, ``generate``, ``export``, the benchmarks), over the
+one table of file names (:mod:`edkm.export.files`).
+
+Example:
+    >>> locate("/nonexistent/model.edkm.safetensors")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: model not found: /nonexistent/model.edkm.safetensors
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+from edkm.export.files import FOLDER_WEIGHTS, PACKED_FILE, TOKENIZER_CONFIG, is_edkm_folder
+
+
+class Located(NamedTuple):
+    """``source``: what to load (a folder or a packed file); ``weights``: the packed weights file, None if not packed."""
+
+    source: Path
+    weights: Path | None
+
+
+def locate(path: str | os.PathLike) -> Located:
+    """Resolve ``path``: an edkm folder (also a run folder) -> itself and its weights; a folder holding only
+    :data:`~edkm.export.files.PACKED_FILE` -> that file; a packed file -> itself; any other folder -> itself, unpacked."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model not found: {path}")
+    if p.is_file():
+        return Located(p, p)
+    if is_edkm_folder(p):
+        return Located(p, p / FOLDER_WEIGHTS)
+    if (p / PACKED_FILE).is_file():
+        return Located(p / PACKED_FILE, p / PACKED_FILE)
+    return Located(p, None)
+
+
+def locate_packed(path: str | os.PathLike) -> Located:
+    """:func:`locate` for commands that need a packed model (``export``); FileNotFoundError for anything else."""
+    found = locate(path)
+    if found.weights is None:
+        raise FileNotFoundError(f"{path} is neither an edkm model folder (config.json with quant_method 'edkm') "
+                                f"nor a folder holding {PACKED_FILE}")
+    return found
+
+
+def tokenizer_folder(source: Path, tokenizer: str | os.PathLike | None = None) -> Path | None:
+    """The tokenizer folder for ``source``: ``tokenizer`` if given (checked), else None = the model's own.
+
+    A packed file needs one beside it (``tokenizer_config.json``) or ``--tokenizer``.
+    """
+    if tokenizer is not None:
+        if not (Path(tokenizer) / TOKENIZER_CONFIG).is_file():
+            raise FileNotFoundError(f"--tokenizer {tokenizer}: no {TOKENIZER_CONFIG} there")
+        return Path(tokenizer)
+    if source.is_file() and not (source.parent / TOKENIZER_CONFIG).is_file():
+        raise FileNotFoundError(f"{source} has no tokenizer beside it ({TOKENIZER_CONFIG}); pass --tokenizer FOLDER")
+    return None
+
+
+__all__ = ["Located", "locate", "locate_packed", "tokenizer_folder"]
