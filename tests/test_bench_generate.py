@@ -1,11 +1,12 @@
 """`edkm bench generate`: the measurement itself on the bundled model, targets and table from rows."""
 
-import argparse
 import json
 
 import pytest
 
 from edkm.bench import generate, generate_child
+from edkm.cli.bench import cmd_bench_generate
+from edkm.cli.main import build_parser
 from edkm.kernels import gemv, linear
 
 
@@ -32,18 +33,15 @@ def test_targets_and_markdown_from_rows():
 
 
 def test_parser_and_bad_subsets():
-    parser = argparse.ArgumentParser()
-    generate.add_bench_generate_parser(parser.add_subparsers())
-    args = parser.parse_args(["generate", "--models", "stories260k", "--configs", "fp32,packed3"])
-    assert args.func is generate.cmd_bench_generate and args.out == "runs/bench/generate.json"
+    args = build_parser().parse_args(["bench", "generate", "--models", "stories260k", "--configs", "fp32,packed3"])
+    assert args.func is cmd_bench_generate and args.out == "runs/bench/generate.json"
     with pytest.raises(ValueError, match="unknown configuration"):
         generate.subset("fp32,fast", generate.CONFIGS, "configuration")
 
 
 def test_measure_packed_bundled_model_eager(tmp_path, monkeypatch):
     """One packed measurement in this process (eager kernel: no compile in the default suite)."""
-    monkeypatch.setenv("EDKM_COMPILE", "0")
-    monkeypatch.setattr(linear, "fused_gemv", lambda: gemv.FusedGemv())  # off here only: the process's cache stays
+    monkeypatch.setattr(linear, "fused_gemv", lambda: gemv.FusedGemv(enabled=False))  # off here only: the cache stays
     info = generate_child.prepare({"model": "stories260k", "dir": str(tmp_path), "packed": [[3, None, "p3.safetensors"]]})
     assert info["file_bytes"]["p3.safetensors"] < info["file_bytes"]["dense"] / 6
     spec = {"kind": "packed", "path": str(tmp_path / "p3.safetensors"), "dtype": None, "kernel": None,

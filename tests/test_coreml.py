@@ -24,7 +24,7 @@ from edkm.coreml.trace import StatefulLM, StatelessLM, causal_mask  # noqa: E402
 from edkm.coreml.verify import lut_ops, verify_mlpackage  # noqa: E402
 from edkm.models import load_causal_lm  # noqa: E402
 
-PLAN = dict(bits=3, memory="plain", overrides={"embed|lm_head": {"bits": 8}})
+PLAN = dict(bits=3, overrides={"embed|lm_head": {"bits": 8}})
 
 
 def packed(tmp_path_factory, group_size):

@@ -10,8 +10,9 @@ import copy
 import torch
 
 from edkm.config import PalettizeConfig
-from edkm.jobs.compress import CompressConfig, finetune, split_data
+from edkm.jobs.compress import CompressConfig, split_data
 from edkm.models import load_causal_lm
+from edkm.training.finetune import finetune
 from edkm.training.loop import TrainConfig, batch_indices
 from edkm.transform import palettize_
 

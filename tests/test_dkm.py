@@ -1,4 +1,4 @@
-"""edkm.dkm against an independent float64 formulation of SPEC §2, and the 1-D k-means."""
+"""edkm.dkm against an independent float64 formulation of docs/method.md §2, and the 1-D k-means."""
 
 import time
 
@@ -9,7 +9,7 @@ import edkm
 
 
 def reference_dkm(w, c, tau, iters):
-    """SPEC §2 written out literally in float64: explicit exp / normalisation, one weight per row."""
+    """docs/method.md §2 written out literally in float64: explicit exp / normalisation, one weight per row."""
     x = w.double().reshape(-1, 1)
     c = c.double().reshape(1, -1)
     for _ in range(iters):

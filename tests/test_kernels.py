@@ -91,8 +91,7 @@ def test_embedding_exact_and_gathers_rows_only(bits, layout, ids_shape):
 
 @pytest.mark.parametrize("tokens", [1, 6])
 def test_gradients_without_a_whole_weight(tokens, monkeypatch):
-    monkeypatch.setenv("EDKM_COMPILE", "0")  # tiled kernel here; the compiled one is slow-tested
-    monkeypatch.setattr(linear, "fused_gemv", lambda: gemv.FusedGemv())
+    monkeypatch.setattr(linear, "fused_gemv", lambda: gemv.FusedGemv(enabled=False))  # tiled here; compiled: slow tests
     monkeypatch.setattr(linear, "TILE_BYTES", COLS * 4 * 4)
     w = make_lut_weight(4, LAYOUTS["row_blocks"])
     module = LUTModule(nn.Linear(COLS, ROWS), w)
@@ -116,8 +115,7 @@ def test_bf16_layer_exact():
 
 
 def test_no_whole_fp32_weight_per_call_or_between_calls(monkeypatch):
-    monkeypatch.setenv("EDKM_COMPILE", "0")
-    monkeypatch.setattr(linear, "fused_gemv", lambda: gemv.FusedGemv())
+    monkeypatch.setattr(linear, "fused_gemv", lambda: gemv.FusedGemv(enabled=False))
     monkeypatch.setattr(linear, "TILE_BYTES", COLS * 4 * 4)  # 4 rows per tile
     w = make_lut_weight(3, LAYOUTS["row_blocks"])
     module = LUTModule(nn.Linear(COLS, ROWS), w)
@@ -150,9 +148,8 @@ def test_compile_failure_falls_back_to_exact_eager(monkeypatch):
         w.linear(x)
 
 
-def test_compile_off_by_environment(monkeypatch):
-    monkeypatch.setenv("EDKM_COMPILE", "0")
-    assert gemv.FusedGemv()(torch.ones(1, 2), torch.zeros(1, 1, 1, 2, dtype=torch.uint8), torch.zeros(1, 1, 1, 2)) is None
+def test_compile_off_by_option():
+    assert gemv.FusedGemv(enabled=False)(torch.ones(1, 2), torch.zeros(1, 1, 1, 2, dtype=torch.uint8), torch.zeros(1, 1, 1, 2)) is None
 
 
 def test_decode_kernel_and_int8_option():

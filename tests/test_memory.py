@@ -145,6 +145,6 @@ def test_fused_dispatch():
     plain, _ = run(w, c, "plain")
     for memory in ("fused", "auto"):
         got, _ = run(w, c, memory)
-        for x, y in zip(plain, got):  # float tolerance (SPEC §4); outputs are rounded to bf16
+        for x, y in zip(plain, got):  # float tolerance (docs/method.md §4); outputs are rounded to bf16
             x, y = x.detach().double(), y.detach().double()
             assert float((x - y).norm() / x.norm()) <= 1e-3

@@ -106,7 +106,7 @@ def test_crafted_conv1d_model_refused(gpt2_saved, tmp_path, tiny_causal_lm, edit
 def test_header_is_covered_by_the_checksum(saved, tmp_path):
     raw = saved.read_bytes()
     start = raw.index(b'palettize_config')
-    edited = raw[:start] + raw[start:].replace(b'"memory\\": \\"plain\\"', b'"memory\\": \\"fused\\"', 1)
+    edited = raw[:start] + raw[start:].replace(b'"cluster_dtype\\": \\"bfloat16\\"', b'"cluster_dtype\\": \\"bfloat32\\"', 1)
     assert edited != raw and len(edited) == len(raw)
     (tmp_path / "e.safetensors").write_bytes(edited)
     with pytest.raises(FormatError, match="checksum mismatch"):

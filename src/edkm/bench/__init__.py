@@ -1,4 +1,4 @@
-"""Benchmarks behind ``edkm bench``: ``edkm bench memory`` (SPEC §5) is :func:`run_memory_benchmark`.
+"""Benchmarks behind ``edkm bench``: ``edkm bench memory`` (docs/method.md §5) is :func:`run_memory_benchmark`.
 
 Modules, in the order a run goes through them: :mod:`.configs` (what runs, options, what fits),
 :mod:`.measure` (one measurement in a fresh process), :mod:`.distributed` (N ranks, one row per

@@ -39,7 +39,7 @@ CONFIGS: dict[str, tuple[str, bool, bool]] = {
     "fused": ("fused", False, False),
 }
 ORDER = (*CONFIGS, "coremltools")
-# SPEC §6 (paper, one LLaMA-7B attention layer, 3 bits): footprint of plain DKM / footprint of each
+# docs/method.md §6 (paper, one LLaMA-7B attention layer, 3 bits): footprint of plain DKM / footprint of each
 PAPER_RATIOS = {"M": 2.9, "M+S@8": 23.5, "M+U": 16.4, "M+U+S@8": 130.0}
 
 

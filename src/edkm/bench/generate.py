@@ -7,7 +7,7 @@ is saved dense (Hugging Face folder, fp32) and packed by our own code (``edkm.pt
 
 Configurations (:data:`CONFIGS`): dense fp32, dense bf16, packed 3 and 4 bits (every Linear and the
 embedding), packed 3 bits with an 8-bit embedding/head (``edkm compress``'s default), packed 3 bits
-without ``torch.compile`` (``EDKM_COMPILE=0``: the eager exact kernel) and packed 3 bits with the
+without ``torch.compile`` (kernel ``eager``: the exact tiled kernel) and packed 3 bits with the
 approximate int8 kernel. Every configuration runs in a fresh interpreter with one thread
 (:mod:`.generate_child`); the models are prepared once in another one.
 
@@ -37,7 +37,7 @@ CONFIGS: dict[str, tuple[str, Any, int | None, str | None, dict[str, str]]] = {
     "packed3": ("packed", 3, None, None, {}),
     "packed4": ("packed", 4, None, None, {}),
     "packed3-e8": ("packed", 3, 8, None, {}),
-    "packed3-eager": ("packed", 3, None, None, {"EDKM_COMPILE": "0"}),
+    "packed3-eager": ("packed", 3, None, "eager", {}),
     "packed3-int8": ("packed", 3, None, "int8", {}),
 }
 MODELS = ("llama150m", "stories260k")

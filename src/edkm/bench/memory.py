@@ -1,4 +1,4 @@
-"""``edkm bench memory``: what DKM holds for backward under each eDKM memory technique (SPEC §5).
+"""``edkm bench memory``: what DKM holds for backward under each eDKM memory technique (docs/method.md §5).
 
 The paper-sized case (the default) is one LLaMA-7B attention block: the q, k, v and o
 projections, 4096 x 4096 each, bf16 weights, 3 bits (8 centroids), one LUT per tensor, centroids
@@ -12,8 +12,8 @@ Configurations (:mod:`.configs`): ``plain`` DKM; ``save_on_cpu`` (plain DKM unde
 ``save_on_cpu``, emulated by ``track_saved(save_on_cpu=True)``); the eDKM techniques ``M``
 (marshaling), ``M+U`` (+ uniquification), ``M+S`` and ``M+U+S`` (+ sharding, real processes: gloo,
 one process per rank, 2 and 4 ranks by default, an 8-rank figure computed from the measured shards
-and marked ``"measured": false``; :mod:`.distributed`); ``fused`` (DKM in the unique domain, SPEC
-§4); and ``coremltools`` (``DKMPalettizer`` on one layer, multiplied by the number of projections;
+and marked ``"measured": false``; :mod:`.distributed`); ``fused`` (DKM in the unique domain,
+docs/method.md §4); and ``coremltools`` (``DKMPalettizer`` on one layer, multiplied by the number of projections;
 :mod:`.coreml`).
 
 Every configuration runs in a fresh Python process (one per rank; :mod:`.measure`), so its peak

@@ -187,8 +187,8 @@ def _finding_notes(opts: BenchOptions, rows: list[dict], by: dict[str, dict]) ->
             f"{lay.get('dkm_iterations')} DKM iterations, steady-state step), footprint and seconds x{opts.projections} "
             f"for the block, peak RSS of the one layer; first step with k-means init "
             f"{lay.get('first_step_seconds'):.0f} s per layer. Footprint excludes its weight and input "
-            f"(saved_bytes_new), as ours. It runs DKM in the weight dtype (bf16 maps), ours in fp32 (SPEC §2). "
-            f"SPEC §6 lists ~10.9 GB peak RSS and ~390 s first step for this layer from an earlier measurement; this "
+            f"(saved_bytes_new), as ours. It runs DKM in the weight dtype (bf16 maps), ours in fp32 (docs/method.md §2). "
+            f"docs/method.md §6 lists ~10.9 GB peak RSS and ~390 s first step for this layer from an earlier measurement; this "
             f"run measured {coreml['peak_rss_bytes'] / GiB:.1f} GiB and {lay.get('first_step_seconds'):.0f} s."
         )
     elif coreml:

@@ -20,7 +20,6 @@ from edkm.cli.validate import (
     positive_int,
     unit_weight,
 )
-from edkm.distributed.device import init_distributed, resolve_device
 
 # the flag of each setting compared on --resume (jobs name settings by their key)
 FLAGS = {
@@ -43,6 +42,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
     check_compress(args, BUNDLED_MODEL_DIR)  # every flag and file, before anything loads
     from edkm.config import EMBEDDING_LAYERS, PalettizeConfig
+    from edkm.distributed.device import init_distributed, resolve_device
     from edkm.jobs.compress import CompressConfig, compress
     from edkm.jobs.runstate import ResumeMismatch
     from edkm.jobs.runtime import configure_threads

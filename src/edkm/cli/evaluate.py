@@ -9,7 +9,6 @@ from typing import Any
 
 from edkm.cli.options import add_device_argument
 from edkm.cli.validate import check_eval, fraction, nonnegative_float, positive_int, top_p
-from edkm.distributed.device import resolve_device
 
 
 def load_any(path: str, tokenizer: str | None = None) -> tuple[Any, Any]:
@@ -37,6 +36,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     check_eval(args)
     # deferred: torch and transformers load only when the command runs
     from edkm.data.text import load_text, split_text, tokenize_text
+    from edkm.distributed.device import resolve_device
     from edkm.eval.perplexity import perplexity
     from edkm.eval.zeroshot import TASKS, evaluate_tasks
 
@@ -60,6 +60,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch  # deferred: building the parser must not import torch
 
+    from edkm.distributed.device import resolve_device
     from edkm.eval.generate import generate_text
 
     model, tok = load_any(args.model, args.tokenizer)

@@ -58,7 +58,7 @@ def converged(old: torch.Tensor, new: torch.Tensor, eps: float) -> bool:
     if eps <= 0:
         return False
     done = (new - old).abs().max().lt(eps).to(torch.float32)  # on the weights' device (NCCL needs it there)
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():  # not edkm.ranks: cluster/ imports nothing else of edkm
         dist.all_reduce(done, op=dist.ReduceOp.MIN)  # stop only when every rank agrees
     return bool(done.item())
 

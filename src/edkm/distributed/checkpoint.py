@@ -27,11 +27,12 @@ from edkm.distributed.clustered import hard_assignment
 from edkm.export import save_palettized
 from edkm.layers.base import set_submodule
 from edkm.layers.lut import LUTModule, LUTWeight
+from edkm.ranks import is_distributed, rank_world
 from edkm.transform import clustered_modules, forward_scopes, release_scopes
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
+    if is_distributed():
         dist.barrier()
 
 
@@ -47,12 +48,12 @@ class DCPCheckpointer:
         state = {"model": model_sd, "optimizer": opt_sd, "step": step, "losses": list(losses),
                  "rng": (torch.get_rng_state(), random.getstate())}
         tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-        if dist.get_rank() == 0 and tmp.exists():
+        if rank_world()[0] == 0 and tmp.exists():
             shutil.rmtree(tmp)
         _barrier()
         dcp.save(state, checkpoint_id=str(tmp))
         _barrier()
-        if dist.get_rank() == 0:  # swap in the complete folder; `old` bridges the moment between the renames
+        if rank_world()[0] == 0:  # swap in the complete folder; `old` bridges the moment between the renames
             if path.exists():
                 os.replace(path, old)
             os.replace(tmp, path)
@@ -111,6 +112,6 @@ def finalize_fsdp_(model: nn.Module) -> nn.Module:
 def save_fsdp_palettized(model: nn.Module, path: str | os.PathLike) -> None:
     """Finalize a model under FSDP (:func:`finalize_fsdp_`) and write the packed file from rank 0."""
     finalize_fsdp_(model)
-    if dist.get_rank() == 0:
+    if rank_world()[0] == 0:
         save_palettized(model, path)
     _barrier()

@@ -2,7 +2,7 @@
 
 ``auto`` is CUDA when PyTorch sees a GPU, else the CPU. Under ``torchrun`` each rank takes the GPU
 of its ``LOCAL_RANK`` and the backend follows the device: NCCL for CUDA tensors, gloo for CPU ones
-(NCCL cannot move CPU tensors). Building the CLI parser imports nothing heavy from here.
+(NCCL cannot move CPU tensors).
 
 Example:
     >>> from edkm.distributed.device import resolve_device, backend_for
@@ -15,13 +15,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
+from edkm.ranks import is_distributed
+
 CHOICES = ("auto", "cpu", "cuda")
-
-
-def add_device_argument(parser: Any) -> None:
-    """``--device auto|cpu|cuda`` on an argparse parser (no torch import)."""
-    parser.add_argument("--device", default="auto", choices=CHOICES,
-                        help="where the model, data and clustering state live (auto = CUDA when present)")
 
 
 def resolve_device(name: str = "auto") -> Any:
@@ -30,8 +29,6 @@ def resolve_device(name: str = "auto") -> Any:
     Raises:
         ValueError: an unknown name. RuntimeError: "cuda" on a machine without a usable GPU.
     """
-    import torch
-
     if name not in CHOICES:
         raise ValueError(f"device must be one of {', '.join(CHOICES)}, got {name!r}")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
@@ -54,9 +51,7 @@ def init_distributed(device: Any, single: bool = False) -> None:
     ``single``: outside torchrun, a process group of one (so ``--fsdp`` runs the same sharded code
     in one process: the reference a multi-process run is compared with).
     """
-    import torch.distributed as dist
-
-    if dist.is_initialized():
+    if is_distributed():
         return
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group(backend_for(device))

@@ -35,6 +35,7 @@ from edkm.distributed.clustered import ShardedClusteredWeight, shard_clustered_w
 from edkm.distributed.device import init_distributed as join_process_group
 from edkm.distributed.device import resolve_device
 from edkm.layers.dkm import ClusteredWeight
+from edkm.ranks import is_distributed, rank_world
 from edkm.transform import clustered_modules
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -77,14 +78,12 @@ def init_distributed() -> tuple[int, int]:
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         join_process_group(resolve_device("auto"))  # the rank's LOCAL_RANK GPU and NCCL, else gloo
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return rank_world()
 
 
 def default_mesh() -> DeviceMesh:
     """A 1-D mesh over every rank of the default group (CUDA when available, else CPU)."""
-    if not dist.is_initialized():
+    if not is_distributed():
         raise RuntimeError("FSDP needs torch.distributed initialised: run under torchrun (or call init_distributed())")
     return init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
 

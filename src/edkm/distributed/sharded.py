@@ -1,4 +1,4 @@
-"""Sharded DKM under FSDP: each rank clusters only its own rows of a weight (eDKM's S, SPEC §3-§4).
+"""Sharded DKM under FSDP: each rank clusters only its own rows of a weight (eDKM's S, docs/method.md §3-§4).
 
 DKM on a weight FSDP has gathered repeats the same work on every rank. Here rank r holds rows
 [r*p, (r+1)*p) of the fp32 master weight (p = ceil(rows / N), a ``Shard(0)`` DTensor that FSDP
@@ -10,7 +10,7 @@ ignores), and
   W_hat for its own rows by table lookup, and all-gathers the clustered rows for the matmul
   (:class:`GatherRows`, whose backward reduce-scatters);
 * backward: buckets its rows' incoming gradient by value, all-reduces the buckets (G x 65,536),
-  rebuilds the small tables and differentiates them: dL/dw_i = g_i F(w_i) + R(w_i) (SPEC §4).
+  rebuilds the small tables and differentiates them: dL/dw_i = g_i F(w_i) + R(w_i) (docs/method.md §4).
 
 Values and gradients equal DKM on the gathered weight to float tolerance (tests: 1e-6 relative).
 Only a reference to the local rows, the starting centroids and the pair tables are kept for
@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from edkm.cluster.dkm import converged
+from edkm.ranks import rank_world
 
 PATTERNS = 1 << 16
 TINY = 1e-30
@@ -40,7 +41,7 @@ CHUNK = 1 << 20  # as edkm.cluster.dkm: guards a centroid's mass against underfl
 
 
 def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+    if rank_world(group)[1] > 1:
         dist.all_reduce(t, group=group)
     return t
 

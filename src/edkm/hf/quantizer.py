@@ -50,7 +50,7 @@ class PackedSlot(WrappedLayer):
         self.__dict__.pop("weight", None)
         self._parameters.pop("weight", None)
         self.__dict__["_base"] = base  # not a submodule; the leading underscore keeps WrappedLayer from copying it
-        self._decode_dtype = base.weight.dtype  # the dtype the model is being loaded in
+        self.decode_dtype = base.weight.dtype  # the dtype the model is being loaded in: its LUTs decode to it
         if owner:
             self.lut = nn.Module()
             for part, (dtype, shape) in layer.tensor_specs().items():
@@ -160,7 +160,7 @@ class EdkmHfQuantizer(HfQuantizer):
                 raise FormatError(f"layer {layer.name!r}: its tensors were not in the checkpoint")
             check_finite(layer, parts, f"layer {layer.name!r}")
             device = parts["indices"].device
-            lut = build_lut(layer, {k: v.cpu() for k, v in parts.items()}, owner._decode_dtype).to(device)
+            lut = build_lut(layer, {k: v.cpu() for k, v in parts.items()}, owner.decode_dtype).to(device)
             for name in layer.modules:
                 slot = model.get_submodule(name)
                 slot.init_unstored_buffers(model)

@@ -95,7 +95,7 @@ class Runner:
         """The fp model fine-tuned at ``control_lr`` with ``seed`` (cached on disk): the teacher and the fp row."""
         import torch
 
-        from edkm.jobs.compress import finetune
+        from edkm.training.finetune import finetune
 
         if seed not in self._controls:
             c = self.cfg
@@ -111,7 +111,7 @@ class Runner:
         return self._controls[seed]
 
     def finetune(self, model: Any, lr: float, seed: int) -> list[float]:
-        from edkm.jobs.compress import finetune
+        from edkm.training.finetune import finetune
 
         teacher = self.control(seed) if self.cfg.distill else None
         return finetune(model, self.data, self.train_config(lr, seed), None, False, teacher, self.cfg.distill)

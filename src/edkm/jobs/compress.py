@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from edkm.atomic import write_json
@@ -35,7 +34,7 @@ from edkm.data.text import (
     tokenize_alpaca,
     tokenize_text,
 )
-from edkm.distributed import DCPCheckpointer, FSDPOptions, finalize_fsdp_, fsdp_, shard_layers_
+from edkm.distributed import FSDPOptions, finalize_fsdp_, fsdp_, shard_layers_
 from edkm.eval.generate import generate_text
 from edkm.eval.perplexity import perplexity
 from edkm.export import save_palettized
@@ -43,16 +42,18 @@ from edkm.export.card import model_card
 from edkm.export.files import FOLDER_WEIGHTS, PROGRESS_FILE, REPORT_FILE
 from edkm.hf.folder import save_folder, write_model_card
 from edkm.hf.load import load_palettized
-from edkm.jobs.progress import JobProgress, PhaseBar
+from edkm.jobs.progress import JobProgress
 from edkm.jobs.runstate import check_resume, prune_checkpoints
 from edkm.jobs.runtime import run_environment
 from edkm.models import BUNDLED_TEXT, load_causal_lm
 from edkm.peers.baselines import ptq_kmeans_, rtn_
 from edkm.peers.fast import fast_peers
-from edkm.training.loop import TrainConfig, batch_indices, train, world
+from edkm.ranks import rank_world
+from edkm.training.finetune import finetune, loss_label
+from edkm.training.loop import TrainConfig, batch_indices
 from edkm.transform import clustered_fraction, finalize_, palettize_
 
-__all__ = ["CompressConfig", "compress", "job_costs", "loss_label"]
+__all__ = ["CompressConfig", "compress", "job_costs"]
 
 
 @dataclass
@@ -104,51 +105,7 @@ def split_data(cfg: CompressConfig, tokenizer: Any) -> tuple[PackedDataset, torc
     return train_set, tokenize_text(tokenizer, val_text), tokenize_text(tokenizer, test_text)
 
 
-def finetune(
-    model: nn.Module, data: PackedDataset, cfg: TrainConfig, checkpoint: Path, resume: bool,
-    teacher: nn.Module | None = None, distill: float = 0.0, bar: PhaseBar | None = None,
-    fsdp: bool = False,
-) -> list[float]:
-    """Fine-tune on next-token cross-entropy, mixed with ``distill`` x KL(teacher || model) per token."""
-    net: nn.Module = model
-    if world()[1] > 1 and not fsdp:  # under FSDP the model is sharded already (fsdp_)
-        device = next(model.parameters()).device
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                                  broadcast_buffers=False)
 
-    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = net(x).logits.float()
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
-        if teacher is None or distill == 0:
-            return loss
-        with torch.no_grad():
-            target = F.log_softmax(teacher(x).logits.float(), dim=-1)
-        kl = (target.exp() * (target - F.log_softmax(logits, dim=-1))).sum(-1)
-        return (1 - distill) * loss + distill * kl[y != -100].sum()
-
-    inputs, targets = data.input_ids[:, :-1], data.labels[:, 1:]
-    name = loss_label(distill if teacher is not None else 0.0)
-    on_step = None if bar is None else lambda done, loss: bar.update(done - bar.done, **{name: f"{loss:.4f}"})
-    if fsdp:  # sharded DCP checkpoints in a folder
-        checkpointer = DCPCheckpointer()
-        if resume and checkpointer.existing(checkpoint) is None and checkpoint.with_suffix(".pt").is_file():
-            raise ValueError(f"--resume --fsdp: {checkpoint.with_suffix('.pt')} was written without --fsdp; resume without it")
-        return train(loss_fn, model, inputs, targets, cfg, checkpoint, resume and checkpointer.existing(checkpoint) is not None,
-                     on_step, checkpointer)
-    if resume and not checkpoint.is_file() and checkpoint.with_suffix(".dcp").exists():
-        raise ValueError(f"--resume: {checkpoint.with_suffix('.dcp')} is a sharded (--fsdp) checkpoint; resume with --fsdp")
-    return train(loss_fn, model, inputs, targets, cfg, checkpoint, resume and checkpoint.is_file(), on_step)
-
-
-def loss_label(distill: float) -> str:
-    """What the training loss is, per token: cross-entropy, distillation KL or their mix.
-
-    >>> loss_label(0.0), loss_label(1.0), loss_label(0.25)
-    ('CE', 'KL(teacher||model)', '0.75 CE + 0.25 KL')
-    """
-    if distill == 0:
-        return "CE"
-    return "KL(teacher||model)" if distill == 1 else f"{1 - distill:g} CE + {distill:g} KL"
 
 
 def job_costs(cfg: CompressConfig, heldout_tokens: int) -> dict[str, float]:
@@ -173,128 +130,189 @@ def _file_size(model: nn.Module, path: Path) -> int:
 
 
 
+
+@dataclass
+class Run:
+    """One invocation of the job: where it writes, which rank it is, what earlier invocations finished."""
+
+    cfg: CompressConfig
+    out: Path
+    rank: int
+    size: int
+    state: str  # "fresh", "resume" or "complete" (edkm.jobs.runstate.check_resume)
+    done: dict[str, Any]  # results of finished phases (progress.json)
+    job: Any = None  # JobProgress, once the model and data are known
+    ppl: Any = None  # perplexity on the test split, once the data are known
+
+    def record(self, **values: Any) -> None:
+        """Keep phase results in progress.json (rank 0), so a resumed run skips the phase."""
+        self.done.update(values)
+        if self.rank == 0:
+            write_json(self.out / PROGRESS_FILE, self.done)
+
+    def say(self, line: str) -> None:
+        if self.rank == 0:  # even with --quiet
+            print(line, file=sys.stderr, flush=True)
+
+
+def open_run(cfg: CompressConfig) -> Run:
+    """The run folder's state after the --resume checks (settings compared, old state cleared on a fresh start)."""
+    rank, size = rank_world()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = check_resume(out, cfg.settings(), cfg.resume, write=rank == 0)
+    progress = out / PROGRESS_FILE
+    done = json.loads(progress.read_text()) if state == "resume" and progress.is_file() else {}
+    return Run(cfg, out, rank, size, state, done)
+
+
 def compress(cfg: CompressConfig) -> dict[str, Any]:
     """Run the whole job; returns the report (also written to ``<out>/report.json`` by rank 0).
 
     Progress goes to stderr in five numbered phases (``cfg.train.progress``); see ``edkm.jobs.progress``.
     """
-    rank, size = world()
     start = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    say = (lambda line: print(line, file=sys.stderr, flush=True)) if rank == 0 else (lambda line: None)  # even --quiet
-    state = check_resume(out, cfg.settings(), cfg.resume, write=rank == 0)
-    if state == "complete":
-        say(f"{out} holds a finished run with these settings: its report, not recomputed")
-        return json.loads((out / REPORT_FILE).read_text()) if rank == 0 else {}
-    if cfg.resume and state == "fresh":
-        say(f"--resume: no checkpoint in {out}: starting fresh")
-    progress_path = out / PROGRESS_FILE
-    done: dict[str, Any] = json.loads(progress_path.read_text()) if state == "resume" and progress_path.is_file() else {}
-
-    def record(**values: Any) -> None:
-        done.update(values)
-        if rank == 0:
-            write_json(progress_path, done)
-
+    run = open_run(cfg)
+    if run.state == "complete":
+        run.say(f"{run.out} holds a finished run with these settings: its report, not recomputed")
+        return json.loads((run.out / REPORT_FILE).read_text()) if run.rank == 0 else {}
+    if cfg.resume and run.state == "fresh":
+        run.say(f"--resume: no checkpoint in {run.out}: starting fresh")
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_causal_lm(cfg.model)
     model.to(cfg.device)  # before palettize_: the DKM state is created beside the weights
-    params = {id(p): p for p in model.parameters()}.values()
     check_seq_len(cfg.context, model.config)
     data, _val, held = split_data(cfg, tokenizer)  # every number reported is on the test split
     batch_indices(0, len(data), cfg.train)  # a batch larger than the data fails here, before any baseline
-    ppl = lambda m: perplexity(m, held, context=cfg.context)  # noqa: E731
-    bits = cfg.plan.bits
+    run.ppl = lambda m: perplexity(m, held, context=cfg.context)
+    run.job = JobProgress(job_costs(cfg, held.numel()), enabled=cfg.train.progress and run.rank == 0)
+    params = {id(p): p for p in model.parameters()}.values()
     fp_bytes = sum(p.numel() * 2 for p in params)
-    job = JobProgress(job_costs(cfg, held.numel()), enabled=cfg.train.progress and rank == 0)
-    job.print(f"edkm compress: {sum(p.numel() for p in params):,} parameters, {len(data)} training sequences of "
-              f"{cfg.context} tokens, {held.numel():,} held-out tokens, {torch.get_num_threads()} torch thread(s) x {size} process(es)")
+    run.job.print(f"edkm compress: {sum(p.numel() for p in params):,} parameters, {len(data)} training sequences of "
+                  f"{cfg.context} tokens, {held.numel():,} held-out tokens, {torch.get_num_threads()} torch thread(s) "
+                  f"x {run.size} process(es)")
+    baselines(run, model, data)
+    teacher = fp_control(run, model, data)
+    losses, loss_name = train_edkm(run, model, data, teacher)
+    report: dict[str, Any] = {}
+    if run.rank == 0:
+        report = export_and_evaluate(run, model, tokenizer, held)
+        report.update(losses=losses, loss=loss_name, fp_bytes=fp_bytes)
+        report = finish_report(run, report, held, start)
+    if run.size > 1:
+        dist.barrier()
+    return report
 
-    if "rtn_ppl" in done or rank != 0:
-        job.skip("baselines", "restored from progress.json" if rank == 0 else "rank 0 only")
-    else:
-        with job.phase("baselines", total=6, unit="eval", detail="fp, RTN, post-training k-means, GPTQ and Fisher-weighted k-means perplexity") as bar:
-            fp_ppl = ppl(model)
-            bar.update(note=f"fp32 original ppl {fp_ppl:.3f}")
-            rtn = rtn_(copy.deepcopy(model), cfg.plan)
-            rtn_size = _file_size(rtn, out / "rtn.edkm.safetensors")
-            bar.update(note=f"RTN {bits}-bit built ({rtn_size / 1e3:.0f} kB)")
-            rtn_ppl = ppl(rtn)
-            bar.update(note=f"RTN {bits}-bit ppl {rtn_ppl:.3f}")
-            km = ptq_kmeans_(copy.deepcopy(model), cfg.plan)
-            km_size = _file_size(km, out / "kmeans.edkm.safetensors")
-            km_ppl = ppl(km)
-            bar.update(2, note=f"k-means {bits}-bit ppl {km_ppl:.3f}")
-            record(fp_ppl=fp_ppl, rtn_ppl=rtn_ppl, rtn_size_bytes=rtn_size, kmeans_ptq_ppl=km_ppl, kmeans_ptq_size_bytes=km_size)
-            record(**fast_peers(model, data, cfg.plan, ppl, out))
-            bar.update(note="GPTQ and Fisher-weighted k-means done")
-            del rtn, km
-    teacher: nn.Module | None = None
+
+def baselines(run: Run, model: nn.Module, data: PackedDataset) -> None:
+    """fp, RTN, post-training k-means, GPTQ and Fisher-weighted k-means perplexity (rank 0; once per run folder)."""
+    cfg, bits = run.cfg, run.cfg.plan.bits
+    if "rtn_ppl" in run.done or run.rank != 0:
+        run.job.skip("baselines", "restored from progress.json" if run.rank == 0 else "rank 0 only")
+        return
+    detail = "fp, RTN, post-training k-means, GPTQ and Fisher-weighted k-means perplexity"
+    with run.job.phase("baselines", total=6, unit="eval", detail=detail) as bar:
+        fp_ppl = run.ppl(model)
+        bar.update(note=f"fp32 original ppl {fp_ppl:.3f}")
+        rtn = rtn_(copy.deepcopy(model), cfg.plan)
+        rtn_size = _file_size(rtn, run.out / "rtn.edkm.safetensors")
+        bar.update(note=f"RTN {bits}-bit built ({rtn_size / 1e3:.0f} kB)")
+        rtn_ppl = run.ppl(rtn)
+        bar.update(note=f"RTN {bits}-bit ppl {rtn_ppl:.3f}")
+        km = ptq_kmeans_(copy.deepcopy(model), cfg.plan)
+        km_size = _file_size(km, run.out / "kmeans.edkm.safetensors")
+        km_ppl = run.ppl(km)
+        bar.update(2, note=f"k-means {bits}-bit ppl {km_ppl:.3f}")
+        run.record(fp_ppl=fp_ppl, rtn_ppl=rtn_ppl, rtn_size_bytes=rtn_size, kmeans_ptq_ppl=km_ppl,
+                   kmeans_ptq_size_bytes=km_size)
+        run.record(**fast_peers(model, data, cfg.plan, run.ppl, run.out))
+        bar.update(note="GPTQ and Fisher-weighted k-means done")
+
+
+def fp_control(run: Run, model: nn.Module, data: PackedDataset) -> nn.Module | None:
+    """The fine-tuned fp control (the fair comparison and the teacher), or the original model as the teacher."""
+    cfg, done, teacher = run.cfg, run.done, None
     if cfg.fp_control:
         teacher = copy.deepcopy(model)  # trained here, or reloaded from its final checkpoint on --resume
         if cfg.fsdp:  # sharded like the eDKM model, with the same precision policy
             shard_layers_(teacher, cfg.fsdp)
         control = replace(cfg.train, lr=cfg.control_lr or cfg.train.lr)
-        with job.phase("fp control", total=cfg.train.steps, detail=f"fine-tuning without clustering, loss {loss_label(0)}") as bar:
-            fp_ckpt = out / ("checkpoint_fp" + (".dcp" if cfg.fsdp else ".pt"))
-            fp_losses = finetune(teacher, data, control, fp_ckpt, state == "resume", bar=bar, fsdp=cfg.fsdp is not None)
+        detail = f"fine-tuning without clustering, loss {loss_label(0)}"
+        with run.job.phase("fp control", total=cfg.train.steps, detail=detail) as bar:
+            fp_ckpt = run.out / ("checkpoint_fp" + (".dcp" if cfg.fsdp else ".pt"))
+            fp_losses = finetune(teacher, data, control, fp_ckpt, run.state == "resume", bar=bar,
+                                 fsdp=cfg.fsdp is not None)
             if "fp_finetuned_ppl" not in done:  # a sharded model evaluates on every rank (its forward gathers)
-                record(fp_finetuned_ppl=ppl(teacher) if rank == 0 or cfg.fsdp else None, fp_losses=fp_losses)
+                run.record(fp_finetuned_ppl=run.ppl(teacher) if run.rank == 0 or cfg.fsdp else None, fp_losses=fp_losses)
                 bar.update(0, note=f"fine-tuned fp32 ppl {done['fp_finetuned_ppl'] or 0:.3f}")
     else:
-        job.skip("fp control", "skipped (--no-fp-control)")
-    # distillation teacher: the fine-tuned control when there is one, else the original model
-    if cfg.distill and teacher is None:  # the original model
+        run.job.skip("fp control", "skipped (--no-fp-control)")
+    if cfg.distill and teacher is None:  # no control: the original model is the distillation teacher
         teacher = shard_layers_(copy.deepcopy(model), cfg.fsdp) if cfg.fsdp else copy.deepcopy(model)
-    teacher = teacher.eval().requires_grad_(False) if cfg.distill else None
+    return teacher.eval().requires_grad_(False) if cfg.distill else None
 
+
+def train_edkm(run: Run, model: nn.Module, data: PackedDataset, teacher: nn.Module | None) -> tuple[list[float], str]:
+    """Fine-tune ``model`` with clustering (in place, finalized on every rank under FSDP); (losses, loss name)."""
+    cfg = run.cfg
     palettize_(model, cfg.plan, memory=cfg.memory)
     if cfg.fsdp:
         fsdp_(model, cfg.fsdp)
     loss_name = loss_label(cfg.distill if teacher is not None else 0.0)
-    checkpoint = out / ("checkpoint_edkm" + (".dcp" if cfg.fsdp else ".pt"))
-    with job.phase("eDKM", total=cfg.train.steps, detail=f"fine-tuning with {bits}-bit clustering, loss {loss_name}") as bar:
-        losses = finetune(model, data, cfg.train, checkpoint, state == "resume", teacher, cfg.distill, bar, fsdp=cfg.fsdp is not None)
+    checkpoint = run.out / ("checkpoint_edkm" + (".dcp" if cfg.fsdp else ".pt"))
+    detail = f"fine-tuning with {cfg.plan.bits}-bit clustering, loss {loss_name}"
+    with run.job.phase("eDKM", total=cfg.train.steps, detail=detail) as bar:
+        losses = finetune(model, data, cfg.train, checkpoint, run.state == "resume", teacher, cfg.distill, bar,
+                          fsdp=cfg.fsdp is not None)
     if cfg.fsdp:
         finalize_fsdp_(model)  # a collective: indices gathered per shard, on every rank
-    report: dict[str, Any] = {}
-    if rank == 0:
-        with job.phase("export", total=3, unit="file", detail="hard LUTs, packed save, reload") as bar:
-            if not cfg.fsdp:
-                finalize_(model)
-            save_folder(model, out, tokenizer)  # a Hugging Face folder: config.json, model.safetensors, tokenizer
-            path = out / FOLDER_WEIGHTS
-            bar.update(2, note=f"{path} ({path.stat().st_size / 1e3:.0f} kB)")
-            loaded = load_palettized(out).to(cfg.device)
-            bar.update()
-        with job.phase("evaluation", total=2, unit="eval", detail="held-out perplexity of the reloaded model, a sample") as bar:
-            edkm_ppl = ppl(loaded)
-            bar.update(note=f"eDKM ppl {edkm_ppl:.3f}")
-            sample = generate_text(loaded, tokenizer)
-            bar.update()
-        control_ppl = done.get("fp_finetuned_ppl")
-        report = {
-            "model": cfg.model or "bundled:stories260K",
-            "fp_ppl": done.get("fp_ppl"), "fp_finetuned_ppl": control_ppl,
-            "rtn_ppl": done.get("rtn_ppl"), "kmeans_ptq_ppl": done.get("kmeans_ptq_ppl"),
-            "edkm_ppl": edkm_ppl, "gap_to_control": edkm_ppl / control_ppl - 1 if control_ppl else None,
-            "bits": bits, "plan": cfg.plan.to_dict(), "clustered_fraction": clustered_fraction(loaded),
-            "size_bytes": path.stat().st_size, "fp_size_bytes": fp_bytes,
-            "rtn_size_bytes": done.get("rtn_size_bytes"), "kmeans_ptq_size_bytes": done.get("kmeans_ptq_size_bytes"),
-            **{k: v for k, v in done.items() if k.startswith(("gptq", "squeeze"))}, "eval_split": f"test (last {cfg.test:g})",
-            "steps": cfg.train.steps, "context": cfg.context, "heldout_tokens": int(held.numel()) - 1,
-            "world_size": size, "seconds": round(time.perf_counter() - start, 1),  # this invocation (a resumed run counts from the resume)
-            "train": asdict(cfg.train), "distill": cfg.distill, "control_lr": cfg.control_lr,
-            "loss": loss_name, "losses": losses, "fp_loss": loss_label(0), "fp_losses": done.get("fp_losses"),
-            "environment": {**run_environment(cfg.device), "world_size": size},
-            "sample": sample,
-        }
-        write_json(out / REPORT_FILE, report)
-        write_model_card(out, model_card(report))
-        record(complete=True)
-        if not cfg.keep_checkpoints:
-            prune_checkpoints(out)
-    if size > 1:
-        dist.barrier()
+    return losses, loss_name
+
+
+def export_and_evaluate(run: Run, model: nn.Module, tokenizer: Any, held: torch.Tensor) -> dict[str, Any]:
+    """Save the Hugging Face folder, reload it, score it and sample from it (rank 0)."""
+    cfg = run.cfg
+    with run.job.phase("export", total=3, unit="file", detail="hard LUTs, packed save, reload") as bar:
+        if not cfg.fsdp:
+            finalize_(model)
+        save_folder(model, run.out, tokenizer)  # a Hugging Face folder: config.json, model.safetensors, tokenizer
+        path = run.out / FOLDER_WEIGHTS
+        bar.update(2, note=f"{path} ({path.stat().st_size / 1e3:.0f} kB)")
+        loaded = load_palettized(run.out).to(cfg.device)
+        bar.update()
+    with run.job.phase("evaluation", total=2, unit="eval", detail="held-out perplexity of the reloaded model, a sample") as bar:
+        edkm_ppl = run.ppl(loaded)
+        bar.update(note=f"eDKM ppl {edkm_ppl:.3f}")
+        sample = generate_text(loaded, tokenizer)
+        bar.update()
+    return {"edkm_ppl": edkm_ppl, "clustered_fraction": clustered_fraction(loaded), "size_bytes": path.stat().st_size,
+            "sample": sample}
+
+
+def finish_report(run: Run, measured: dict[str, Any], held: torch.Tensor, start: float) -> dict[str, Any]:
+    """The report (same keys and order as ever), written with the model card; the run marked complete."""
+    cfg, done = run.cfg, run.done
+    control_ppl, edkm_ppl = done.get("fp_finetuned_ppl"), measured["edkm_ppl"]
+    report = {
+        "model": cfg.model or "bundled:stories260K",
+        "fp_ppl": done.get("fp_ppl"), "fp_finetuned_ppl": control_ppl,
+        "rtn_ppl": done.get("rtn_ppl"), "kmeans_ptq_ppl": done.get("kmeans_ptq_ppl"),
+        "edkm_ppl": edkm_ppl, "gap_to_control": edkm_ppl / control_ppl - 1 if control_ppl else None,
+        "bits": cfg.plan.bits, "plan": cfg.plan.to_dict(), "clustered_fraction": measured["clustered_fraction"],
+        "size_bytes": measured["size_bytes"], "fp_size_bytes": measured["fp_bytes"],
+        "rtn_size_bytes": done.get("rtn_size_bytes"), "kmeans_ptq_size_bytes": done.get("kmeans_ptq_size_bytes"),
+        **{k: v for k, v in done.items() if k.startswith(("gptq", "squeeze"))}, "eval_split": f"test (last {cfg.test:g})",
+        "steps": cfg.train.steps, "context": cfg.context, "heldout_tokens": int(held.numel()) - 1,
+        "world_size": run.size,
+        "seconds": round(time.perf_counter() - start, 1),  # this invocation (a resumed run counts from the resume)
+        "train": asdict(cfg.train), "distill": cfg.distill, "control_lr": cfg.control_lr,
+        "loss": measured["loss"], "losses": measured["losses"], "fp_loss": loss_label(0), "fp_losses": done.get("fp_losses"),
+        "environment": {**run_environment(cfg.device), "world_size": run.size},
+        "sample": measured["sample"],
+    }
+    write_json(run.out / REPORT_FILE, report)
+    write_model_card(run.out, model_card(report))
+    run.record(complete=True)
+    if not cfg.keep_checkpoints:
+        prune_checkpoints(run.out)
     return report

@@ -43,6 +43,8 @@ def locate(path: str | os.PathLike) -> Located:
 
 def locate_packed(path: str | os.PathLike) -> Located:
     """:func:`locate` for commands that need a packed model (``export``); FileNotFoundError for anything else."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no packed edkm model at {path}")
     found = locate(path)
     if found.weights is None:
         raise FileNotFoundError(f"{path} is neither an edkm model folder (config.json with quant_method 'edkm') "

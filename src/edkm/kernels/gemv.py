@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from typing import Callable
 
@@ -65,20 +64,16 @@ def lut_gemv(x: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> tor
     return y.reshape(x.shape[0], groups * rows_per_group).to(x.dtype)
 
 
-def compile_enabled() -> bool:
-    """Whether the compiled kernels may be used (``EDKM_COMPILE=0`` turns them off)."""
-    return os.environ.get("EDKM_COMPILE", "1") not in ("0", "false", "off", "")
-
-
 class FusedGemv:
     """:func:`lut_gemv` under ``torch.compile`` (AVX-512 vectors where the CPU has them), compiled at first use.
 
-    Returns None when compiling is off or unavailable, and after the first failure (said once as a
-    warning): the caller then uses the eager exact kernel.
+    Returns None when compiling is off (``enabled=False``) or unavailable, and after the first failure (said once
+    as a warning): the caller then uses the eager exact kernel. Which kernel a layer uses is its option
+    (``LUTWeight.kernel``: ``"eager"`` never compiles), not a process-wide switch.
     """
 
-    def __init__(self) -> None:
-        self.failed: str | None = None if compile_enabled() else "EDKM_COMPILE=0"
+    def __init__(self, enabled: bool = True) -> None:
+        self.failed: str | None = None if enabled else "compiling disabled"
         self.fn: Gemv | None = None
 
     def __call__(self, x: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor | None:

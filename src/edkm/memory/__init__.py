@@ -1,4 +1,4 @@
-"""eDKM memory techniques for DKM's saved tensors (SPEC §3-§5).
+"""eDKM memory techniques for DKM's saved tensors (docs/method.md §3-§5).
 
 ``edkm.dkm(w, c, ..., memory=spec)`` hands every spec but "plain" to :func:`dkm_with_memory`:
 
@@ -6,7 +6,7 @@
   (``dkm_autograd``) under saved-tensor hooks (:class:`~edkm.memory.hooks.SavedTensorHooks`) that
   store what autograd saves once per storage, as distinct rows + index, sharded, on the host;
   values, gradients and centroids are bit-identical to plain DKM;
-* "fused" computes DKM in the unique domain (:mod:`edkm.memory.fused`, SPEC §4);
+* "fused" computes DKM in the unique domain (:mod:`edkm.memory.fused`, docs/method.md §4);
 * "auto" picks fused for exact 16-bit weights, else marshal (+ shard under torch.distributed).
 
 Layer level (what ``palettize_`` uses; the public core others build on):

@@ -1,4 +1,4 @@
-"""Unique-domain DKM (SPEC §4): the whole DKM computed on the distinct 16-bit values of each group.
+"""Unique-domain DKM (docs/method.md §4): the whole DKM computed on the distinct 16-bit values of each group.
 
 Every DKM quantity is a sum over weights of a function of one weight's value, so with the
 distinct values u of a group and their counts n_u (at most 65,536 for 16-bit weights),
@@ -16,7 +16,7 @@ and counts, 12 bytes per pair) when it is small beside the weights (else backwar
 With ``dtype`` given the weights may be fp32 master weights: they are rounded to ``dtype`` on the
 fly, chunk by chunk, the gradient passing straight through (no rounded copy exists).
 
-Backward (closed form of the SPEC's two-leaf-copy construction, x in the final assignment, y in
+Backward (closed form of the two-leaf-copy construction of docs/method.md §4, x in the final assignment, y in
 the updates): bucket the incoming gradient by value, G_u = sum_{i: w_i = u} g_i, then sweep the
 iterations in reverse on the pairs, giving F(u) = dW_hat(u)/du at fixed centroids and R(u), the
 per-weight gradient through all centroid updates; finally dL/dw_i = g_i F(w_i) + R(w_i) (two

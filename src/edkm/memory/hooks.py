@@ -1,4 +1,4 @@
-"""The eDKM saved-tensor hooks: dedup check, then uniquify, then shard, then copy to host (SPEC §3).
+"""The eDKM saved-tensor hooks: dedup check, then uniquify, then shard, then copy to host (docs/method.md §3).
 
 One :class:`SavedTensorHooks` serves one DKM forward (``with hooks: dkm_autograd(...)``); its state
 (the registry of stored tensors, the shared index) lives on the object, never in globals. Unpack

@@ -1,7 +1,7 @@
 """Which eDKM memory techniques a DKM call uses: ``parse_memory("marshal+unique+shard")``.
 
 "plain" (none), any "+"-joined combination of "marshal" (M), "unique" (U) and "shard" (S) in any
-order, "fused" (DKM computed in the unique domain, SPEC §4; cannot be combined) or "auto": fused
+order, "fused" (DKM computed in the unique domain, docs/method.md §4; cannot be combined) or "auto": fused
 when the weights hold exact 16-bit values, else marshal, plus shard when a process group with
 more than one rank is initialised ("auto" is resolved per call by :meth:`MemoryPlan.resolve`).
 
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from edkm.cluster.sixteen import SIXTEEN_BIT, sixteen_bit_dtype
-from edkm.memory.shard import world_size
+from edkm.ranks import rank_world
 
 PAPER = ("marshal", "unique", "shard")
 ALONE = ("plain", "fused", "auto")
@@ -62,7 +62,7 @@ class MemoryPlan:
             return self, None
         dtype = agreed_sixteen_bit(weights)
         if self.auto:
-            return (MemoryPlan(fused=True), dtype) if dtype else (MemoryPlan(marshal=True, shard=world_size() > 1), None)
+            return (MemoryPlan(fused=True), dtype) if dtype else (MemoryPlan(marshal=True, shard=rank_world()[1] > 1), None)
         if dtype is None:
             raise ValueError(
                 f"memory mode {'unique' if self.unique else 'fused'!r} needs exact 16-bit weights (bf16/fp16, or {weights.dtype} "
@@ -102,7 +102,7 @@ def agreed_sixteen_bit(weights: torch.Tensor) -> torch.dtype | None:
             dtype: torch.dtype | None = sixteen_bit_dtype(weights)
         except ValueError:
             dtype = None
-    if world_size() > 1:
+    if rank_world()[1] > 1:
         code = 0 if dtype is None else 1 + SIXTEEN_BIT.index(dtype)
         both = torch.tensor([code, -code], dtype=torch.int64, device=weights.device)
         dist.all_reduce(both, op=dist.ReduceOp.MAX)  # max and -min in one collective

@@ -21,23 +21,20 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from edkm.ranks import is_distributed, rank_world
+
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def world_size() -> int:
-    """Ranks in the default process group (1 when torch.distributed is not initialised)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def require_group() -> tuple[int, int]:
     """(rank, world size) of the default group; RuntimeError when there is none."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         raise RuntimeError(
             "sharding needs torch.distributed initialised (torch.distributed.init_process_group) with identical "
             "weights on every rank; call it first, drop 'shard' from the memory spec, or use memory='auto', "
             "which shards only when a process group with more than one rank exists"
         )
-    return dist.get_rank(), dist.get_world_size()
+    return rank_world()
 
 
 @dataclass(frozen=True)

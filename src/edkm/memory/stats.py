@@ -1,4 +1,4 @@
-"""Counting what autograd holds for backward (SPEC §5), one storage counted once.
+"""Counting what autograd holds for backward (docs/method.md §5), one storage counted once.
 
 ``track_saved()`` fills a :class:`SavedStats`. Inside it, plain autograd (no eDKM hooks) is counted
 by a pass-through pack hook; the eDKM hooks of :mod:`edkm.memory` are innermost while DKM runs

@@ -30,8 +30,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm.auto import tqdm
 
 from edkm.atomic import atomic_path
+from edkm.ranks import rank_world
 from edkm.transform import anneal_
 
 
@@ -49,12 +51,6 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps (0 = only at the end)
     progress: bool = True
 
-
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -132,59 +128,20 @@ def train(
     ``torch.save`` checkpoint: its ``save(path, model, opt, step, losses)`` runs on every rank and
     ``load(path, model, opt)`` returns (step, losses).
     """
-    rank, size = world()
-    per_rank = cfg.batch_size // size
+    rank, size = rank_world()
     if cfg.batch_size % (size * cfg.grad_accum):
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by world size {size} x grad_accum {cfg.grad_accum}")
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    other = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}], lr=cfg.lr)
-    losses: list[float] = []
-    start = 0
+    opt = make_optimizer(model, cfg)
     path = Path(checkpoint) if checkpoint else None
-    if resume and checkpointer is not None:
-        start, losses = checkpointer.load(path, model, opt)
-    elif resume:
-        if path is None or not path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        try:  # weights_only: tensors and plain containers, never arbitrary unpickling
-            state = torch.load(path, weights_only=True)
-        except Exception as err:
-            raise ValueError(f"--resume: {path} is not a readable edkm checkpoint: {err}") from err
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, losses = state["step"], state["losses"]
-        torch.set_rng_state(state["rng"][0])
-        random.setstate(state["rng"][1])
-
+    start, losses = restore(path, model, opt, checkpointer) if resume else (0, [])
     bar = None
     if cfg.progress and rank == 0 and on_step is None:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
     model.train()
-    device = next(model.parameters()).device  # batches go where the model is
     tokens_seen, t0 = 0, time.perf_counter()
     for step in range(start, cfg.steps):
-        anneal_(model, step / max(1, cfg.steps - 1))  # tau along each clusterer's schedule (PalettizeConfig.tau_end)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        batch = batch_indices(step, len(inputs), cfg)
-        n_tokens = (labels[batch] != -100).sum().item()  # over the global batch: ranks combine exactly
-        idx = batch[rank::size]
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for micro in idx.split(per_rank // cfg.grad_accum):
-            x, y = (t[micro].to(device, non_blocking=True) for t in (inputs, labels))
-            loss = loss_fn(x, y) / n_tokens
-            (loss * size).backward()  # DDP averages over ranks: undo it so the sum is exact
-            total += loss.detach().double()
-        if size > 1:
-            dist.all_reduce(total)
-        if cfg.clip > 0:
-            clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(total))
+        loss, n_tokens = train_step(loss_fn, model, opt, inputs, labels, cfg, step)
+        losses.append(loss)
         tokens_seen += n_tokens
         if bar is not None:
             bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens_seen / (time.perf_counter() - t0):.0f}")
@@ -192,8 +149,61 @@ def train(
         if on_step is not None and rank == 0:
             on_step(step + 1, losses[-1])
         done = step + 1
-        if path is not None and (rank == 0 or checkpointer) and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+        due = done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+        if path is not None and (rank == 0 or checkpointer) and due:
             (checkpointer.save if checkpointer else _save_checkpoint)(path, model, opt, done, losses)
     if bar is not None:
         bar.close()
     return losses
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the matrices only."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def restore(path: Path | None, model: nn.Module, opt: torch.optim.Optimizer, checkpointer: Any) -> tuple[int, list[float]]:
+    """(steps done, their losses) from the checkpoint at ``path``; model, optimizer and RNG state restored."""
+    if checkpointer is not None:
+        return checkpointer.load(path, model, opt)
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    try:  # weights_only: tensors and plain containers, never arbitrary unpickling
+        state = torch.load(path, weights_only=True)
+    except Exception as err:
+        raise ValueError(f"--resume: {path} is not a readable edkm checkpoint: {err}") from err
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"][0])
+    random.setstate(state["rng"][1])
+    return state["step"], state["losses"]
+
+
+def train_step(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], model: nn.Module,
+               opt: torch.optim.Optimizer, inputs: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
+               step: int) -> tuple[float, int]:
+    """One optimizer step over the global batch of ``step``; (its mean token loss, its target tokens)."""
+    rank, size = rank_world()
+    per_rank = cfg.batch_size // size
+    device = next(model.parameters()).device  # batches go where the model is
+    anneal_(model, step / max(1, cfg.steps - 1))  # tau along each clusterer's schedule (PalettizeConfig.tau_end)
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    batch = batch_indices(step, len(inputs), cfg)
+    n_tokens = (labels[batch] != -100).sum().item()  # over the global batch: ranks combine exactly
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for micro in batch[rank::size].split(per_rank // cfg.grad_accum):
+        x, y = (t[micro].to(device, non_blocking=True) for t in (inputs, labels))
+        loss = loss_fn(x, y) / n_tokens
+        (loss * size).backward()  # DDP averages over ranks: undo it so the sum is exact
+        total += loss.detach().double()
+    if size > 1:
+        dist.all_reduce(total)
+    if cfg.clip > 0:
+        clip_grad_norm_(model.parameters(), cfg.clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(total), n_tokens
