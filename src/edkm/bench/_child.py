@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import sys
 
+from edkm.bench.measure import measure_in_process
+
 
 def main(argv: list[str]) -> int:
     spec_json, result_path = argv
-    from edkm.bench.measure import measure_in_process
-
     result = measure_in_process(json.loads(spec_json))
     with open(result_path, "w") as f:
         json.dump(result, f)

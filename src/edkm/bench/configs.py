@@ -6,8 +6,8 @@ knob; :func:`options_from_args` builds it from the CLI's namespace and :func:`co
 the command back. :func:`choose_units` picks, from a rough peak-memory estimate, whether a
 configuration measures the whole block at once or one projection at a time (or cannot run at all).
 
-    >>> from argparse import Namespace
-    >>> opts = options_from_args(Namespace(shape=[64, 32], bits=2, out="r/m.json", no_coreml=True))
+    >>> from types import SimpleNamespace
+    >>> opts = options_from_args(SimpleNamespace(shape=[64, 32], bits=2, out="r/m.json", no_coreml=True))
     >>> opts.k, opts.numel, "coremltools" in opts.configs
     (4, 2048, False)
     >>> command_line(opts)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from edkm.atomic import write_text
+from edkm.bench.measure import child_env
 
 MiB = 1 << 20
 # name -> (kind, dtype or bits, embedding/head bits or None, kernel or None, extra environment)
@@ -57,8 +58,6 @@ def subset(text: str, allowed: Any, what: str) -> list[str]:
 
 def run_child(args: list[str], env_extra: dict[str, str], timeout: float) -> dict:
     """``python -m edkm.bench.generate_child *args RESULT`` in a fresh interpreter; its JSON result."""
-    from edkm.bench.measure import child_env
-
     with tempfile.TemporaryDirectory(prefix="edkm_generate_") as tmp:
         path = os.path.join(tmp, "result.json")
         env = child_env(**env_extra)

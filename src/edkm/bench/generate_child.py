@@ -11,21 +11,33 @@ logits' error against decode-then-matmul on the same prompt.
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
+from edkm.bench.generate import LLAMA150M
 from edkm.bench.measure import peak_rss_bytes, rss_bytes
+from edkm.config import PalettizeConfig
+from edkm.export import save_palettized
+from edkm.hf.load import load_palettized
+from edkm.kernels import linear
+from edkm.layers import lut
+from edkm.layers.lut import LUTWeight, set_lut_kernel
+from edkm.models import BUNDLED_MODEL_DIR, load_causal_lm
+from edkm.peers.baselines import ptq_kmeans_
 
 
 def tensor_bytes(model: Any) -> dict[str, int]:
     """Bytes of the model's distinct parameter/buffer storages (and int8 re-grids): total and by dtype."""
-    from edkm.layers.lut import LUTWeight
-
     seen: dict[int, Any] = {}
     extra = [t for m in model.modules() if isinstance(m, LUTWeight) and m.int8 is not None for t in (m.int8.q, m.int8.scales)]
     for t in [*model.parameters(), *model.buffers(), *extra]:
@@ -39,17 +51,12 @@ def tensor_bytes(model: Any) -> dict[str, int]:
 
 
 def load(spec: dict) -> Any:
-    import torch
-
     if spec["kind"] == "packed":
-        from edkm.hf.load import load_palettized
-
         model = load_palettized(spec["path"])
         if spec.get("kernel"):
-            from edkm.layers.lut import set_lut_kernel
-
             set_lut_kernel(model, spec["kernel"])
         return model
+    # deferred: transformers is the hf extra (the kernel profile runs without it)
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(spec["path"], dtype=getattr(torch, spec["dtype"]), local_files_only=True)
@@ -76,9 +83,6 @@ class DecodeCounter:
     """Counts whole-weight decodes (``edkm.decode`` calls from the LUT layers and kernels) while active."""
 
     def __enter__(self) -> "DecodeCounter":
-        from edkm.kernels import linear
-        from edkm.layers import lut
-
         self.modules, self.count = (lut, linear), 0
         self.original = lut.decode
 
@@ -96,10 +100,9 @@ class DecodeCounter:
 
 
 def measure(spec: dict) -> dict[str, Any]:
-    import torch
-    from transformers import LlamaForCausalLM  # noqa: F401  (imported before the baseline: every configuration needs it)
-
-    from edkm import export  # noqa: F401
+    # deferred: transformers is the hf extra (the kernel profile runs without it); imported before the
+    # baseline, as every configuration needs it, so that its import is not counted as load memory
+    from transformers import LlamaForCausalLM  # noqa: F401
 
     torch.set_num_threads(int(spec["threads"]))
     torch.manual_seed(0)
@@ -128,9 +131,6 @@ def measure(spec: dict) -> dict[str, Any]:
             loadavg_1min=os.getloadavg()[0],
         )
         if spec["kind"] == "packed":
-            from edkm.kernels import linear
-            from edkm.layers.lut import set_lut_kernel
-
             result["compile_failed"] = linear.fused_gemv().failed
             auto = [model(prompt[:, :n]).logits.float() for n in (1, 64)]  # fused GEMV; tiled prefill
             set_lut_kernel(model, "decode")
@@ -143,21 +143,13 @@ def measure(spec: dict) -> dict[str, Any]:
 
 def prepare(spec: dict) -> dict[str, Any]:
     """Save the dense model (a Hugging Face folder) and its packed variants unless already there."""
-    import copy
-
-    import torch
-
-    from edkm import PalettizeConfig, ptq_kmeans_, save_palettized
-    from edkm.models import BUNDLED_MODEL_DIR, load_causal_lm
-
     folder = Path(spec["dir"])
     folder.mkdir(parents=True, exist_ok=True)
     if spec["model"] == "stories260k":
         dense_dir, model = BUNDLED_MODEL_DIR, load_causal_lm()[0]
     else:
+        # deferred: transformers is the hf extra (the kernel profile runs without it)
         from transformers import LlamaConfig, LlamaForCausalLM
-
-        from edkm.bench.generate import LLAMA150M
 
         dense_dir = folder / "dense"
         torch.manual_seed(0)
@@ -184,11 +176,6 @@ def kernel_profile(spec: dict) -> dict[str, Any]:
     Interleaved in one process (so the machine's load hits both alike); ``copies`` weights per shape
     are cycled so that dense weights stream from memory as in a real model.
     """
-    import torch
-    import torch.nn.functional as F
-
-    from edkm.layers.lut import LUTWeight
-
     torch.set_num_threads(int(spec["threads"]))
     gen, rows = torch.Generator().manual_seed(0), []
     for rows_, cols in spec["shapes"]:
@@ -203,17 +190,18 @@ def kernel_profile(spec: dict) -> dict[str, Any]:
             with torch.no_grad():
                 for w in packed:
                     w.linear(x)  # compile
+                calls = {"dense": [partial(F.linear, x, w) for w in dense], "packed": [partial(w.linear, x) for w in packed]}
                 best = {"dense": float("inf"), "packed": float("inf")}
                 for _ in range(spec["repeats"]):
-                    for name, call in (("dense", lambda i: F.linear(x, dense[i])), ("packed", lambda i: packed[i].linear(x))):
+                    for name, fns in calls.items():
                         t = time.perf_counter()
-                        for i in range(n):
-                            call(i)
+                        for fn in fns:
+                            fn()
                         best[name] = min(best[name], (time.perf_counter() - t) / n)
             timings[f"{bits}bit"] = {"dense_ms": best["dense"] * 1e3, "packed_ms": best["packed"] * 1e3,
                                      "packed_ns_per_weight": best["packed"] * 1e9 / (rows_ * cols),
                                      "dense_ns_per_weight": best["dense"] * 1e9 / (rows_ * cols)}
-            del packed
+            del packed, calls
         rows.append(timings)
     return {"rows": rows, "loadavg_1min": os.getloadavg()[0], "threads": torch.get_num_threads()}
 

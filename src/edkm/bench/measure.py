@@ -41,6 +41,7 @@ def peak_rss_bytes() -> int:
     """Peak resident set size of this process (``VmHWM``; ``ru_maxrss`` where /proc is missing)."""
     kib = proc_kib("/proc/self/status", "VmHWM")
     if kib is None:
+        # deferred: resource is POSIX-only, and the CLI parser imports this module on every platform
         import resource
 
         ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -64,6 +65,7 @@ def _loadavg() -> float | None:
 
 def make_projection(spec: dict, p: int) -> tuple[Any, Any]:
     """Seeded bf16 weights of projection ``p`` and the incoming gradient of its clustered weights."""
+    # deferred: child-side torch; the parent (and the CLI parser) import this module without it
     import torch
 
     gen = torch.Generator().manual_seed(spec["seed"] * 1009 + p)
@@ -74,32 +76,34 @@ def make_projection(spec: dict, p: int) -> tuple[Any, Any]:
 
 def _dkm_inputs(w: Any, k: int, tau_rel: float) -> tuple[Any, float]:
     """Centroids (one LUT per tensor) and absolute tau of ``w``."""
-    import edkm
+    # deferred: child-side torch; the parent (and the CLI parser) import this module without it
+    from edkm.cluster import kmeans1d
     from edkm.layers.dkm import tau_scale
 
-    c = edkm.kmeans1d(w, k)  # (1, k)
+    c = kmeans1d(w, k)  # (1, k)
     return c[0], tau_rel * float(tau_scale(c)[0])
 
 
 def _warmup(spec: dict) -> None:
     """One tiny forward + backward of the same kind (lazy initialisation, first collectives)."""
+    # deferred: child-side torch; the parent (and the CLI parser) import this module without it
     import torch
 
-    import edkm
+    from edkm.memory import dkm
 
     w = (torch.randn(64, 64, generator=torch.Generator().manual_seed(7)) * spec["std"]).bfloat16()
     c, tau = _dkm_inputs(w, 1 << spec["bits"], spec["tau"])
     w.requires_grad_()
-    out, _ = edkm.dkm(w, c, tau=tau, iters=spec["iters"], memory=spec["memory"])
+    out, _ = dkm(w, c, tau=tau, iters=spec["iters"], memory=spec["memory"])
     out.float().sum().backward()
 
 
 def _measure_unit(spec: dict, unit: list[int]) -> dict:
     """One forward + backward of the projections in ``unit`` (their DKMs share one graph)."""
+    # deferred: child-side torch; the parent (and the CLI parser) import this module without it
     import torch
 
-    import edkm
-    from edkm.memory import track_saved
+    from edkm.memory import dkm, track_saved
 
     k = 1 << spec["bits"]
     t_init = time.perf_counter()
@@ -119,7 +123,7 @@ def _measure_unit(spec: dict, unit: list[int]) -> dict:
     c0, t0 = time.process_time(), time.perf_counter()
     with track_saved(save_on_cpu=spec["save_on_cpu"]) as stats:
         outs = [
-            edkm.dkm(w, c, tau=tau, iters=spec["iters"], memory=spec["memory"])[0] for w, c, tau in zip(ws, cs, taus)
+            dkm(w, c, tau=tau, iters=spec["iters"], memory=spec["memory"])[0] for w, c, tau in zip(ws, cs, taus)
         ]
     t1 = time.perf_counter()
     torch.autograd.backward(outs, gs)
@@ -148,6 +152,7 @@ def _measure_unit(spec: dict, unit: list[int]) -> dict:
 
 def measure_in_process(spec: dict) -> dict:
     """Measure one configuration (one rank of it) in this process; ``spec`` from :func:`make_spec`."""
+    # deferred: child-side torch; the parent (and the CLI parser) import this module without it
     import torch
     import torch.distributed as dist
 

@@ -32,10 +32,10 @@ are computed from the rows; :mod:`.render` prints the table and writes the JSON 
 Library use (what the CLI calls; options missing from ``args`` take the defaults of
 :class:`BenchOptions`)::
 
-    from argparse import Namespace
+    from types import SimpleNamespace
     from edkm.bench import run_memory_benchmark
-    result = run_memory_benchmark(Namespace(shape=[256, 256], bits=3, out="/tmp/m.json",
-                                            projections=1, ranks=[2], coreml=False))
+    result = run_memory_benchmark(SimpleNamespace(shape=[256, 256], bits=3, out="/tmp/m.json",
+                                                  projections=1, ranks=[2], coreml=False))
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from edkm.bench.report import error_row, log_row, summarize
 
 def _machine() -> str:
     """One line about this machine: OS, CPU model, cores, RAM, GPU."""
+    # deferred: building the CLI parser imports edkm.bench (this module), which must not load torch
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -73,6 +74,7 @@ def _machine() -> str:
 
 def run(opts: BenchOptions, log: Log | None = None) -> dict:
     """Measure every configuration of ``opts`` (sequentially: one heavy measurement at a time)."""
+    # deferred: building the CLI parser imports edkm.bench (this module), which must not load torch
     import torch
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))

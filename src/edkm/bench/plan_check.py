@@ -17,8 +17,14 @@ import os
 import subprocess
 import sys
 
+import torch
+import torch.nn.functional as F
+
 from edkm.atomic import write_json
+from edkm.bench.measure import peak_rss_bytes, rss_bytes
+from edkm.config import PalettizeConfig
 from edkm.jobs.plan import PlanOptions, estimate
+from edkm.transform import palettize_
 
 CONFIGS = {
     "llama-h256-l4": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, vocab_size=2048),
@@ -31,6 +37,7 @@ BITS = 3
 
 
 def _config(name: str):
+    # deferred: transformers is the hf extra, loaded only when a model is built
     from transformers import LlamaConfig
 
     return LlamaConfig(**CONFIGS[name], tie_word_embeddings=False)
@@ -38,14 +45,12 @@ def _config(name: str):
 
 def _warm_up() -> None:
     """One training step of a tiny model: one-time library initialisation stays out of the measurement."""
-    import torch
+    # deferred: transformers is the hf extra, loaded only when a model is built
     from transformers import AutoModelForCausalLM, LlamaConfig
-
-    import edkm
 
     tiny = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                         num_attention_heads=2, vocab_size=64))
-    edkm.palettize_(tiny, edkm.PalettizeConfig(bits=2))
+    palettize_(tiny, PalettizeConfig(bits=2))
     opt = torch.optim.AdamW(tiny.parameters())
     tiny(torch.zeros(1, 8, dtype=torch.long), labels=torch.zeros(1, 8, dtype=torch.long)).loss.backward()
     opt.step()
@@ -53,12 +58,8 @@ def _warm_up() -> None:
 
 def measure(name: str, mode: str, batch: int, seq: int) -> int:
     """Peak RSS bytes above the start of two training steps (run in this process)."""
-    import torch
-    import torch.nn.functional as F
+    # deferred: transformers is the hf extra, loaded only when a model is built
     from transformers import AutoModelForCausalLM
-
-    import edkm
-    from edkm.bench.measure import peak_rss_bytes, rss_bytes
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -70,7 +71,7 @@ def measure(name: str, mode: str, batch: int, seq: int) -> int:
     start = rss_bytes() or 0
     model = AutoModelForCausalLM.from_config(config)
     if mode != "plain-ft":
-        edkm.palettize_(model, edkm.PalettizeConfig(bits=BITS), memory={"coremltools": "plain"}.get(mode, mode))
+        palettize_(model, PalettizeConfig(bits=BITS), memory={"coremltools": "plain"}.get(mode, mode))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for _ in range(2):

@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from edkm.bench.configs import GiB
+from edkm.bench.coreml import load_coreml_reference
+from edkm.bench.measure import child_env, wait_for_memory
+from edkm.bench.train_render import format_markdown, write_result
 
 ROWS = ("plain", "edkm-auto", "edkm-auto+ckpt", "edkm-M+U", "coremltools")
 DEFAULT_ROWS = "plain,edkm-auto,edkm-auto+ckpt,coremltools"
@@ -51,8 +54,6 @@ def weight_shapes(d: dict[str, int]) -> list[tuple[str, int, int]]:
 
 def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """One row in a fresh interpreter (``python -m edkm.bench.train_step``)."""
-    from edkm.bench.measure import child_env
-
     with tempfile.TemporaryDirectory(prefix="edkm_bench_train_") as tmp:
         path = os.path.join(tmp, "row.json")
         env = child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -75,8 +76,6 @@ def spec_for(row: str, d: dict[str, int], args: Any, device: str) -> dict[str, A
 
 def coreml_rows(d: dict[str, int], args: Any, plain: dict | None) -> list[dict[str, Any]]:
     """The measured coremltools layer, and the whole model computed from it (``measured: false``)."""
-    from edkm.bench.coreml import load_coreml_reference
-
     ref = load_coreml_reference()
     shape = tuple(args.coreml_shape)
     if ref is None:
@@ -133,8 +132,7 @@ def summarize(rows: list[dict], d: dict[str, int]) -> list[dict[str, Any]]:
 
 def run_train_benchmark(args: Any) -> dict[str, Any]:
     """Run the rows, write JSON (+ Markdown, + README section); returns the result."""
-    from edkm.bench.measure import wait_for_memory
-    from edkm.bench.train_render import format_markdown, write_result
+    # deferred: edkm.distributed.device imports torch; building the CLI parser imports this module (ROWS)
     from edkm.distributed.device import resolve_device
 
     wanted = [r.strip() for r in args.rows.split(",") if r.strip()]

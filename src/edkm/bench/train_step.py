@@ -23,9 +23,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from edkm.atomic import write_json
 from edkm.bench.measure import proc_kib
+from edkm.config import PalettizeConfig
+from edkm.transform import palettize_
 
 
 def reset_peak() -> bool:
@@ -48,6 +51,7 @@ def peak() -> int:
 
 def build_model(spec: dict[str, Any]) -> torch.nn.Module:
     """LLaMA of the spec's dimensions, fp32 weights holding bf16 values (seeded)."""
+    # deferred: transformers is the hf extra, loaded only when the model is built
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(hidden_size=spec["hidden"], intermediate_size=spec["intermediate"], num_attention_heads=spec["heads"],
@@ -67,11 +71,9 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(spec.get("device", "cpu"))
     model = build_model(spec).to(device)
     if spec["edkm"]:
-        import edkm
-
-        plan = edkm.PalettizeConfig(bits=spec["bits"], overrides={"embed_tokens|lm_head": {"bits": spec["embed_bits"]}})
+        plan = PalettizeConfig(bits=spec["bits"], overrides={"embed_tokens|lm_head": {"bits": spec["embed_bits"]}})
         memory = {"": spec["memory"], **({"embed_tokens|lm_head": spec["embed_memory"]} if "embed_memory" in spec else {})}
-        edkm.palettize_(model, plan, memory=memory)
+        palettize_(model, plan, memory=memory)
     if spec["checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -125,8 +127,6 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
 
 def profile_step(step) -> list[dict[str, Any]]:
     """Self CPU time of the top operators over one more training step (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:15]

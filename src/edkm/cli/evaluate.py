@@ -22,7 +22,11 @@ def load_any(path: str, tokenizer: str | None = None) -> tuple[Any, Any]:
     from edkm.hf.load import load_palettized
     from edkm.jobs.runfolder import locate, tokenizer_folder
     from edkm.models import load_causal_lm
+    from edkm.models.gguf import resolve_gguf
 
+    gguf = resolve_gguf(path)
+    if gguf is not None:  # a .gguf file, a folder with one, or a known name: dequantized by transformers
+        return load_causal_lm(gguf)
     p, weights = locate(path)
     tok_dir = tokenizer_folder(p, tokenizer)
     if weights is not None:

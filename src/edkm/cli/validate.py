@@ -60,7 +60,14 @@ def check_file(path: str | None, flag: str) -> None:
 
 
 def model_context(model_dir: str | Path) -> int | None:
-    """The context length in ``<model_dir>/config.json`` (FileNotFoundError without one)."""
+    """The context length in ``<model_dir>/config.json`` (FileNotFoundError without one); None for a GGUF model,
+    whose file is checked (in milliseconds) instead."""
+    from edkm.models.gguf import check_gguf, resolve_gguf  # deferred: torch, only when a command runs
+
+    gguf = resolve_gguf(model_dir)
+    if gguf is not None:
+        check_gguf(gguf)
+        return None
     config = Path(model_dir) / "config.json"
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"--model {model_dir}: not a Hugging Face checkpoint directory")

@@ -24,6 +24,7 @@ from edkm.coreml.trace import StatefulLM, StatelessLM, causal_mask
 def import_coremltools() -> Any:
     """coremltools, or a RuntimeError saying how to install it."""
     try:
+        # deferred: coremltools is the coreml extra, loaded only when exporting or verifying
         import coremltools
     except ImportError as err:
         raise RuntimeError(f"Core ML export needs coremltools: pip install 'edkm[coreml]' ({err})") from err

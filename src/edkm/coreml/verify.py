@@ -32,6 +32,7 @@ def package_bytes(path: str | os.PathLike) -> int:
 def lut_ops(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Every ``constexpr_lut_to_dense`` of the package's program: name, index bits, LUT and decoded weight."""
     ct = import_coremltools()
+    # deferred: coremltools is the coreml extra, loaded only when a package is verified
     from coremltools.converters.mil.frontend.milproto.load import load as load_program
     from coremltools.converters.mil.mil import types
 

@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from edkm.atomic import atomic_path
@@ -61,8 +63,6 @@ VERSION = 3  # 3: the checksum covers the header; 2: uniform levels stored as lo
 
 def save_palettized(model: nn.Module, path: str | os.PathLike) -> None:
     """Write a finalized model (see :func:`edkm.finalize_`) to ``path`` atomically."""
-    from safetensors.torch import save_file
-
     layers = lut_layers(model)
     if not layers:
         raise ValueError("the model has no LUT layers: call edkm.finalize_ (or ptq_kmeans_/rtn_) before saving")
@@ -111,8 +111,6 @@ class PackedFile:
 
 def inspect_file(path: str | os.PathLike) -> PackedFile:
     """Read and validate a packed file's header and tensor table; FormatError for anything wrong."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no packed edkm model at {path}")
@@ -159,8 +157,6 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_packed(path: str | os.PathLike) -> tuple[PackedFile, dict[str, torch.Tensor]]:
     """The validated header and tensors of a packed file (checksum and finiteness checked); FormatError if damaged."""
-    from safetensors.torch import load_file
-
     packed = inspect_file(path)
     try:
         tensors = load_file(path)

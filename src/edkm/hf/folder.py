@@ -22,6 +22,7 @@ from torch import nn
 from edkm.atomic import atomic_path, file_mode
 from edkm.export.errors import FormatError
 from edkm.export.files import FOLDER_WEIGHTS, is_edkm_folder
+from edkm.hf import register
 
 
 def save_folder(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None) -> Path:
@@ -29,6 +30,7 @@ def save_folder(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None)
 
     Other files already in ``out`` stay; each written file replaces its old version atomically.
     """
+    # deferred: edkm.hf.quantizer imports transformers (the hf extra), needed only when a folder is written
     from edkm.hf.quantizer import attach
 
     out = Path(out)
@@ -52,6 +54,7 @@ def save_folder(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None)
 @contextmanager
 def quiet_loading() -> Iterator[None]:
     """Without transformers' "Loading weights" progress bar (edkm's loaders print one line or nothing); restored after."""
+    # deferred: transformers is the hf extra, loaded only when a Hugging Face model is loaded
     from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()
@@ -70,9 +73,8 @@ def load_folder(path: str | os.PathLike) -> nn.Module:
         raise FileNotFoundError(f"no config.json in {path}: not an edkm model folder")
     if not is_edkm_folder(path):
         raise FormatError(f"{path}/config.json has no quantization_config with quant_method 'edkm': not an edkm model folder")
+    # deferred: transformers is the hf extra, loaded only when a Hugging Face model is loaded
     from transformers import AutoModelForCausalLM
-
-    from edkm.hf import register
 
     register()
     try:

@@ -168,6 +168,7 @@ class EdkmHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        # deferred: transformers.modeling_utils imports transformers.quantizers, whose loading imports this module
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
         config = EdkmConfig.from_model(model)

@@ -22,8 +22,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from edkm.atomic import atomic_path, write_json
+from edkm.config import PalettizeConfig
+from edkm.eval.perplexity import perplexity
+from edkm.export import save_palettized
+from edkm.hf.load import load_palettized
 from edkm.jobs.compare_methods import METHODS, Method, format_knob
+from edkm.jobs.compress import CompressConfig, split_data
+from edkm.jobs.runtime import run_environment
+from edkm.models import load_causal_lm
+from edkm.peers.fast import calibration
+from edkm.peers.measure import bits_per_weight
+from edkm.training.finetune import finetune
+from edkm.training.loop import TrainConfig
 
 DEFAULT_METHODS = tuple(METHODS)
 
@@ -64,12 +77,6 @@ class Runner:
     """Shared state of one comparison: model, splits, calibration, controls (one per seed)."""
 
     def __init__(self, cfg: CompareConfig) -> None:
-        import torch
-
-        from edkm.jobs.compress import CompressConfig, split_data
-        from edkm.models import load_causal_lm
-        from edkm.peers.fast import calibration
-
         self.cfg = cfg
         torch.manual_seed(0)
         self.model, self.tokenizer = load_causal_lm(cfg.model)
@@ -80,23 +87,15 @@ class Runner:
         self._controls: dict[int, Any] = {}
 
     def ppl(self, model: Any, split: str) -> float:
-        from edkm.eval.perplexity import perplexity
-
         return perplexity(model, self.val if split == "val" else self.test, context=self.cfg.context)
 
     def train_config(self, lr: float, seed: int) -> Any:
         """Training settings of the shared budget (eDKM's tau schedule is in its PalettizeConfig)."""
-        from edkm.training.loop import TrainConfig
-
         c = self.cfg
         return TrainConfig(steps=c.steps, batch_size=c.batch_size, lr=lr, seed=seed, progress=False, checkpoint_every=0)
 
     def control(self, seed: int) -> Any:
         """The fp model fine-tuned at ``control_lr`` with ``seed`` (cached on disk): the teacher and the fp row."""
-        import torch
-
-        from edkm.training.finetune import finetune
-
         if seed not in self._controls:
             c = self.cfg
             path = self.work / f"control_seed{seed}_steps{c.steps}_bs{c.batch_size}_lr{c.control_lr:g}_ctx{c.context}.pt"
@@ -111,16 +110,10 @@ class Runner:
         return self._controls[seed]
 
     def finetune(self, model: Any, lr: float, seed: int) -> list[float]:
-        from edkm.training.finetune import finetune
-
         teacher = self.control(seed) if self.cfg.distill else None
         return finetune(model, self.data, self.train_config(lr, seed), None, False, teacher, self.cfg.distill)
 
     def save_and_reload(self, model: Any, path: Path) -> tuple[Any, dict[str, Any]]:
-        from edkm.export import save_palettized
-        from edkm.hf.load import load_palettized
-        from edkm.peers.measure import bits_per_weight
-
         save_palettized(model, path)
         return load_palettized(path).eval(), bits_per_weight(path)
 
@@ -130,8 +123,6 @@ def run_method(r: Runner, method: Method, bits: int, log: Callable[[str], None],
 
     ``inherited``: the value a sibling method chose on validation (``Method.tune_like``), used instead of a grid.
     """
-    from edkm.config import PalettizeConfig
-
     cfg = r.cfg
     plan = PalettizeConfig(bits=bits, tau=cfg.tau, overrides={"embed_tokens|lm_head": {"bits": cfg.embed_bits, "group_size": None}})
     candidates = [inherited] if inherited is not None else method.candidates(cfg)
@@ -204,8 +195,6 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[int,
             kept = next((row for row in rows if row["method"] == "fp"), None)
             fp_row = kept if kept and (kept.get("control_test_ppl") is not None or not trained) else fp_rows(r, trained)
         rows = [fp_row] + [row for row in rows if row["method"] != "fp"]
-        from edkm.jobs.runtime import run_environment
-
         report = {"bits": bits, "model": cfg.model or "bundled:stories260K", "config": asdict(cfg), "protocol": protocol(r),
                   "environment": run_environment(), "rows": rows}
         for name in cfg.methods:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -29,6 +29,7 @@ class Method:
 
 
 def _rtn(r: Any, plan: Any, group: bool) -> Any:
+    # deferred: the builders import torch; importing this module stays light (module docstring)
     from edkm.peers.calibrate import quantize_layers_
     from edkm.peers.gptq import rtn_lut
 
@@ -38,30 +39,35 @@ def _rtn(r: Any, plan: Any, group: bool) -> Any:
 
 
 def _kmeans(r: Any, plan: Any) -> Any:
+    # deferred: the builders import torch; importing this module stays light (module docstring)
     from edkm.peers.baselines import ptq_kmeans_
 
     return ptq_kmeans_(copy.deepcopy(r.model), plan)
 
 
 def _gptq(r: Any, plan: Any, damp: float, group: bool) -> Any:
+    # deferred: the builders import torch; importing this module stays light (module docstring)
     from edkm.peers.gptq import gptq_
 
     return gptq_(copy.deepcopy(r.model), r.calib, plan, r.cfg.group_size if group else None, damp=damp)
 
 
 def _squeeze(r: Any, plan: Any, per_row: bool) -> Any:
+    # deferred: the builders import torch; importing this module stays light (module docstring)
     from edkm.peers.squeeze import squeeze_
 
     return squeeze_(copy.deepcopy(r.model), r.calib, plan, per_row=per_row)
 
 
 def _awq(r: Any, plan: Any) -> Any:
+    # deferred: the builders import torch; importing this module stays light (module docstring)
     from edkm.peers.awq import awq_
 
     return awq_(copy.deepcopy(r.model), r.calib, plan, r.cfg.group_size)
 
 
 def _hqq(r: Any, plan: Any, group: bool) -> Any:
+    # deferred: the builders import torch; importing this module stays light (module docstring)
     from edkm.peers.hqq import hqq_
 
     return hqq_(copy.deepcopy(r.model), plan, r.cfg.group_size if group else None)
@@ -90,8 +96,7 @@ def edkm_grid(cfg: Any) -> list[tuple[float, float]]:
 def _edkm(r: Any, plan: Any, knob: tuple[float, float], seed: int, rows: int | None) -> Any:
     """eDKM at ``knob`` = (lr, starting tau); with ``rows``, one LUT per ``rows`` output channels where that divides a
     layer (else per tensor)."""
-    from dataclasses import replace
-
+    # deferred: the builders import torch; importing this module stays light (module docstring)
     from edkm.transform import finalize_, palettize_, target_modules
 
     lr, tau = knob
@@ -105,6 +110,7 @@ def _edkm(r: Any, plan: Any, knob: tuple[float, float], seed: int, rows: int | N
 
 
 def _qat(r: Any, plan: Any, lr: float, seed: int) -> Any:
+    # deferred: the builders import torch; importing this module stays light (module docstring)
     from edkm.peers.qat import convert_qat_, prepare_qat_, qat_to_lut_
 
     model = prepare_qat_(copy.deepcopy(r.model), plan, r.cfg.group_size)

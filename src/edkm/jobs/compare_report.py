@@ -62,6 +62,7 @@ def compare_table(results: Path) -> str:
 
 def write_plot(results: Path) -> Path:
     """Test perplexity against bits per weight, every method and bit width (PNG next to the JSON)."""
+    # deferred: matplotlib is the peers extra, loaded only to draw the plot
     import matplotlib
 
     matplotlib.use("Agg")

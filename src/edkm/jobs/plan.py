@@ -34,15 +34,18 @@ validation against measured training steps.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from edkm.config import PalettizeConfig
 from edkm.jobs.size import GiB, load_config
-from edkm.transform import target_modules
+from edkm.memory import track_saved
+from edkm.transform import palettize_, target_modules
 
 MODES = ("plain-ft", "coremltools", "marshal", "marshal+unique", "marshal+shard", "marshal+unique+shard", "fused", "sharded")
 
@@ -61,6 +64,7 @@ class PlanOptions:
 
 
 def _model(config: Any, layers: int, device: str | None = "meta", dtype: torch.dtype = torch.float32) -> nn.Module:
+    # deferred: transformers is the hf extra, loaded only when a Hugging Face model is built
     from transformers import AutoModelForCausalLM
 
     config = type(config).from_dict({**config.to_dict(), "num_hidden_layers": layers})
@@ -70,10 +74,6 @@ def _model(config: Any, layers: int, device: str | None = "meta", dtype: torch.d
 
 def activation_bytes(config: Any, batch: int, seq: int, dtype: torch.dtype) -> tuple[int, int]:
     """(bytes saved for backward outside the decoder layers, bytes per decoder layer), FakeTensorMode."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from edkm.memory import track_saved
-
     saved = []
     for layers in (1, 2):
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
@@ -89,11 +89,6 @@ def activation_bytes(config: Any, batch: int, seq: int, dtype: torch.dtype) -> t
 def _saved_by_dkm(mode: str, size: int, k: int, iters: int, world: int, dtype: torch.dtype) -> tuple[float, float, float, int]:
     """(device bytes, host bytes, U's distinct-row bytes, distinct values) a palettized ``size`` x ``size``
     Linear in ``dtype`` holds for backward beyond the plain layer, in memory ``mode``; S's share per rank."""
-    import copy
-
-    from edkm.memory import track_saved
-    from edkm.transform import palettize_
-
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(size, size, bias=False)).to(dtype)
     with torch.no_grad():

@@ -23,6 +23,8 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
+from tqdm.auto import tqdm
+
 LINE_EVERY_S = 30.0  # a plain progress line at most this often when stderr is not a terminal
 
 
@@ -46,8 +48,6 @@ class PhaseBar:
         self.done, self.last_line = 0, time.perf_counter()
         self.bar: Any = None
         if job.enabled and job.is_tty:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=self.total, desc=self.label, unit=unit, file=job.stream, dynamic_ncols=True, leave=True)
 
     def update(self, n: int = 1, note: str | None = None, **values: Any) -> None:

@@ -23,16 +23,23 @@ import datetime
 import os
 import platform
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+import torch
+
+from edkm import __version__
+from edkm.models.gguf import resolve_gguf
 
 SMALL_MODEL_BYTES = 64 << 20  # weight files below this: one intra-op thread (~16 M fp32 / 32 M 16-bit parameters)
 
 
-def weight_bytes(model_dir: str | os.PathLike) -> int:
-    """Total size of the weight files (``*.safetensors``, ``*.bin``) in a checkpoint folder."""
-    from pathlib import Path
-
-    return sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin") for p in Path(model_dir).glob(pattern))
+def weight_bytes(model: str | os.PathLike) -> int:
+    """Total size of the weight files (``*.safetensors``, ``*.bin``) in a checkpoint folder; a GGUF file's size."""
+    gguf = resolve_gguf(model)
+    if gguf is not None:
+        return gguf.stat().st_size
+    return sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin") for p in Path(model).glob(pattern))
 
 
 def pick_threads(model_bytes: int, requested: int | None = None, env: Mapping[str, str] | None = None,
@@ -54,8 +61,6 @@ def pick_threads(model_bytes: int, requested: int | None = None, env: Mapping[st
 
 def configure_threads(model_dir: str | os.PathLike, requested: int | None = None) -> int:
     """Apply :func:`pick_threads` for the model in ``model_dir`` to torch in this (CLI) process."""
-    import torch
-
     threads = pick_threads(weight_bytes(model_dir), requested)
     torch.set_num_threads(threads)
     return threads
@@ -68,11 +73,8 @@ def run_environment(device: str = "cpu") -> dict[str, Any]:
     torch/transformers build or CPU instruction set changes float rounding slightly, which eDKM's final hard
     assignment can amplify to about the spread across seeds: reports record this so such runs can be told apart.
     """
-    import torch
-
-    from edkm import __version__
-
     try:
+        # deferred: transformers is the hf extra (optional here), and importing it is slow
         import transformers
 
         transformers_version: str | None = transformers.__version__

@@ -20,17 +20,23 @@ from edkm.config import PalettizeConfig
 from edkm.export.pack import packed_nbytes
 from edkm.jobs.presets import PRESETS
 from edkm.layers.base import rows_first_weight
+from edkm.models.gguf import check_gguf, resolve_gguf
 from edkm.transform import weight_plans
 
 GiB = 1 << 30
 
 def load_config(spec: str) -> Any:
     """A transformers config from a preset name, a config.json path, or a checkpoint folder."""
+    # deferred: transformers is the hf extra, loaded only when a model config is read
     from transformers import AutoConfig
 
     if spec in PRESETS:
         fields = dict(PRESETS[spec])
         return AutoConfig.for_model(fields.pop("model_type"), **fields, tie_word_embeddings=False)
+    gguf = resolve_gguf(spec)
+    if gguf is not None:  # the config transformers reads from the file's header
+        check_gguf(gguf)
+        return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
     path = Path(spec)
     if path.is_dir():
         path = path / "config.json"
@@ -44,6 +50,7 @@ def load_config(spec: str) -> Any:
 
 def meta_model(config: Any) -> nn.Module:
     """The causal LM of ``config`` with meta tensors (shapes only)."""
+    # deferred: transformers is the hf extra, loaded only when a Hugging Face model is built
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):

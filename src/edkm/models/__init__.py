@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from edkm.models.gguf import load_gguf, resolve_gguf
+
 __all__ = ["BUNDLED_MODEL_DIR", "BUNDLED_TEXT", "load_causal_lm"]
 
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -35,16 +37,21 @@ def _check_checkpoint_dir(path: Path) -> None:
 
 
 def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` from a local Hugging Face checkpoint directory (offline).
+    """Load ``(model, tokenizer)`` from a local Hugging Face checkpoint directory or a GGUF file (offline).
 
-    ``path=None`` loads the bundled ``stories260K`` model. The model comes from ``AutoModelForCausalLM`` in ``dtype``
+    ``path=None`` loads the bundled ``stories260K`` model; a ``.gguf`` file, a folder holding one, or a known name
+    (``smollm2-135m``) loads through :func:`edkm.models.gguf.load_gguf` (dequantized to ``dtype``). The model comes from ``AutoModelForCausalLM`` in ``dtype``
     and eval mode, the tokenizer from ``AutoTokenizer``; both with ``local_files_only=True``.
 
     Raises ``FileNotFoundError`` when the directory, its ``config.json`` or its weights are missing, and
     ``ValueError`` when ``path`` is a file.
     """
+    gguf = None if path is None else resolve_gguf(Path(path).expanduser() if Path(str(path)).exists() else path)
+    if gguf is not None:
+        return load_gguf(gguf, dtype)
     directory = BUNDLED_MODEL_DIR if path is None else Path(path).expanduser()
     _check_checkpoint_dir(directory)
+    # deferred: transformers (the hf extra) loads only with a model, so importing this module stays light
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)

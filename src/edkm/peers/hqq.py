@@ -18,6 +18,7 @@ from edkm.peers.gptq import fit_group, rtn_lut
 
 def hqq_lut(weight: torch.Tensor, bits: int, group_size: int | None) -> LUTWeight:
     """HQQ of one weight (``group_size`` input columns per scale; None = per output channel)."""
+    # deferred: hqq is the peers extra, loaded only when HQQ runs
     from hqq.core.quantize import Quantizer
 
     rows, cols = weight.shape

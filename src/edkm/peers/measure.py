@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from safetensors import safe_open
+
 from edkm.export.format import read_header
 
 PARTS = ("indices", "lut", "lo", "step")
@@ -22,8 +24,6 @@ def bits_per_weight(path: str | os.PathLike) -> dict[str, Any]:
     Keys: the bit widths as strings (e.g. ``"3"``: the decoder layers, ``"8"``: the embedding),
     plus ``file_bytes`` (the whole file) and ``weights`` (clustered weights per bit width).
     """
-    from safetensors import safe_open
-
     header = read_header(path)
     stored: dict[str, int] = {}
     weights: dict[str, int] = {}

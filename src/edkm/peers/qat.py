@@ -25,6 +25,7 @@ from edkm.transform import target_modules
 
 def _base_configs(bits: int, group_size: int | None) -> list[tuple[object, object]]:
     """(torchao base config, filter) pairs: groups where ``group_size`` divides the input width, else per channel."""
+    # deferred: torchao is the peers extra, loaded only when QAT runs
     from torchao.quantization import IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
 
@@ -48,6 +49,7 @@ def _decoder_linears(model: nn.Module, config: PalettizeConfig) -> set[str]:
 
 def prepare_qat_(model: nn.Module, config: PalettizeConfig, group_size: int | None = 32) -> nn.Module:
     """Fake-quantize the decoder linears at ``config.bits`` (torchao ``QATConfig`` prepare step), in place."""
+    # deferred: torchao is the peers extra, loaded only when QAT runs
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
@@ -62,6 +64,7 @@ def prepare_qat_(model: nn.Module, config: PalettizeConfig, group_size: int | No
 
 def convert_qat_(model: nn.Module) -> nn.Module:
     """torchao's convert step: fake-quantized layers become int weights with scales (same forward)."""
+    # deferred: torchao is the peers extra, loaded only when QAT runs
     from torchao.quantization import quantize_
     from torchao.quantization.qat import FakeQuantizedLinear, QATConfig
 

@@ -77,6 +77,7 @@ def clip_grad_norm_(params: Any, max_norm: float) -> float:
     FSDP leaves them: the squares are summed in float64 over each local shard and all-reduced, so
     the clip factor does not depend on how the parameters are split over processes.
     """
+    # deferred: torch.distributed.tensor takes ~0.8 s to import; only FSDP-sharded gradients need it
     from torch.distributed.tensor import DTensor, Shard
 
     params = [p for p in params if p.grad is not None]
