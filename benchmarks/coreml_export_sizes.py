@@ -61,7 +61,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         fp_model = None
     else:
         fp_model, _ = load_causal_lm(None)
-        model = edkm.ptq_kmeans_(copy.deepcopy(fp_model), edkm.PalettizeConfig(bits=3, memory="plain", overrides={EMBEDDING_LAYERS: {"bits": 8}}))
+        model = edkm.ptq_kmeans_(copy.deepcopy(fp_model), edkm.PalettizeConfig(bits=3, overrides={EMBEDDING_LAYERS: {"bits": 8}}))
         packed = work / "model.edkm.safetensors"
         edkm.save_palettized(model, packed)
     rows = {}

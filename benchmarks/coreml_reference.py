@@ -144,8 +144,8 @@ def _build(args: dict):
 
 
 def _child(args: dict) -> dict:
-    import torch
     import coremltools
+    import torch
     from coremltools.optimize.torch.palettization import _efficient_kmeans
 
     if args.get("threads"):

@@ -79,13 +79,14 @@ def model_context(model_dir: str | Path) -> int | None:
 
 def check_compress(args: argparse.Namespace, bundled_model_dir: Path) -> None:
     """Every cross-flag and file check of ``edkm compress`` (ranges are checked by argparse)."""
+    # deferred: torch loads only when the command runs (building the parser must not import it)
+    from edkm.data.text import load_alpaca
+    from edkm.memory.plan import parse_memory
+
     check_file(args.text, "--text")
     check_file(args.alpaca, "--alpaca")
     if args.alpaca:
-        from edkm.data.text import load_alpaca
-
         load_alpaca(args.alpaca)  # every record checked now, not after the model has loaded
-    from edkm.memory.plan import parse_memory  # deferred: torch, only when the command runs
 
     parse_memory(args.memory)  # an unknown --memory fails before the model loads
     if args.batch_size % args.grad_accum:

@@ -156,6 +156,7 @@ def resolve_gguf(arg: str | Path) -> Path | None:
 def _require_packages() -> None:
     """Clear errors for what transformers' GGUF loading needs beyond transformers itself."""
     try:
+        # deferred: gguf, transformers and packaging are optional (GGUF loading only) and probed here on purpose
         import gguf  # noqa: F401  (transformers' legacy GGUF path reads tensors with gguf.GGUFReader)
     except ImportError:
         raise GGUFError(f"loading a GGUF file needs the `gguf` package, which is not installed: {GGUF_PIP}") from None
@@ -180,6 +181,7 @@ def _supported_architectures() -> list[str] | None:
     """The GGUF architectures this transformers can load, or ``None`` if it does not expose them."""
     names: set[str] = set()
     try:
+        # deferred: transformers is the hf extra; which module exposes the list depends on its version
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
         names.update(GGUF_SUPPORTED_ARCHITECTURES)
@@ -224,6 +226,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any
     header = check_gguf(path)
     path = header.path.resolve()
     _require_packages()
+    # deferred: transformers is the hf extra, loaded only when a GGUF model is built
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -120,6 +120,7 @@ class _Cursor:
 
 def _block_sizes() -> dict[int, tuple[int, int]]:
     try:
+        # deferred: gguf is optional (the header check works without it, from the table above)
         from gguf.constants import GGML_QUANT_SIZES
     except (ImportError, AttributeError, TypeError, ValueError):  # gguf missing or reorganised: the table above
         return dict(_FALLBACK_SIZES)
