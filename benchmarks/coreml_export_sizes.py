@@ -6,7 +6,7 @@ Without ``--model`` the bundled stories260K is palettized post-training with the
 (3-bit, embeddings and head 8-bit; the sizes depend only on the plan, not on training). For each of
 iOS 18, iOS 18 with ``--kv-cache`` and iOS 16 it exports, reads the package back and checks the LUT ops;
 the fp16 row is the same model converted by coremltools without compression metadata.
-"""
+"""  # noqa: E501 -- --help prints this docstring verbatim (RawDescriptionHelpFormatter): the usage line stays whole
 
 from __future__ import annotations
 
@@ -34,9 +34,16 @@ def fp16_package(model: torch.nn.Module, path: Path, length: int) -> int:
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(StatelessLM(model).eval(), (ids, causal_mask(length, length)), check_trace=False)
     types = ct.converters.mil.mil.types
-    ml = ct.convert(traced, inputs=[ct.TensorType("input_ids", shape=(1, length), dtype=types.int32),
-                                    ct.TensorType("mask", shape=(1, 1, length, length), dtype=types.fp16)],
-                    minimum_deployment_target=ct.target.iOS18, convert_to="mlprogram", skip_model_load=True)
+    ml = ct.convert(
+        traced,
+        inputs=[
+            ct.TensorType("input_ids", shape=(1, length), dtype=types.int32),
+            ct.TensorType("mask", shape=(1, 1, length, length), dtype=types.fp16),
+        ],
+        minimum_deployment_target=ct.target.iOS18,
+        convert_to="mlprogram",
+        skip_model_load=True,
+    )
     write_package(ml, path)
     return package_bytes(path)
 
@@ -61,20 +68,32 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         fp_model = None
     else:
         fp_model, _ = load_causal_lm(None)
-        model = edkm.ptq_kmeans_(copy.deepcopy(fp_model), edkm.PalettizeConfig(bits=3, overrides={EMBEDDING_LAYERS: {"bits": 8}}))
+        model = edkm.ptq_kmeans_(
+            copy.deepcopy(fp_model), edkm.PalettizeConfig(bits=3, overrides={EMBEDDING_LAYERS: {"bits": 8}})
+        )
         packed = work / "model.edkm.safetensors"
         edkm.save_palettized(model, packed)
     rows = {}
     for name, target, kv in (("ios18", "ios18", False), ("ios18 --kv-cache", "ios18", True), ("ios16", "ios16", False)):
-        out = export_coreml(model, work / f"{target}{'-kv' if kv else ''}.mlpackage", target=target, kv_cache=kv, length=args.length)
+        out = export_coreml(
+            model, work / f"{target}{'-kv' if kv else ''}.mlpackage", target=target, kv_cache=kv, length=args.length
+        )
         report = verify_mlpackage(out, model, target)
-        rows[name] = {k: report[k] for k in ("ok", "lut_ops", "clustered_tensors", "index_bits", "mlpackage_bytes", "weights_bytes")}
+        rows[name] = {
+            k: report[k]
+            for k in ("ok", "lut_ops", "clustered_tensors", "index_bits", "mlpackage_bytes", "weights_bytes")
+        }
     return {
         "model": args.model or "bundled stories260K, k-means 3-bit, embeddings/head 8-bit",
-        "packed_bytes": packed.stat().st_size, "fp16_bytes": fp16_bytes(model),
-        "fp16_mlpackage_bytes": fp16_package(fp_model, work / "fp16.mlpackage", args.length) if fp_model is not None else None,
+        "packed_bytes": packed.stat().st_size,
+        "fp16_bytes": fp16_bytes(model),
+        "fp16_mlpackage_bytes": fp16_package(fp_model, work / "fp16.mlpackage", args.length)
+        if fp_model is not None
+        else None,
         "fp16_weights_bytes": package_bytes(work / "fp16.mlpackage" / WEIGHTS_DIR) if fp_model is not None else None,
-        "coreml": rows, "coremltools": import_coremltools().__version__, "torch": torch.__version__,
+        "coreml": rows,
+        "coremltools": import_coremltools().__version__,
+        "torch": torch.__version__,
     }
 
 

@@ -391,7 +391,8 @@ def measure_coreml(
             "(saved_tensors_hooks pack counter; coremltools installs no hooks of its own at "
             f"palett_max_mem={steady['palett_max_mem']}), including the weight and input "
             "(saved_bytes_params_and_input). CPU only: device_bytes = footprint, nothing offloaded. "
-            "seconds = steady-state fwd+bwd (fresh process, step-1 centroids installed, timed after one warm-up step of the same kind; peak_rss_bytes covers both); "
+            "seconds = steady-state fwd+bwd (fresh process, step-1 centroids installed, timed after one warm-up step "
+            "of the same kind; peak_rss_bytes covers both); "
             "first_step_seconds includes coremltools' k-means init. cpu_seconds = process CPU time "
             "(all threads) of the step; wall seconds are inflated when loadavg exceeds the cores."
         ),
@@ -411,8 +412,7 @@ def _format_summary(r: dict) -> str:
     return (
         f"coremltools {r['coremltools_version']} DKM {r['shape'][0]}x{r['shape'][1]} {r['bits']}-bit {r['dtype']}: "
         f"saved {r['footprint_bytes'] / _MIB:.0f} MiB, peak RSS {r['peak_rss_bytes'] / _MIB:.0f} MiB, "
-        f"fwd+bwd {r['seconds']:.2f} s"
-        + (f", first step {first:.1f} s" if first is not None else "")
+        f"fwd+bwd {r['seconds']:.2f} s" + (f", first step {first:.1f} s" if first is not None else "")
     )
 
 

@@ -25,9 +25,14 @@ def measure(steps: int, threads: list[str], out_dir: Path) -> dict:
     cmd = [sys.executable, "-m", "edkm", "compress", "--steps", str(steps), "--out", str(out_dir), "--quiet", *threads]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"command": " ".join(cmd[2:]), "returncode": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1),
-            "cpu_s": round(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, 1),
-            "load_before": round(l0, 2), "load_after": round(os.getloadavg()[0], 2)}
+    return {
+        "command": " ".join(cmd[2:]),
+        "returncode": proc.returncode,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "cpu_s": round(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, 1),
+        "load_before": round(l0, 2),
+        "load_after": round(os.getloadavg()[0], 2),
+    }
 
 
 def main() -> None:
@@ -39,7 +44,9 @@ def main() -> None:
     rows = []
     for rep in range(args.reps):
         for name, flags in (("2 threads (old default)", ["--threads", "2"]), ("default rule (1 thread)", [])):
-            rows.append({"rep": rep, "setting": name, **measure(args.steps, flags, Path(args.out).parent / "threads-run")})
+            rows.append(
+                {"rep": rep, "setting": name, **measure(args.steps, flags, Path(args.out).parent / "threads-run")}
+            )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     result = {"cores": os.cpu_count(), "rows": rows}

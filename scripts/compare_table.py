@@ -15,7 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from edkm.jobs.compare_report import compare_table, write_plot
+# after the sys.path tweak on purpose: the script runs from a checkout without installing edkm
+from edkm.jobs.compare_report import compare_table, write_plot  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -27,7 +28,9 @@ def rewrite_sections(tables: dict[str, str]) -> list[Path]:
         text = new = path.read_text()
         for name, table in tables.items():
             begin, end = f"<!-- {name} table -->", f"<!-- /{name} table -->"
-            section = re.compile(f"^{re.escape(begin)}$.*?^{re.escape(end)}$", re.DOTALL | re.MULTILINE)  # markers on lines of their own
+            section = re.compile(
+                f"^{re.escape(begin)}$.*?^{re.escape(end)}$", re.DOTALL | re.MULTILINE
+            )  # markers on lines of their own
             if section.search(new):
                 found.add(name)
                 body = begin + "\n" + table + "\n" + end

@@ -31,10 +31,24 @@ FLAGS = {"fp64": ["--fsdp", "--mixed-precision", "fp64"], "fp32": ["--fsdp"]}
 
 
 def run(procs: int, out: Path, steps: int, flags: list[str]) -> dict:
-    launch = [sys.executable, "-m", "edkm.cli.main"] if procs == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), "-m", "edkm.cli.main"]
+    launch = (
+        [sys.executable, "-m", "edkm.cli.main"]
+        if procs == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(procs),
+            "-m",
+            "edkm.cli.main",
+        ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([*launch, "compress", "--steps", str(steps), "--quiet", "--out", str(out), *flags], check=True, env=env)
+    subprocess.run(
+        [*launch, "compress", "--steps", str(steps), "--quiet", "--out", str(out), *flags], check=True, env=env
+    )
     return json.loads((out / "report.json").read_text())
 
 
@@ -51,15 +65,27 @@ def compare(name: str, work: Path, steps: int) -> dict:
     with torch.no_grad():
         logits = {n: edkm.load_palettized(work / f"{name}_p{n}")(x).logits for n in reports}
     ref = reports[1]
-    rows = [{"processes": n, "max_rel_loss_diff": max_rel(reports[n]["losses"], ref["losses"]),
-             "max_rel_fp_loss_diff": max_rel(reports[n]["fp_losses"], ref["fp_losses"]),
-             "per_step_rel_loss_diff": [(a - b) / abs(b) for a, b in zip(reports[n]["losses"], ref["losses"])],
-             "edkm_ppl": reports[n]["edkm_ppl"], "seconds": reports[n]["seconds"],
-             "max_logit_diff_rel": float((logits[n] - logits[1]).abs().max() / logits[1].abs().max())} for n in (2, 4)]
+    rows = [
+        {
+            "processes": n,
+            "max_rel_loss_diff": max_rel(reports[n]["losses"], ref["losses"]),
+            "max_rel_fp_loss_diff": max_rel(reports[n]["fp_losses"], ref["fp_losses"]),
+            "per_step_rel_loss_diff": [(a - b) / abs(b) for a, b in zip(reports[n]["losses"], ref["losses"])],
+            "edkm_ppl": reports[n]["edkm_ppl"],
+            "seconds": reports[n]["seconds"],
+            "max_logit_diff_rel": float((logits[n] - logits[1]).abs().max() / logits[1].abs().max()),
+        }
+        for n in (2, 4)
+    ]
     flags = " ".join(FLAGS[name])
-    return {"command": f"torchrun --standalone --nproc-per-node N -m edkm.cli.main compress {flags} --steps {steps}",
-            "reference": f"edkm compress {' '.join(ref_flags)} --steps {steps} (one process)".replace("  ", " "),
-            "single_edkm_ppl": ref["edkm_ppl"], "single_losses": ref["losses"], "single_seconds": ref["seconds"], "fsdp": rows}
+    return {
+        "command": f"torchrun --standalone --nproc-per-node N -m edkm.cli.main compress {flags} --steps {steps}",
+        "reference": f"edkm compress {' '.join(ref_flags)} --steps {steps} (one process)".replace("  ", " "),
+        "single_edkm_ppl": ref["edkm_ppl"],
+        "single_losses": ref["losses"],
+        "single_seconds": ref["seconds"],
+        "fsdp": rows,
+    }
 
 
 def main() -> None:
@@ -78,7 +104,12 @@ def main() -> None:
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, out)
-        print(name, json.dumps([{k: v for k, v in r.items() if k != "per_step_rel_loss_diff"} for r in result[name]["fsdp"]], indent=1))
+        print(
+            name,
+            json.dumps(
+                [{k: v for k, v in r.items() if k != "per_step_rel_loss_diff"} for r in result[name]["fsdp"]], indent=1
+            ),
+        )
 
 
 if __name__ == "__main__":

@@ -24,11 +24,18 @@ GPUS = (1, 2, 4, 8)
 def plan_table() -> str:
     plans = {n: json.loads((RESULTS / f"plan_llama7b_{n}gpu.json").read_text()) for n in GPUS}
     o = plans[1]["options"]
-    head = (f"LLaMA-7B, {o['bits']}-bit decoder / {o['embed_bits']}-bit embedding and output layer, batch {o['batch']} x "
-            f"{o['seq']} tokens per GPU, bf16 compute, AdamW with fp32 master weights, GPUs of {o['gpu_memory_gib']:g} GiB; "
-            "per-GPU peak in GiB (fits?), host memory in brackets where a mode offloads")
-    lines = [head, "", "| mode | " + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in GPUS) + " |",
-             "| --- |" + " ---: |" * len(GPUS)]
+    head = (
+        f"LLaMA-7B, {o['bits']}-bit decoder / {o['embed_bits']}-bit embedding and output layer, batch {o['batch']} x "
+        f"{o['seq']} tokens per GPU, bf16 compute, AdamW with fp32 master weights, "
+        f"GPUs of {o['gpu_memory_gib']:g} GiB; "
+        "per-GPU peak in GiB (fits?), host memory in brackets where a mode offloads"
+    )
+    lines = [
+        head,
+        "",
+        "| mode | " + " | ".join(f"{n} GPU{'s' if n > 1 else ''}" for n in GPUS) + " |",
+        "| --- |" + " ---: |" * len(GPUS),
+    ]
     for i, row in enumerate(plans[1]["modes"]):
         cells = []
         for n in GPUS:
@@ -55,7 +62,9 @@ def rewrite_sections(tables: dict[str, str]) -> list[Path]:
         text = new = path.read_text()
         for name, table in tables.items():
             begin, end = f"<!-- {name} table -->", f"<!-- /{name} table -->"
-            section = re.compile(f"^{re.escape(begin)}$.*?^{re.escape(end)}$", re.DOTALL | re.MULTILINE)  # markers on lines of their own
+            section = re.compile(
+                f"^{re.escape(begin)}$.*?^{re.escape(end)}$", re.DOTALL | re.MULTILINE
+            )  # markers on lines of their own
             if section.search(new):
                 found.add(name)
                 body = begin + "\n" + table + "\n" + end

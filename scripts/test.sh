@@ -7,4 +7,6 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREAD
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 if [ "${1:-}" = "--slow" ]; then shift; exec .venv/bin/python -m pytest -m slow "$@"; fi
+.venv/bin/ruff check src tests scripts benchmarks          # the linter (pyproject.toml [tool.ruff])
+.venv/bin/ruff format --check -q src tests scripts benchmarks
 exec .venv/bin/python -m pytest "$@"

@@ -29,7 +29,9 @@ def make_tokenizer():
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )  # fmt: skip
         bpe.train_from_iterator(corpus, trainer)
-        bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))])
+        bpe.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))]
+        )
         return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
     return build
@@ -44,8 +46,15 @@ def tiny_causal_lm():
         import torch
         import transformers
 
-        small = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=64)
+        small = dict(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
         configs = {
             "llama": lambda: transformers.LlamaConfig(**small),
             "mistral": lambda: transformers.MistralConfig(**small),
@@ -53,8 +62,15 @@ def tiny_causal_lm():
             "phi3": lambda: transformers.Phi3Config(**small, pad_token_id=0),
             "gemma": lambda: transformers.GemmaConfig(**small, head_dim=8),
             "gpt2": lambda: transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64),
-            "opt": lambda: transformers.OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                                                  num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32),
+            "opt": lambda: transformers.OPTConfig(
+                vocab_size=128,
+                hidden_size=32,
+                num_hidden_layers=2,
+                ffn_dim=64,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+                word_embed_proj_dim=32,
+            ),
         }
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(configs[arch]())
@@ -82,7 +98,9 @@ def launch_ranks(tmp_path):
     def launch(worker: Callable[[int, int, str], dict], world: int, timeout: float = 90) -> list[dict]:
         ctx = mp.get_context("fork")
         out = ctx.Queue()
-        procs = [ctx.Process(target=_rank_child, args=(worker, r, world, str(tmp_path / "init"), out)) for r in range(world)]
+        procs = [
+            ctx.Process(target=_rank_child, args=(worker, r, world, str(tmp_path / "init"), out)) for r in range(world)
+        ]
         for p in procs:
             p.start()
         try:

@@ -107,6 +107,6 @@ def test_conv1d_clusters_per_output_channel_group(tiny_causal_lm):
     weight = model.transformer.h[0].mlp.c_fc.weight  # decoded, in Conv1D's own layout
     assert weight.shape == conv.weight.shape
     for group in range(8):
-        assert set(weight[:, group * 16:(group + 1) * 16].unique().tolist()) <= set(lut.lut[group].float().tolist())
+        assert set(weight[:, group * 16 : (group + 1) * 16].unique().tolist()) <= set(lut.lut[group].float().tolist())
     expected = torch.addmm(conv.bias, x, weight)
     assert torch.equal(model.transformer.h[0].mlp.c_fc(x), expected)

@@ -12,8 +12,17 @@ from edkm.bench.configs import Skipped, choose_units, command_line, options_from
 from edkm.bench.render import write_outputs
 from edkm.bench.report import row_key
 
-KEYS = ("config", "ranks", "measured", "footprint_bytes", "device_bytes", "host_bytes", "copied_bytes",
-        "peak_rss_bytes", "seconds")
+KEYS = (
+    "config",
+    "ranks",
+    "measured",
+    "footprint_bytes",
+    "device_bytes",
+    "host_bytes",
+    "copied_bytes",
+    "peak_rss_bytes",
+    "seconds",
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +93,24 @@ def test_table_and_options():
     assert command_line(opts) == "edkm bench memory --shape 64 32 --bits 2 --no-coreml --out r/m.json"
     with pytest.raises(ValueError, match="unknown benchmark config"):
         BenchOptions(configs="plain,M+X")
-    text = format_table({"results": [{"config": "plain", "ranks": 1, "measured": True, "footprint_bytes": 2 << 20,
-                                      "device_bytes": 2 << 20, "host_bytes": 0, "copied_bytes": 0,
-                                      "peak_rss_bytes": 300 << 20, "seconds": 1.5, "mode": "block"}]})
+    text = format_table(
+        {
+            "results": [
+                {
+                    "config": "plain",
+                    "ranks": 1,
+                    "measured": True,
+                    "footprint_bytes": 2 << 20,
+                    "device_bytes": 2 << 20,
+                    "host_bytes": 0,
+                    "copied_bytes": 0,
+                    "peak_rss_bytes": 300 << 20,
+                    "seconds": 1.5,
+                    "mode": "block",
+                }
+            ]
+        }
+    )
     assert "config" in text.splitlines()[0] and "plain" in text.splitlines()[2]
 
 

@@ -20,11 +20,23 @@ def test_default_dims_are_llama_7b_layers():
 
 
 def test_ratios_targets_and_readme_section(tmp_path):
-    rows = [{"config": "plain", "measured": True, "peak_above_start_bytes": 100, "step_seconds": 2.0},
-            {"config": "edkm-auto", "measured": True, "peak_above_start_bytes": 105, "step_seconds": 3.2,
-             "phase_seconds": {"forward": 1.0, "backward": 2.0, "optimizer": 0.2}},
-            {"config": "coremltools DKMPalettizer, whole model", "measured": False, "peak_above_start_bytes": 10**9,
-             "step_seconds": 400.0, "note": "computed"}]
+    rows = [
+        {"config": "plain", "measured": True, "peak_above_start_bytes": 100, "step_seconds": 2.0},
+        {
+            "config": "edkm-auto",
+            "measured": True,
+            "peak_above_start_bytes": 105,
+            "step_seconds": 3.2,
+            "phase_seconds": {"forward": 1.0, "backward": 2.0, "optimizer": 0.2},
+        },
+        {
+            "config": "coremltools DKMPalettizer, whole model",
+            "measured": False,
+            "peak_above_start_bytes": 10**9,
+            "step_seconds": 400.0,
+            "note": "computed",
+        },
+    ]
     targets = summarize(rows, {})
     assert [t["met"] for t in targets] == [True, False]  # 1.05x memory, 1.6x time
     readme = tmp_path / "README.md"
@@ -47,8 +59,26 @@ def test_unknown_row_is_one_clear_error(capsys):
 @pytest.mark.slow
 def test_tiny_run_measures_plain_and_edkm(tmp_path):
     out = tmp_path / "train.json"
-    main(["bench", "train", "--hidden", "64", "--vocab", "512", "--seq", "16", "--steps", "1", "--rows",
-          "plain,edkm-auto", "--out", str(out), "--device", "cpu"])
+    main(
+        [
+            "bench",
+            "train",
+            "--hidden",
+            "64",
+            "--vocab",
+            "512",
+            "--seq",
+            "16",
+            "--steps",
+            "1",
+            "--rows",
+            "plain,edkm-auto",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     result = json.loads(out.read_text())
     rows = {r["config"]: r for r in result["rows"]}
     assert rows["plain"]["measured"] and rows["edkm-auto"]["measured"]

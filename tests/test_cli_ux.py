@@ -19,7 +19,9 @@ TINY = ["--context", "32", "--steps", "2", "--batch-size", "4", "--checkpoint-ev
 def run_cli(*args, env=None, timeout=300):
     env = {**os.environ, **(env or {})}
     env = {k: v for k, v in env.items() if v is not None}
-    return subprocess.run([sys.executable, "-m", "edkm", *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "edkm", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +35,26 @@ def small_text(tmp_path_factory):
 def run(small_text, tmp_path_factory):
     """A finished run started with --resume on an empty folder, progress on, OMP_NUM_THREADS unset."""
     out = tmp_path_factory.mktemp("run")
-    res = run_cli("compress", "--text", str(small_text), "--out", str(out), *TINY, "--resume",
-                  env={"OMP_NUM_THREADS": None, "MKL_NUM_THREADS": None})
+    res = run_cli(
+        "compress",
+        "--text",
+        str(small_text),
+        "--out",
+        str(out),
+        *TINY,
+        "--resume",
+        env={"OMP_NUM_THREADS": None, "MKL_NUM_THREADS": None},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return out, res
 
 
 # ------------------------------------------------------------------ conventions, parse-time checks
 def test_help_and_version_import_no_torch():
-    code = ("import sys; from edkm.cli.main import build_parser; build_parser(); "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
+    code = (
+        "import sys; from edkm.cli.main import build_parser; build_parser(); "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     res = run_cli("--version")
@@ -64,27 +76,33 @@ def test_every_option_has_help_and_shows_its_default(command):
     assert "(default: " in sub.format_help()
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["compress", "--batch-size", "0"], "--batch-size: must be an integer >= 1"),
-    (["compress", "--distill", "1.5"], "--distill: must be a number from 0 to 1"),
-    (["generate", "x", "--temperature", "-1"], "--temperature: must be a number >= 0"),
-    (["size", "llama-2-7b", "--group-size", "0"], "--group-size: must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["compress", "--batch-size", "0"], "--batch-size: must be an integer >= 1"),
+        (["compress", "--distill", "1.5"], "--distill: must be a number from 0 to 1"),
+        (["generate", "x", "--temperature", "-1"], "--temperature: must be a number >= 0"),
+        (["size", "llama-2-7b", "--group-size", "0"], "--group-size: must be an integer >= 1"),
+    ],
+)
 def test_bad_numbers_fail_at_parse_time_in_one_line(argv, message):
     res = run_cli(*argv, timeout=60)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["compress", "--text", "/nonexistent.txt"], "--text /nonexistent.txt: no such file"),
-    (["compress", "--batch-size", "6", "--grad-accum", "4"], "divisible by --grad-accum"),
-    (["compress", "--context", "100000"], "exceeds the model's context"),
-    (["compress", "--model", "/tmp"], "no config.json"),
-    (["compress", "--group-size", "7"], "group_size 7 does not divide"),
-    (["compress", "--memory", "bogus"], "unknown memory mode"),
-    (["eval", str(BUNDLED_MODEL_DIR), "--holdout", "0.2", "--tasks", "piqa"], "--holdout needs --text"),
-    (["eval", str(BUNDLED_MODEL_DIR), "--tasks", "piqa,nope"], "unknown task(s) nope"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["compress", "--text", "/nonexistent.txt"], "--text /nonexistent.txt: no such file"),
+        (["compress", "--batch-size", "6", "--grad-accum", "4"], "divisible by --grad-accum"),
+        (["compress", "--context", "100000"], "exceeds the model's context"),
+        (["compress", "--model", "/tmp"], "no config.json"),
+        (["compress", "--group-size", "7"], "group_size 7 does not divide"),
+        (["compress", "--memory", "bogus"], "unknown memory mode"),
+        (["eval", str(BUNDLED_MODEL_DIR), "--holdout", "0.2", "--tasks", "piqa"], "--holdout needs --text"),
+        (["eval", str(BUNDLED_MODEL_DIR), "--tasks", "piqa,nope"], "unknown task(s) nope"),
+    ],
+)
 def test_inputs_checked_before_the_model_loads(argv, message, tmp_path, capsys, monkeypatch):
     import edkm.models
 
@@ -155,26 +173,58 @@ def test_finished_run_keeps_no_checkpoints_and_resume_reprints(run, small_text):
     assert res.returncode == 0 and "finished run" in res.stderr and "eDKM 3-bit" in res.stdout, res.stderr[-2000:]
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("--bits", "4", "--bits 4 differs from the checkpoint's 3"),
-    ("--steps", "3", "--steps 3 differs from the checkpoint's 2"),
-    ("--model", str(BUNDLED_MODEL_DIR), "--model"),
-])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--bits", "4", "--bits 4 differs from the checkpoint's 3"),
+        ("--steps", "3", "--steps 3 differs from the checkpoint's 2"),
+        ("--model", str(BUNDLED_MODEL_DIR), "--model"),
+    ],
+)
 def test_resume_with_other_settings_is_refused_in_one_line(run, small_text, flag, value, message, capsys):
     out, _ = run
     args = dict(zip(TINY[::2], TINY[1::2]), **{flag: value})
     with pytest.raises(SystemExit):
-        main(["compress", "--text", str(small_text), "--out", str(out), "--resume", *[x for kv in args.items() for x in kv]])
+        main(
+            [
+                "compress",
+                "--text",
+                str(small_text),
+                "--out",
+                str(out),
+                "--resume",
+                *[x for kv in args.items() for x in kv],
+            ]
+        )
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
 
 
 def test_ctrl_c_prints_the_resume_command(small_text, tmp_path):
-    args = ["compress", "--text", str(small_text), "--out", str(tmp_path), "--context", "32", "--steps", "500",
-            "--batch-size", "4", "--checkpoint-every", "1", "--quiet"]
-    proc = subprocess.Popen([sys.executable, "-m", "edkm", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background pytest ignores SIGINT
+    args = [
+        "compress",
+        "--text",
+        str(small_text),
+        "--out",
+        str(tmp_path),
+        "--context",
+        "32",
+        "--steps",
+        "500",
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "1",
+        "--quiet",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edkm", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # a background pytest ignores SIGINT
     try:
         deadline = time.time() + 600
         while not (tmp_path / "checkpoint_fp.pt").exists() and proc.poll() is None and time.time() < deadline:
@@ -213,10 +263,17 @@ def test_packed_model_without_tokenizer_needs_tokenizer_flag(run, tmp_path, caps
     assert capsys.readouterr().out
 
 
-@pytest.mark.parametrize("preset,params", [
-    ("llama-2-7b", 6_738_415_616), ("llama-2-13b", 13_015_864_320), ("llama-2-70b", 68_976_648_192),
-    ("llama-3-8b", 8_030_261_248), ("mistral-7b", 7_241_732_096), ("qwen2-7b", 7_615_616_512),
-])
+@pytest.mark.parametrize(
+    "preset,params",
+    [
+        ("llama-2-7b", 6_738_415_616),
+        ("llama-2-13b", 13_015_864_320),
+        ("llama-2-70b", 68_976_648_192),
+        ("llama-3-8b", 8_030_261_248),
+        ("mistral-7b", 7_241_732_096),
+        ("qwen2-7b", 7_615_616_512),
+    ],
+)
 def test_size_presets_match_published_parameter_counts(preset, params):
     from edkm.config import PalettizeConfig
     from edkm.jobs.size import load_config, meta_model, palettized_size

@@ -17,10 +17,43 @@ def results(tmp_path_factory):
     text = tmp / "small.txt"
     text.write_text(BUNDLED_TEXT.read_text()[:30_000])
     out = tmp / "results"
-    main(["compare", "--text", str(text), "--bits", "3", "--seeds", "0", "1", "--steps", "2", "--batch-size", "4", "--context", "32",
-          "--methods", "rtn", "gptq", "squeeze_tensor", "qat_g", "edkm", "edkm_rows", "--qat-lrs", "1e-4", "1e-3",
-          "--edkm-lrs", "1e-3", "2e-3", "--edkm-taus", "0.4",
-          "--out", str(out), "--work", str(tmp / "work")])
+    main(
+        [
+            "compare",
+            "--text",
+            str(text),
+            "--bits",
+            "3",
+            "--seeds",
+            "0",
+            "1",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--context",
+            "32",
+            "--methods",
+            "rtn",
+            "gptq",
+            "squeeze_tensor",
+            "qat_g",
+            "edkm",
+            "edkm_rows",
+            "--qat-lrs",
+            "1e-4",
+            "1e-3",
+            "--edkm-lrs",
+            "1e-3",
+            "2e-3",
+            "--edkm-taus",
+            "0.4",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp / "work"),
+        ]
+    )
     return out
 
 
@@ -29,12 +62,18 @@ def test_compare_json_rows_and_targets(results):
     rows = {r["method"]: r for r in report["rows"]}
     assert set(rows) == {"fp", "rtn", "gptq", "squeeze_tensor", "qat_g", "edkm", "edkm_rows"}
     assert rows["squeeze_tensor"]["bpw"] < 3.1 < rows["rtn"]["bpw"]  # one LUT per tensor vs fp16 scale + zero per row
-    assert rows["edkm"]["bpw"] < 3.1 and len(rows["edkm"]["test_ppls"]) == 2 and rows["edkm"]["test_ppl_std"] is not None
+    assert (
+        rows["edkm"]["bpw"] < 3.1 and len(rows["edkm"]["test_ppls"]) == 2 and rows["edkm"]["test_ppl_std"] is not None
+    )
     assert [t["value"] for t in rows["qat_g"]["tuning"]] == [1e-4, 1e-3]  # chosen on validation
     assert rows["qat_g"]["chosen"] == min(rows["qat_g"]["tuning"], key=lambda t: t["val_ppl"])["value"]
     assert [t["value"] for t in rows["gptq"]["tuning"]] == [0.01, 0.1] and rows["gptq"]["seeds"] is None
     assert report["targets"]["checked"] and "rtn" not in report["targets"]["peers_within_limit"]
-    assert [t["value"] for t in rows["edkm"]["tuning"]] == [[1e-3, 0.2], [2e-3, 0.2], [2e-3, 0.4]]  # lrs, then taus at the middle lr
+    assert [t["value"] for t in rows["edkm"]["tuning"]] == [
+        [1e-3, 0.2],
+        [2e-3, 0.2],
+        [2e-3, 0.4],
+    ]  # lrs, then taus at the middle lr
     assert rows["edkm_rows"]["chosen"] == rows["edkm"]["chosen"] and rows["edkm_rows"]["tuned_like"] == "edkm"
     assert set(report["not_run"]) >= {"awq_g", "hqq_g"}
     assert report["protocol"]["test_tokens"] > 0 and report["protocol"]["val_tokens"] > 0

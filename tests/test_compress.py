@@ -31,23 +31,52 @@ def free_port() -> int:
 
 
 def run_cli(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "edkm.cli.main", *args], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "edkm.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
 def single(small_text, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    res = run_cli("compress", "--text", str(small_text), "--out", str(out), "--memory", "marshal+unique", *FAST,
-                  "--keep-checkpoints", timeout=600)
+    res = run_cli(
+        "compress",
+        "--text",
+        str(small_text),
+        "--out",
+        str(out),
+        "--memory",
+        "marshal+unique",
+        *FAST,
+        "--keep-checkpoints",
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return out, json.loads((out / "report.json").read_text())
 
 
 def test_report_fields_and_eval_reproduces_exactly(single, small_text, capsys):
     out, report = single
-    for key in ("fp_ppl", "fp_finetuned_ppl", "rtn_ppl", "kmeans_ptq_ppl", "edkm_ppl", "bits", "size_bytes",
-                "fp_size_bytes", "steps", "seconds", "gptq_ppl", "gptq_bpw", "squeeze_ppl", "squeeze_bpw"):
+    for key in (
+        "fp_ppl",
+        "fp_finetuned_ppl",
+        "rtn_ppl",
+        "kmeans_ptq_ppl",
+        "edkm_ppl",
+        "bits",
+        "size_bytes",
+        "fp_size_bytes",
+        "steps",
+        "seconds",
+        "gptq_ppl",
+        "gptq_bpw",
+        "squeeze_ppl",
+        "squeeze_bpw",
+    ):
         assert report[key] is not None, key
     assert report["bits"] == 3 and report["steps"] == 4 and len(report["losses"]) == 4
     assert report["size_bytes"] < report["fp_size_bytes"] / 2
@@ -64,8 +93,13 @@ def test_output_folder_loads_with_plain_from_pretrained_after_import_edkm(single
         f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}); r = edkm.load_palettized({str(out)!r}); "
         "x = torch.arange(40).reshape(2, 20); assert torch.equal(m(x).logits, r(x).logits); print('same logits')"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert res.returncode == 0 and res.stdout.strip().endswith("same logits"), res.stderr[-3000:]
     assert report["size_bytes"] == (out / "model.safetensors").stat().st_size
     assert "| eDKM 3-bit, fine-tuned 4 steps |" in (out / "README.md").read_text()
@@ -102,10 +136,30 @@ def test_generate_from_packed_model(single, capsys):
 def test_two_process_ddp_with_sharding_matches_single(single, small_text, tmp_path):
     _, report = single
     res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-         "-m", "edkm.cli.main", "compress", "--text", str(small_text), "--out", str(tmp_path),
-         "--memory", "marshal+unique+shard", *FAST],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "edkm.cli.main",
+            "compress",
+            "--text",
+            str(small_text),
+            "--out",
+            str(tmp_path),
+            "--memory",
+            "marshal+unique+shard",
+            *FAST,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     ddp = json.loads((tmp_path / "report.json").read_text())
     assert ddp["world_size"] == 2
@@ -116,10 +170,24 @@ def test_two_process_ddp_with_sharding_matches_single(single, small_text, tmp_pa
 
 def test_kill_and_resume_ends_with_the_same_result(single, small_text, tmp_path):
     _, report = single
-    args = ["compress", "--text", str(small_text), "--out", str(tmp_path), "--memory", "marshal+unique", *FAST,
-            "--checkpoint-every", "1"]
-    proc = subprocess.Popen([sys.executable, "-m", "edkm.cli.main", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    args = [
+        "compress",
+        "--text",
+        str(small_text),
+        "--out",
+        str(tmp_path),
+        "--memory",
+        "marshal+unique",
+        *FAST,
+        "--checkpoint-every",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edkm.cli.main", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     ckpt = tmp_path / "checkpoint_edkm.pt"
     deadline = time.time() + 600
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:

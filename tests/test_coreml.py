@@ -110,11 +110,14 @@ def test_traced_wrappers_compute_the_models_logits(grouped):
         assert torch.allclose(StatelessLM(lm)(ids, causal_mask(10, 10)), expected, atol=1e-5)
         step = StatefulLM(lm, 16)
         step(ids[:, :7], causal_mask(7, 7))  # prefill, then three tokens one at a time from the fp16 cache
-        last = [step(ids[:, i:i + 1], causal_mask(1, i + 1))[0, -1] for i in range(7, 10)]
+        last = [step(ids[:, i : i + 1], causal_mask(1, i + 1))[0, -1] for i in range(7, 10)]
     assert torch.allclose(torch.stack(last), expected[0, 7:], atol=2e-2)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", *(pytest.param(a, marks=pytest.mark.slow) for a in ("llama", "mistral", "qwen2", "phi3", "gemma", "opt"))])
+@pytest.mark.parametrize(
+    "arch",
+    ["gpt2", *(pytest.param(a, marks=pytest.mark.slow) for a in ("llama", "mistral", "qwen2", "phi3", "gemma", "opt"))],
+)
 def test_every_architecture_exports_bit_exact(arch, tiny_causal_lm, tmp_path):
     """Exported from a plain from_pretrained load of the saved folder, checked against the model that was saved.
     GPT-2: Conv1D weights (in, out), so its per-output-channel LUTs group along axis 1; tied wte/lm_head at 8 bits."""
@@ -127,7 +130,9 @@ def test_every_architecture_exports_bit_exact(arch, tiny_causal_lm, tmp_path):
     group = 4 if arch == "gpt2" else None
     edkm.ptq_kmeans_(model, edkm.PalettizeConfig(bits=3, group_size=group, overrides={EMBEDDING_LAYERS: {"bits": 8}}))
     loaded = AutoModelForCausalLM.from_pretrained(edkm.save_folder(model, tmp_path / arch), local_files_only=True)
-    report = verify_mlpackage(export_coreml(loaded, tmp_path / f"{arch}.mlpackage", length=16), model)  # vs. the original
+    report = verify_mlpackage(
+        export_coreml(loaded, tmp_path / f"{arch}.mlpackage", length=16), model
+    )  # vs. the original
     assert report["ok"], report["problems"]
     assert report["lut_ops"] == report["clustered_tensors"] and report["index_bits"][3] > 0
     if arch == "gpt2":
@@ -135,12 +140,15 @@ def test_every_architecture_exports_bit_exact(arch, tiny_causal_lm, tmp_path):
         assert conv["weight"].shape == (32, 96) and conv["lut"].shape == (1, 24, 8, 1)  # 96 output channels / 4
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["missing.edkm.safetensors", "--out", "m.mlpackage"], "no packed edkm model at missing.edkm.safetensors"),
-    ([".", "--out", "m.mlpackage"], ". is neither an edkm model folder"),
-    (["{packed}", "--out", "m.mlmodel"], "--out must name a .mlpackage folder"),
-    (["{packed}", "--out", "m.mlpackage", "--length", "4096"], "exceeds the model's 512 positions"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["missing.edkm.safetensors", "--out", "m.mlpackage"], "no packed edkm model at missing.edkm.safetensors"),
+        ([".", "--out", "m.mlpackage"], ". is neither an edkm model folder"),
+        (["{packed}", "--out", "m.mlmodel"], "--out must name a .mlpackage folder"),
+        (["{packed}", "--out", "m.mlpackage", "--length", "4096"], "exceeds the model's 512 positions"),
+    ],
+)
 def test_bad_input_is_one_clear_error(grouped, tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):

@@ -50,7 +50,7 @@ def test_tiny_layer_measurement_is_sane():
     # weight itself, far below anything absurd.
     n = shape[0] * shape[1]
     assert r["dkm_iterations"] >= 1
-    assert 2 * n * 2 ** bits <= r["footprint_bytes"] < 1000 * n * 2 ** bits
+    assert 2 * n * 2**bits <= r["footprint_bytes"] < 1000 * n * 2**bits
     assert r["saved_bytes_params_and_input"] >= batch * shape[1] * 2  # the bf16 input is saved
     assert 50 * 2**20 < r["peak_rss_bytes"] < 4 * 2**30  # a python + torch process
     assert r["first_step_peak_rss_bytes"] > 0

@@ -24,7 +24,10 @@ from edkm.data.text import (
 )
 
 ASSETS = Path(edkm.__file__).parent / "assets"
-STORIES = [ASSETS / "tinystories" / "tinystories_val.txt", Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_val.txt"]
+STORIES = [
+    ASSETS / "tinystories" / "tinystories_val.txt",
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "tinystories_val.txt",
+]
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruction" / "alpaca_200.json"
 
 
@@ -68,7 +71,7 @@ GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi!"}
     "content, match",
     [
         ("", "empty"),
-        ("[{\"instruction\": ", "not valid JSON"),
+        ('[{"instruction": ', "not valid JSON"),
         (json.dumps({"instruction": "x", "output": "y"}), "expected a JSON list"),
         ("[]", "no records"),
         (json.dumps([GOOD, "text"]), "record 1: expected an object"),

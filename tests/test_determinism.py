@@ -26,7 +26,9 @@ def short_run(threads: int) -> list[str]:
         model, tok = load_causal_lm(None)
         data, _, _ = split_data(CompressConfig(context=32), tok)
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        palettize_(model, PalettizeConfig(bits=3, tau=0.2, tau_end=0.002, overrides={"embed_tokens|lm_head": {"bits": 8}}))
+        palettize_(
+            model, PalettizeConfig(bits=3, tau=0.2, tau_end=0.002, overrides={"embed_tokens|lm_head": {"bits": 8}})
+        )
         cfg = TrainConfig(steps=4, batch_size=4, progress=False, checkpoint_every=0)
         losses = finetune(model, data, cfg, None, False, teacher, 1.0)
         digest = float(sum(p.double().sum() for p in model.state_dict().values() if p.is_floating_point()))

@@ -32,7 +32,9 @@ def worker(rank: int, world: int, init_file: str) -> dict:
     c = edkm.kmeans1d(w16, 8)[0]
     res: dict = {}
     for mode in ("auto", "fused", "unique+shard", "marshal+unique"):
-        res[mode] = _outcome(lambda: edkm.dkm(odd.clone().requires_grad_(), c, tau=1e-4, iters=2, memory=mode))
+        res[mode] = _outcome(
+            lambda mode=mode: edkm.dkm(odd.clone().requires_grad_(), c, tau=1e-4, iters=2, memory=mode)
+        )
     res["agreeing auto"] = _outcome(lambda: edkm.dkm(w16.clone().requires_grad_(), c, tau=1e-4, iters=2, memory="auto"))
     # early stop: rank 0 has converged, rank 1 has not -> nobody stops; both converged -> both stop
     old = torch.zeros(4)

@@ -112,7 +112,10 @@ def test_prompt_formats():
         ("Sarah was better than Maria so Maria", " got the easier cases."),
     ]
     hs = zs.MCDoc("Roof shingle removal: A man is sitting on a roof. he", ("is [x] using  wrap.", "b", "c", "d"), 3)
-    assert zs.task_requests("hellaswag", hs)[0] == ("Roof shingle removal: A man is sitting on a roof. He", " is using wrap.")
+    assert zs.task_requests("hellaswag", hs)[0] == (
+        "Roof shingle removal: A man is sitting on a roof. He",
+        " is using wrap.",
+    )
     wikihow = zs.MCDoc("Health: How to rest. Sleep well. Eat well.", ("a", "b", "c", "d"), 0)
     assert zs.task_requests("hellaswag", wikihow)[0][0] == "Health: How to rest. Sleep well. Eat well."
 
@@ -138,7 +141,8 @@ def test_llm_adapters_and_llamacpp_readers(tmp_path):
     (tmp_path / "piqa" / "test.json").write_text(json.dumps([piqa]))
     (tmp_path / "winogrande").mkdir()
     wino = _adapters_record(
-        "Please choose the correct answer to fill in the blank to complete the given sentence: Sarah beat Maria so _ won."
+        "Please choose the correct answer to fill in the blank to complete the given sentence: "
+        "Sarah beat Maria so _ won."
         "\n\nOption1: Sarah Option2: Maria Answer format: option1/option2",
         "option1",
     )

@@ -15,8 +15,22 @@ import torch
 
 from edkm.models import BUNDLED_TEXT
 
-FAST = ["--context", "32", "--steps", "6", "--batch-size", "4", "--lr", "1e-3", "--quiet", "--no-fp-control",
-        "--distill", "0", "--checkpoint-every", "1"]
+FAST = [
+    "--context",
+    "32",
+    "--steps",
+    "6",
+    "--batch-size",
+    "4",
+    "--lr",
+    "1e-3",
+    "--quiet",
+    "--no-fp-control",
+    "--distill",
+    "0",
+    "--checkpoint-every",
+    "1",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -30,12 +44,23 @@ def small_text(tmp_path_factory):
 def compress_cmd(procs: int, text, out, *extra: str, base: list[str] = FAST) -> list[str]:
     launch = [sys.executable, "-m", "edkm.cli.main"]
     if procs > 1:  # --standalone: torchrun picks a free port itself
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), "-m", "edkm.cli.main"]
+        launch = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(procs),
+            "-m",
+            "edkm.cli.main",
+        ]
     return [*launch, "compress", "--text", str(text), "--out", str(out), *base, *extra]
 
 
 def run_compress(procs: int, text, out, *extra: str, base: list[str] = FAST) -> dict:
-    res = subprocess.run(compress_cmd(procs, text, out, *extra, base=base), capture_output=True, text=True, timeout=900, env=ENV)
+    res = subprocess.run(
+        compress_cmd(procs, text, out, *extra, base=base), capture_output=True, text=True, timeout=900, env=ENV
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads((out / "report.json").read_text())
 
@@ -62,13 +87,18 @@ def single(small_text, tmp_path_factory):
 
 # --- sharded DKM against DKM on the gathered weight -------------------------------------------------
 
+
 def _sharded_worker(rank: int, world: int) -> dict:
     from edkm.distributed.sharded import GatherRows, local_rows, sharded_dkm
     from edkm.memory.fused import fused_dkm
 
     errors = {}
     torch.manual_seed(0)
-    for rows, cols, groups, iters in ((37, 24, 1, 3), (64, 16, 4, 2), (3, 40, 1, 0)):  # uneven rows, LUT groups, rows < ranks
+    for rows, cols, groups, iters in (
+        (37, 24, 1, 3),
+        (64, 16, 4, 2),
+        (3, 40, 1, 0),
+    ):  # uneven rows, LUT groups, rows < ranks
         w0 = torch.randn(rows, cols).to(torch.bfloat16).float()
         c0 = torch.sort(torch.randn(groups, 8), dim=-1).values
         tau = torch.full((groups,), 0.05)
@@ -83,8 +113,11 @@ def _sharded_worker(rank: int, world: int) -> dict:
         (full * g).sum().backward()  # every rank the same g: the reduce-scatter average is g itself
         scale = w.grad.abs().max()
         grad_err = (mine.grad - w.grad[start:end]).abs()  # empty on a rank without rows
-        errors[(rows, groups)] = (float((full - ref).abs().max()), float((c - c_ref).abs().max()),
-                                  float(grad_err.max() / scale) if grad_err.numel() else 0.0)
+        errors[(rows, groups)] = (
+            float((full - ref).abs().max()),
+            float((c - c_ref).abs().max()),
+            float(grad_err.max() / scale) if grad_err.numel() else 0.0,
+        )
     return errors
 
 
@@ -125,19 +158,26 @@ def _regather_child(rank: int, world: int, init_file: str) -> dict:
         y.square().sum().backward()
         out[regather] = (stats.device_bytes, [p.grad.to_local().clone() for p in model.parameters()], y.detach())
     (kept_all, grads_all, y_all), (kept_rows, grads_rows, y_rows) = out[False], out[True]
-    return {"saved_drop": kept_all - kept_rows, "same_y": torch.equal(y_all, y_rows),
-            "grad_err": max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(grads_all, grads_rows))}
+    return {
+        "saved_drop": kept_all - kept_rows,
+        "same_y": torch.equal(y_all, y_rows),
+        "grad_err": max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(grads_all, grads_rows)),
+    }
 
 
 @pytest.mark.distributed
 def test_sharded_layer_keeps_its_rows_not_the_gathered_weight(launch_ranks):
     for res in launch_ranks(_regather_child, 2, timeout=120):
-        assert res["same_y"] and res["grad_err"] <= 1e-6  # gathered again in backward: same outputs, gradients to fp32 rounding
-        # the second layer keeps half its fp32 W_hat (its rows), not all; the first keeps none (its input needs no gradient)
+        assert (
+            res["same_y"] and res["grad_err"] <= 1e-6
+        )  # gathered again in backward: same outputs, gradients to fp32 rounding
+        # the second layer keeps half its fp32 W_hat (its rows), not all;
+        # the first keeps none (its input needs no gradient)
         assert res["saved_drop"] == 32 * 96 * 4 / 2
 
 
 # --- edkm compress --fsdp -----------------------------------------------------------------------------
+
 
 @pytest.mark.distributed
 def test_fsdp_two_processes_match_one(single, small_text, tmp_path):
@@ -150,7 +190,16 @@ def test_fsdp_two_processes_match_one(single, small_text, tmp_path):
 
 
 # the whole default job (fp control as the distillation teacher), 20 steps: tau anneals 100x, where fp32 sums drift
-EXACT = [*FAST[: FAST.index("--no-fp-control")], "--distill", "1", "--fsdp", "--mixed-precision", "fp64", "--steps", "20"]
+EXACT = [
+    *FAST[: FAST.index("--no-fp-control")],
+    "--distill",
+    "1",
+    "--fsdp",
+    "--mixed-precision",
+    "fp64",
+    "--steps",
+    "20",
+]
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +230,9 @@ def test_fsdp_fp64_four_processes_take_the_same_steps_as_one(single_fp64, small_
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [["--fsdp"], ["--fsdp", "--fsdp-gathered-dkm"], ["--fsdp", "--activation-checkpointing"]])
+@pytest.mark.parametrize(
+    "extra", [["--fsdp"], ["--fsdp", "--fsdp-gathered-dkm"], ["--fsdp", "--activation-checkpointing"]]
+)
 def test_fsdp_four_processes_and_options_match_one(single, small_text, tmp_path, extra):
     ref_out, ref = single
     report = run_compress(4 if extra == ["--fsdp"] else 2, small_text, tmp_path, *extra)
@@ -224,8 +275,13 @@ def test_fsdp_killed_and_resumed_gives_the_same_result(single_fp64, small_text, 
     """Killed in the eDKM phase (after the sharded fp control), resumed on 2 or 4 processes: the same run."""
     ref_out, ref = single_fp64
     every = [*EXACT, "--checkpoint-every", "4"]
-    proc = subprocess.Popen(compress_cmd(2, small_text, tmp_path, base=every), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    proc = subprocess.Popen(
+        compress_cmd(2, small_text, tmp_path, base=every),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+        start_new_session=True,
+    )
     ckpt = tmp_path / "checkpoint_edkm.dcp"
     deadline = time.time() + 600
     while not (ckpt / ".metadata").exists() and proc.poll() is None and time.time() < deadline:

@@ -22,9 +22,50 @@ from edkm.models import load_causal_lm
 
 SEED = 20261201
 X = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
-POOL = [None, True, False, -1, 0, 1, 2, 3, 4, 7, 8, 9, 16, 255, 256, 1 << 31, 1 << 40, 1 << 62, -(1 << 63), 1.5, 1e308,
-        "", "x", "float64", "int8", "__class__", "lut", "uniform", "model.norm", "lm_head", "model.embed_tokens",
-        "edkm-palettized", "llama", [], [1], [0, 0], [512, 64], [64, 172], [10**12, 10**12], [3] * 9, {}, {"a": 1}]
+POOL = [
+    None,
+    True,
+    False,
+    -1,
+    0,
+    1,
+    2,
+    3,
+    4,
+    7,
+    8,
+    9,
+    16,
+    255,
+    256,
+    1 << 31,
+    1 << 40,
+    1 << 62,
+    -(1 << 63),
+    1.5,
+    1e308,
+    "",
+    "x",
+    "float64",
+    "int8",
+    "__class__",
+    "lut",
+    "uniform",
+    "model.norm",
+    "lm_head",
+    "model.embed_tokens",
+    "edkm-palettized",
+    "llama",
+    [],
+    [1],
+    [0, 0],
+    [512, 64],
+    [64, 172],
+    [10**12, 10**12],
+    [3] * 9,
+    {},
+    {"a": 1},
+]
 
 
 def split(raw: bytes):
@@ -112,7 +153,14 @@ def test_single_file_fuzz(reference, tmp_path):
 
     tensors = load_file(root / "model.edkm.safetensors")
     rng = random.Random(SEED)
-    plan = ["flip"] * 300 + ["flip_header"] * 150 + ["truncate"] * 80 + ["table"] * 120 + ["field"] * 200 + ["crafted"] * 150
+    plan = (
+        ["flip"] * 300
+        + ["flip_header"] * 150
+        + ["truncate"] * 80
+        + ["table"] * 120
+        + ["field"] * 200
+        + ["crafted"] * 150
+    )
     counts: dict[str, int] = {}
     path = tmp_path / "case.safetensors"
     spare = [copy.deepcopy(pristine)]
@@ -161,7 +209,14 @@ def test_folder_fuzz(reference, tmp_path):
     generation = (root / "hf" / "generation_config.json").read_bytes()
     n = split(weights)[2]
     rng = random.Random(SEED + 1)
-    plan = ["flip"] * 50 + ["flip_header"] * 20 + ["truncate"] * 10 + ["config_flip"] * 30 + ["quant_field"] * 25 + ["model_field"] * 15
+    plan = (
+        ["flip"] * 50
+        + ["flip_header"] * 20
+        + ["truncate"] * 10
+        + ["config_flip"] * 30
+        + ["quant_field"] * 25
+        + ["model_field"] * 15
+    )
     counts: dict[str, int] = {}
     case_dir = tmp_path / "case"
     case_dir.mkdir()
@@ -179,8 +234,11 @@ def test_folder_fuzz(reference, tmp_path):
         else:
             edited = json.loads(config_text)
             unchecked = {"dtype", "architectures", "transformers_version"}  # load options transformers rewrites
-            target = edited["quantization_config"] if kind == "quant_field" else {k: v for k, v in edited.items()
-                                                                                  if k not in unchecked | {"quantization_config"}}
+            target = (
+                edited["quantization_config"]
+                if kind == "quant_field"
+                else {k: v for k, v in edited.items() if k not in unchecked | {"quantization_config"}}
+            )
             what = mutate_json(target, rng)
             if kind == "model_field":
                 edited.update(target)

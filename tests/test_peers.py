@@ -88,7 +88,16 @@ def test_hqq_layer_equals_the_library_dequantization():
 
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
     lut = hqq_lut(w, 3, 32)
-    w_q, meta = Quantizer.quantize(w, nbits=3, channel_wise=True, group_size=32, optimize=True, axis=1, bitpack=False,
-                                   device="cpu", compute_dtype=torch.float32)
+    w_q, meta = Quantizer.quantize(
+        w,
+        nbits=3,
+        channel_wise=True,
+        group_size=32,
+        optimize=True,
+        axis=1,
+        bitpack=False,
+        device="cpu",
+        compute_dtype=torch.float32,
+    )
     torch.testing.assert_close(lut(), Quantizer.dequantize(w_q, meta), rtol=0, atol=2e-3 * w.abs().max().item())
     assert lut.lo.shape == (32, 1) and lut.lo.dtype == torch.float16

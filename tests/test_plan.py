@@ -23,7 +23,9 @@ def test_modes_are_ordered_as_their_memory(plans):
     assert host["marshal+shard"] == host["marshal"]  # one GPU: nothing to shard (4 GPUs below)
     assert plans[4]["parts_gib"]["states"] == pytest.approx(plans[1]["parts_gib"]["states"] / 4)
     host4 = {r["mode"]: r["host_gib"] for r in plans[4]["modes"]}
-    assert host4["marshal+shard"] < host["marshal+shard"] and host4["marshal+unique+shard"] < host["marshal+unique+shard"]
+    assert (
+        host4["marshal+shard"] < host["marshal+shard"] and host4["marshal+unique+shard"] < host["marshal+unique+shard"]
+    )
 
 
 def test_fused_dkm_costs_tables_per_tensor_not_bytes_per_weight():

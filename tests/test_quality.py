@@ -1,6 +1,6 @@
 """Quality targets of the default job on the bundled stories260K (slow: two full `edkm compress` runs).
 
-    bash scripts/test.sh --slow -k quality
+bash scripts/test.sh --slow -k quality
 """
 
 import json

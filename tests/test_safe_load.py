@@ -1,4 +1,5 @@
-"""Crafted packed files are refused with one clear FormatError; files get the usual permissions; resume never unpickles code."""
+"""Crafted packed files are refused with one clear FormatError; files get the usual permissions;
+resume never unpickles code."""
 
 import json
 import os
@@ -44,20 +45,27 @@ def craft(path, out, edit_header=None, edit_tensors=None):
     return out
 
 
-@pytest.mark.parametrize("edit_header,edit_tensors,message", [
-    (None, lambda t: t.update({"1.lut": t["1.lut"][:, :4].contiguous()}), r"'1.lut' is F16 \[1, 4\], expected F16 \[1, 8\]"),
-    (lambda h: h["layers"]["1"].update(bits=2), None, r"'1.lut' is F16 \[1, 8\], expected F16 \[1, 4\]"),
-    (lambda h: h["layers"]["1"].update(dtype="__import__('os')"), None, "dtype must be one of"),
-    (lambda h: h["aliases"].update({"2.extra": "missing.key"}), None, "alias '2.extra' points to 'missing.key'"),
-    (lambda h: h["layers"]["1"].update(shape=[1 << 40, 1 << 40]), None, "more than any real weight"),
-    (lambda h: h["layers"]["1"].update(groups=5), None, "5 groups do not divide"),
-    (lambda h: h["layers"]["1"].update(modules=["1", "0"]), None, "module '0' is listed by layers"),
-    (lambda h: h["layers"]["1"].update(modules=["1", "7"]), None, "no module '7'"),
-    (lambda h: h.update(version="3"), None, "version must be an integer"),
-    (None, lambda t: t.update({"1.lut": torch.full_like(t["1.lut"], float("nan"))}), "NaN or infinite"),
-    (None, lambda t: t.update({"1.bias": torch.zeros(33)}), r"'1.bias' has shape \[33\], the model expects \[32\]"),
-    (None, lambda t: t.update({"extra": torch.zeros(1)}), r"unexpected \['extra'\]"),
-])
+@pytest.mark.parametrize(
+    "edit_header,edit_tensors,message",
+    [
+        (
+            None,
+            lambda t: t.update({"1.lut": t["1.lut"][:, :4].contiguous()}),
+            r"'1.lut' is F16 \[1, 4\], expected F16 \[1, 8\]",
+        ),
+        (lambda h: h["layers"]["1"].update(bits=2), None, r"'1.lut' is F16 \[1, 8\], expected F16 \[1, 4\]"),
+        (lambda h: h["layers"]["1"].update(dtype="__import__('os')"), None, "dtype must be one of"),
+        (lambda h: h["aliases"].update({"2.extra": "missing.key"}), None, "alias '2.extra' points to 'missing.key'"),
+        (lambda h: h["layers"]["1"].update(shape=[1 << 40, 1 << 40]), None, "more than any real weight"),
+        (lambda h: h["layers"]["1"].update(groups=5), None, "5 groups do not divide"),
+        (lambda h: h["layers"]["1"].update(modules=["1", "0"]), None, "module '0' is listed by layers"),
+        (lambda h: h["layers"]["1"].update(modules=["1", "7"]), None, "no module '7'"),
+        (lambda h: h.update(version="3"), None, "version must be an integer"),
+        (None, lambda t: t.update({"1.lut": torch.full_like(t["1.lut"], float("nan"))}), "NaN or infinite"),
+        (None, lambda t: t.update({"1.bias": torch.zeros(33)}), r"'1.bias' has shape \[33\], the model expects \[32\]"),
+        (None, lambda t: t.update({"extra": torch.zeros(1)}), r"unexpected \['extra'\]"),
+    ],
+)
 def test_crafted_files_refused_with_one_clear_error(saved, tmp_path, edit_header, edit_tensors, message):
     bad = craft(saved, tmp_path / "bad.safetensors", edit_header, edit_tensors)
     with pytest.raises(FormatError, match=message):
@@ -77,11 +85,19 @@ def gpt2_saved(tmp_path_factory, tiny_causal_lm):
     return root
 
 
-@pytest.mark.parametrize("edit_layers,message", [
-    (lambda layers: layers[CONV]["modules"].append("transformer.h.0.ln_1"),
-     "module 'transformer.h.0.ln_1' is a LayerNorm, not a Linear, Conv1D or Embedding"),
-    (lambda layers: layers[CONV].update(shape=[32, 128]), rf"module '{CONV}' has weight shape \[128, 32\], the file \[32, 128\]"),
-])
+@pytest.mark.parametrize(
+    "edit_layers,message",
+    [
+        (
+            lambda layers: layers[CONV]["modules"].append("transformer.h.0.ln_1"),
+            "module 'transformer.h.0.ln_1' is a LayerNorm, not a Linear, Conv1D or Embedding",
+        ),
+        (
+            lambda layers: layers[CONV].update(shape=[32, 128]),
+            rf"module '{CONV}' has weight shape \[128, 32\], the file \[32, 128\]",
+        ),
+    ],
+)
 def test_crafted_conv1d_model_refused(gpt2_saved, tmp_path, tiny_causal_lm, edit_layers, message):
     """Conv1D layers load (shape checked output channels first), but a LUT never lands in a norm layer or a
     transposed shape, whichever loader reads the file: built from its config, into a given model, from_pretrained."""
@@ -105,8 +121,10 @@ def test_crafted_conv1d_model_refused(gpt2_saved, tmp_path, tiny_causal_lm, edit
 
 def test_header_is_covered_by_the_checksum(saved, tmp_path):
     raw = saved.read_bytes()
-    start = raw.index(b'palettize_config')
-    edited = raw[:start] + raw[start:].replace(b'"cluster_dtype\\": \\"bfloat16\\"', b'"cluster_dtype\\": \\"bfloat32\\"', 1)
+    start = raw.index(b"palettize_config")
+    edited = raw[:start] + raw[start:].replace(
+        b'"cluster_dtype\\": \\"bfloat16\\"', b'"cluster_dtype\\": \\"bfloat32\\"', 1
+    )
     assert edited != raw and len(edited) == len(raw)
     (tmp_path / "e.safetensors").write_bytes(edited)
     with pytest.raises(FormatError, match="checksum mismatch"):
@@ -147,6 +165,13 @@ def test_resume_refuses_pickled_code(tmp_path):
     model = nn.Linear(4, 4)
     data = torch.randn(8, 4)
     with pytest.raises(ValueError, match="not a readable edkm checkpoint"):
-        train(lambda x, y: ((model(x) - y) ** 2).sum(), model, data, data, TrainConfig(steps=2, batch_size=4, progress=False),
-              tmp_path / "ckpt.pt", resume=True)
+        train(
+            lambda x, y: ((model(x) - y) ** 2).sum(),
+            model,
+            data,
+            data,
+            TrainConfig(steps=2, batch_size=4, progress=False),
+            tmp_path / "ckpt.pt",
+            resume=True,
+        )
     assert not sentinel.exists()

@@ -79,4 +79,3 @@ def test_shard_without_process_group_is_a_clear_error():
     with pytest.raises(RuntimeError, match="sharding needs torch.distributed initialised"):
         edkm.dkm(w.float(), torch.linspace(-1, 1, 4), tau=0.01, iters=1, memory="shard")
     assert str(parse_memory("auto").resolve(torch.randn(8, 8))) == "marshal"  # auto: no group, no shard
-

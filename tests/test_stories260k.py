@@ -77,7 +77,13 @@ def test_bundled_originals_are_unmodified():
 def test_checkpoint_header_and_rope_convention(reference):
     config, weights, _ = reference
     assert config == dict(
-        dim=64, hidden_dim=172, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, seq_len=512,
+        dim=64,
+        hidden_dim=172,
+        n_layers=5,
+        n_heads=8,
+        n_kv_heads=4,
+        vocab_size=512,
+        seq_len=512,
         shared_classifier=True,
     )
     assert sum(v.numel() for k, v in weights.items() if not k.startswith("freq_cis")) == 260_032

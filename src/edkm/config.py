@@ -1,4 +1,5 @@
-"""`PalettizeConfig`: what to cluster and how finely (the memory mode is an option of ``palettize_``: it changes no value).
+"""`PalettizeConfig`: what to cluster and how finely (the memory mode is an option of ``palettize_``:
+it changes no value).
 
 ``tau`` is relative to each tensor's own scale so that one value works for every layer and bit
 width: the absolute temperature of a LUT is ``tau * s`` where ``s`` is the median squared gap
@@ -114,7 +115,9 @@ class PalettizeConfig(LayerSpec):
             raise ValueError(f"config format version {version} is newer than this edkm supports ({FORMAT_VERSION})")
         if version < 2:  # version 1 kept the memory mode (which changes no value) among the layer fields
             data.pop("memory", None)
-            data["overrides"] = {k: {f: v for f, v in o.items() if f != "memory"} for k, o in data.get("overrides", {}).items()}
+            data["overrides"] = {
+                k: {f: v for f, v in o.items() if f != "memory"} for k, o in data.get("overrides", {}).items()
+            }
         return cls(**data)
 
 

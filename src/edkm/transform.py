@@ -35,11 +35,16 @@ from edkm.memory.plan import parse_memory
 
 
 def target_modules(model: nn.Module, config: PalettizeConfig) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every layer ``config`` clusters: its ``modules`` kinds (see :func:`edkm.layers.base.layer_kind`:
-    Linear includes transformers' Conv1D, subclasses included), after ``include`` / ``exclude``."""
+    """(name, module) of every layer ``config`` clusters: its ``modules`` kinds
+    (see :func:`edkm.layers.base.layer_kind`: Linear includes transformers' Conv1D, subclasses included),
+    after ``include`` / ``exclude``."""
     found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if layer_kind(m) in config.modules]
     names = [n for n, _ in found]
-    for kind, patterns in (("include", config.include or []), ("exclude", config.exclude), ("overrides", config.overrides)):
+    for kind, patterns in (
+        ("include", config.include or []),
+        ("exclude", config.exclude),
+        ("overrides", config.overrides),
+    ):
         for pattern in patterns:
             if not any(matches(pattern, n) for n in names):
                 raise ValueError(
@@ -66,15 +71,18 @@ def weight_plans(model: nn.Module, config: PalettizeConfig) -> list[tuple[list[t
     plans = []
     for modules in groups.values():
         if len({is_transposed(m) for _, m in modules}) > 1:
-            raise ValueError(f"tied weight of {[n for n, _ in modules]} is used in two layouts (Conv1D and Linear): cannot cluster it")
+            raise ValueError(
+                f"tied weight of {[n for n, _ in modules]} is used in two layouts (Conv1D and Linear): "
+                "cannot cluster it"
+            )
         specs = [config.for_module(name) for name, _ in modules]
         plans.append((modules, max(specs, key=lambda spec: spec.bits)))  # max keeps the first of equal bits
     return plans
 
 
-
-def palettize_(model: nn.Module, config: PalettizeConfig | None = None, *,
-               memory: str | Mapping[str, str] = "auto") -> nn.Module:
+def palettize_(
+    model: nn.Module, config: PalettizeConfig | None = None, *, memory: str | Mapping[str, str] = "auto"
+) -> nn.Module:
     """Prepare ``model`` in place for train-time clustering; returns it.
 
     ``memory``: the eDKM memory mode of every clustered weight ("auto", "plain", "fused", "marshal+unique+shard",
@@ -162,4 +170,8 @@ def clustered_fraction(model: nn.Module) -> float:
 
 def unclustered_weights(model: nn.Module) -> list[str]:
     """Names of parameters of two or more dimensions left in floating point (weights nothing clusters)."""
-    return [n for n, p in model.named_parameters() if p.dim() >= 2 and not isinstance(model.get_submodule(n.rpartition(".")[0]), DKMModule)]
+    return [
+        n
+        for n, p in model.named_parameters()
+        if p.dim() >= 2 and not isinstance(model.get_submodule(n.rpartition(".")[0]), DKMModule)
+    ]

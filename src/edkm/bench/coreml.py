@@ -43,8 +43,11 @@ def measure_coremltools(opts: BenchOptions, log: Log = print) -> dict:
     p = opts.projections
     need = coreml_estimate_bytes(opts)
     if need > opts.memory_limit_gib * GiB:
-        return error_row("coremltools", 1, f"not measured: one layer needs ~{need / GiB:.1f} GiB, "
-                                           f"over the {opts.memory_limit_gib:g} GiB memory limit")
+        return error_row(
+            "coremltools",
+            1,
+            f"not measured: one layer needs ~{need / GiB:.1f} GiB, over the {opts.memory_limit_gib:g} GiB memory limit",
+        )
     wait_for_memory(need, log)
     try:
         r = ref.measure_coreml(tuple(opts.shape), opts.bits, dtype="bfloat16", timeout=opts.timeout, missing_ok=True)

@@ -20,8 +20,13 @@ from edkm.bench.report import error_row, log_row
 
 def _rank_env(rank: int, world: int, threads: int) -> dict[str, str]:
     """The environment of one rank: torchrun's variables, OpenMP threads = cores / ranks."""
-    return child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                     OMP_NUM_THREADS=str(threads))
+    return child_env(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        OMP_NUM_THREADS=str(threads),
+    )
 
 
 def measure_config(config: str, opts: BenchOptions, ranks: int = 1, log: Log = print) -> dict:
@@ -43,8 +48,19 @@ def measure_config(config: str, opts: BenchOptions, ranks: int = 1, log: Log = p
     return row
 
 
-_SUMMED = ("footprint", "device_bytes", "host_bytes", "copied_bytes", "saved", "stored", "referenced",
-           "seconds", "forward_seconds", "cpu_seconds", "init_seconds")
+_SUMMED = (
+    "footprint",
+    "device_bytes",
+    "host_bytes",
+    "copied_bytes",
+    "saved",
+    "stored",
+    "referenced",
+    "seconds",
+    "forward_seconds",
+    "cpu_seconds",
+    "init_seconds",
+)
 
 
 def _sum_units(res: dict) -> dict:
@@ -134,9 +150,8 @@ def extrapolate(row: dict, to_ranks: int, opts: BenchOptions) -> dict:
     else:  # many maps of lengths that are multiples of numel
         new_part = int(round(part * n_from / to_ranks))
         exact = opts.numel % (n_from * to_ranks) == 0
-        how = (
-            f"measured at {n_from} ranks with its map shards ({part} B) scaled by {n_from}/{to_ranks}"
-            + (" (exact: every sharded length is a multiple of both rank counts)" if exact else " (ignores padding)")
+        how = f"measured at {n_from} ranks with its map shards ({part} B) scaled by {n_from}/{to_ranks}" + (
+            " (exact: every sharded length is a multiple of both rank counts)" if exact else " (ignores padding)"
         )
     delta = new_part - part
     return {

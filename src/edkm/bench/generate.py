@@ -42,8 +42,16 @@ CONFIGS: dict[str, tuple[str, Any, int | None, str | None, dict[str, str]]] = {
     "packed3-int8": ("packed", 3, None, "int8", {}),
 }
 MODELS = ("llama150m", "stories260k")
-LLAMA150M = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                 num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+LLAMA150M = dict(
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
 
 
 def subset(text: str, allowed: Any, what: str) -> list[str]:
@@ -54,15 +62,18 @@ def subset(text: str, allowed: Any, what: str) -> list[str]:
     return names
 
 
-
-
 def run_child(args: list[str], env_extra: dict[str, str], timeout: float) -> dict:
     """``python -m edkm.bench.generate_child *args RESULT`` in a fresh interpreter; its JSON result."""
     with tempfile.TemporaryDirectory(prefix="edkm_generate_") as tmp:
         path = os.path.join(tmp, "result.json")
         env = child_env(**env_extra)
-        proc = subprocess.run([sys.executable, "-m", "edkm.bench.generate_child", *args, path], env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", "edkm.bench.generate_child", *args, path],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if proc.returncode != 0 or not os.path.exists(path):
             raise RuntimeError(f"measurement process failed ({proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}")
         return json.loads(Path(path).read_text())
@@ -87,14 +98,26 @@ def run_generate_benchmark(args: Any) -> dict:
         for config in configs:
             kind, what, embed_bits, kernel, env = CONFIGS[config]
             path = info["dense_dir"] if kind == "dense" else str(work / model / packed_name(what, embed_bits))
-            child = {"kind": kind, "path": path, "dtype": what if kind == "dense" else None, "kernel": kernel,
-                     "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "threads": args.threads, "seed": 0}
+            child = {
+                "kind": kind,
+                "path": path,
+                "dtype": what if kind == "dense" else None,
+                "kernel": kernel,
+                "prompt_tokens": args.prompt_tokens,
+                "new_tokens": args.new_tokens,
+                "threads": args.threads,
+                "seed": 0,
+            }
             print(f"[{model}] {config} ...", file=sys.stderr, flush=True)
             try:
-                row = run_child(["measure", json.dumps(child)], {**env, "OMP_NUM_THREADS": str(args.threads)}, args.timeout)
+                row = run_child(
+                    ["measure", json.dumps(child)], {**env, "OMP_NUM_THREADS": str(args.threads)}, args.timeout
+                )
             except (RuntimeError, subprocess.TimeoutExpired) as err:
                 row = {"error": str(err)[-1000:]}
-            row.update(config=config, file_bytes=info["file_bytes"].get(Path(path).name if kind == "packed" else "dense"))
+            row.update(
+                config=config, file_bytes=info["file_bytes"].get(Path(path).name if kind == "packed" else "dense")
+            )
             rows.append(row)
             print(f"  {summary_line(row)}", file=sys.stderr, flush=True)
         out_models[model] = {**{k: v for k, v in info.items() if k != "dense_dir"}, "results": rows}
@@ -102,13 +125,19 @@ def run_generate_benchmark(args: Any) -> dict:
             print("[llama150m] kernel profile ...", file=sys.stderr, flush=True)
             shapes = [[2816, 1024], [1024, 2816], [1024, 1024], [32000, 1024]]
             spec = {"shapes": shapes, "bits": [3, 4, 8], "repeats": 5, "threads": args.threads}
-            out_models[model]["kernel_profile"] = run_child(["profile", json.dumps(spec)], {"OMP_NUM_THREADS": str(args.threads)},
-                                                            args.timeout)
+            out_models[model]["kernel_profile"] = run_child(
+                ["profile", json.dumps(spec)], {"OMP_NUM_THREADS": str(args.threads)}, args.timeout
+            )
     result = {
-        "models": out_models, "targets": {m: targets(v) for m, v in out_models.items()},
-        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "threads": args.threads,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores", "command": " ".join(["edkm", *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "wall_seconds": time.time() - t0,
+        "models": out_models,
+        "targets": {m: targets(v) for m, v in out_models.items()},
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "threads": args.threads,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "command": " ".join(["edkm", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "wall_seconds": time.time() - t0,
     }
     write_outputs(result, args)
     return result
@@ -117,9 +146,11 @@ def run_generate_benchmark(args: Any) -> dict:
 def summary_line(row: dict) -> str:
     if "error" in row:
         return f"{row['config']}: ERROR {row['error'][-300:]}"
-    return (f"{row['config']}: {row['decode_tokens_per_second']:.2f} tok/s, TTFT {row['ttft_seconds']:.2f} s, "
-            f"weights {row['weight_bytes'] / MiB:.1f} MiB, load {row['load_seconds']:.2f} s "
-            f"(peak +{row['load_peak_rss_bytes'] / MiB:.0f} MiB), load avg {row['loadavg_1min']:.1f}")
+    return (
+        f"{row['config']}: {row['decode_tokens_per_second']:.2f} tok/s, TTFT {row['ttft_seconds']:.2f} s, "
+        f"weights {row['weight_bytes'] / MiB:.1f} MiB, load {row['load_seconds']:.2f} s "
+        f"(peak +{row['load_peak_rss_bytes'] / MiB:.0f} MiB), load avg {row['loadavg_1min']:.1f}"
+    )
 
 
 def targets(model: dict) -> dict[str, dict]:
@@ -135,8 +166,11 @@ def targets(model: dict) -> dict[str, dict]:
         out[name] = {
             "decode vs fp32 >= 0.8": {"value": speed, "met": speed >= 0.8},
             "weights vs fp32 <= 0.25": {"value": weights, "met": weights <= 0.25},
-            "load peak <= file + largest weight fp32": {"value": r["load_peak_rss_bytes"], "limit": allowed,
-                                                         "met": r["load_peak_rss_bytes"] <= allowed},
+            "load peak <= file + largest weight fp32": {
+                "value": r["load_peak_rss_bytes"],
+                "limit": allowed,
+                "met": r["load_peak_rss_bytes"] <= allowed,
+            },
         }
     return out
 
@@ -146,42 +180,60 @@ def format_markdown(result: dict) -> str:
     for model, data in result["models"].items():
         rows = {r["config"]: r for r in data["results"]}
         fp32 = rows.get("fp32", {})
-        lines += [f"**{model}** ({data['params'] / 1e6:.1f} M parameters)", "",
-                  "| config | file MiB | weights MiB | vs fp32 | load s | load peak MiB | peak MiB | warm-up s | TTFT s | decode tok/s | vs fp32 | logits err | load avg |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            f"**{model}** ({data['params'] / 1e6:.1f} M parameters)",
+            "",
+            "| config | file MiB | weights MiB | vs fp32 | load s | load peak MiB | peak MiB | warm-up s "
+            "| TTFT s | decode tok/s | vs fp32 | logits err | load avg |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for name, r in rows.items():
             if "error" in r:
                 lines.append(f"| {name} | error: {r['error'][-120:]!r} |")
                 continue
-            ratio = lambda k: f"{r[k] / fp32[k]:.2f}x" if fp32.get(k) else "-"  # noqa: E731
+            ratio = lambda k, r=r, fp32=fp32: f"{r[k] / fp32[k]:.2f}x" if fp32.get(k) else "-"  # noqa: E731
             err = r.get("logits_rel_error_gemv")
             err_s = "-" if err is None else f"{max(err, r['logits_rel_error_prefill']):.1e}"
             lines.append(
-                f"| {name} | {(r['file_bytes'] or 0) / MiB:,.1f} | {r['weight_bytes'] / MiB:,.1f} | {ratio('weight_bytes')} | "
-                f"{r['load_seconds']:.2f} | {r['load_peak_rss_bytes'] / MiB:,.0f} | {r.get('peak_rss_bytes', 0) / MiB:,.0f} | "
+                f"| {name} | {(r['file_bytes'] or 0) / MiB:,.1f} | {r['weight_bytes'] / MiB:,.1f} | "
+                f"{ratio('weight_bytes')} | "
+                f"{r['load_seconds']:.2f} | {r['load_peak_rss_bytes'] / MiB:,.0f} | "
+                f"{r.get('peak_rss_bytes', 0) / MiB:,.0f} | "
                 f"{r['warmup_seconds']:.1f} | "
-                f"{r['ttft_seconds']:.2f} | {r['decode_tokens_per_second']:.2f} | {ratio('decode_tokens_per_second')} | "
-                f"{err_s} | {r['loadavg_1min']:.1f} |")
+                f"{r['ttft_seconds']:.2f} | {r['decode_tokens_per_second']:.2f} | "
+                f"{ratio('decode_tokens_per_second')} | "
+                f"{err_s} | {r['loadavg_1min']:.1f} |"
+            )
         lines.append("")
         profile = data.get("kernel_profile")
         if profile:
             bits = [k for k in profile["rows"][0] if k.endswith("bit")]
-            lines += [f"Kernel profile, batch 1, ms per Linear (dense fp32 vs packed, interleaved; load {profile['loadavg_1min']:.1f}):", "",
-                      "| shape | dense fp32 | " + " | ".join(f"packed {b}" for b in bits) + " |",
-                      "| --- | ---: | " + " | ".join("---:" for _ in bits) + " |"]
+            lines += [
+                "Kernel profile, batch 1, ms per Linear (dense fp32 vs packed, interleaved; "
+                f"load {profile['loadavg_1min']:.1f}):",
+                "",
+                "| shape | dense fp32 | " + " | ".join(f"packed {b}" for b in bits) + " |",
+                "| --- | ---: | " + " | ".join("---:" for _ in bits) + " |",
+            ]
             for r in profile["rows"]:
                 dense = min(r[b]["dense_ms"] for b in bits)
                 cells = " | ".join(f"{r[b]['packed_ms']:.2f} ({r[b]['packed_ns_per_weight']:.2f} ns/w)" for b in bits)
                 lines.append(f"| {r['shape'][0]} x {r['shape'][1]} | {dense:.2f} | {cells} |")
             lines.append("")
         for config, checks in result["targets"].get(model, {}).items():
-            marks = ", ".join(f"{k}: {'met' if v['met'] else 'MISSED'} ({v['value'] / MiB:,.1f} MiB <= {v['limit'] / MiB:,.1f})"
-                              if "limit" in v else f"{k}: {'met' if v['met'] else 'MISSED'} ({v['value']:.4f})"
-                              for k, v in checks.items())
+            marks = ", ".join(
+                f"{k}: {'met' if v['met'] else 'MISSED'} ({v['value'] / MiB:,.1f} MiB <= {v['limit'] / MiB:,.1f})"
+                if "limit" in v
+                else f"{k}: {'met' if v['met'] else 'MISSED'} ({v['value']:.4f})"
+                for k, v in checks.items()
+            )
             lines.append(f"- {config}: {marks}")
         lines.append("")
-    lines.append(f"{result['threads']} thread per process, each configuration in its own process; {result['prompt_tokens']}-token "
-                 f"prompt, {result['new_tokens']} greedy tokens; `{result['command']}` on {result['date']}.")
+    lines.append(
+        f"{result['threads']} thread per process, each configuration in its own process; "
+        f"{result['prompt_tokens']}-token "
+        f"prompt, {result['new_tokens']} greedy tokens; `{result['command']}` on {result['date']}."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -198,6 +250,5 @@ def write_outputs(result: dict, args: Any) -> None:
         if start not in text or end not in text:
             raise ValueError(f"{readme} has no '<!-- generate table -->' ... '<!-- /generate table -->' section")
         head, rest = text.split(start, 1)
-        write_text(readme, head + start + md + rest[rest.index(end):])
+        write_text(readme, head + start + md + rest[rest.index(end) :])
     print(f"wrote {out}" + (f" and {args.readme}" if args.readme else ""), file=sys.stderr)
-

@@ -1,6 +1,8 @@
-"""``edkm bench generate`` work in a fresh process: ``python -m edkm.bench.generate_child prepare|measure SPEC OUT``.
+"""``edkm bench generate`` work in a fresh process:
+``python -m edkm.bench.generate_child prepare|measure SPEC OUT``.
 
-``prepare`` saves the dense and packed models (:func:`prepare`). ``measure`` loads one model (dense Hugging Face folder in fp32 or bf16, or a packed file), then measures, with
+``prepare`` saves the dense and packed models (:func:`prepare`). ``measure`` loads one model (dense
+Hugging Face folder in fp32 or bf16, or a packed file), then measures, with
 ``torch.set_num_threads(spec["threads"])``: load time and the peak RSS it added; warm-up (first
 generation: kernel compilation); time to first token (one forward over a ``prompt_tokens`` prompt
 and the arg-max); greedy batch-1 decode tokens/s over ``new_tokens`` tokens with a KV cache; the
@@ -39,7 +41,9 @@ from edkm.peers.baselines import ptq_kmeans_
 def tensor_bytes(model: Any) -> dict[str, int]:
     """Bytes of the model's distinct parameter/buffer storages (and int8 re-grids): total and by dtype."""
     seen: dict[int, Any] = {}
-    extra = [t for m in model.modules() if isinstance(m, LUTWeight) and m.int8 is not None for t in (m.int8.q, m.int8.scales)]
+    extra = [
+        t for m in model.modules() if isinstance(m, LUTWeight) and m.int8 is not None for t in (m.int8.q, m.int8.scales)
+    ]
     for t in [*model.parameters(), *model.buffers(), *extra]:
         if t.device.type != "meta":
             seen.setdefault(t.untyped_storage().data_ptr(), t)
@@ -59,7 +63,9 @@ def load(spec: dict) -> Any:
     # deferred: transformers is the hf extra (the kernel profile runs without it)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(spec["path"], dtype=getattr(torch, spec["dtype"]), local_files_only=True)
+    return AutoModelForCausalLM.from_pretrained(
+        spec["path"], dtype=getattr(torch, spec["dtype"]), local_files_only=True
+    )
 
 
 def greedy(model: Any, prompt: Any, new_tokens: int) -> tuple[float, list[float], Any]:
@@ -82,7 +88,7 @@ def greedy(model: Any, prompt: Any, new_tokens: int) -> tuple[float, list[float]
 class DecodeCounter:
     """Counts whole-weight decodes (``edkm.decode`` calls from the LUT layers and kernels) while active."""
 
-    def __enter__(self) -> "DecodeCounter":
+    def __enter__(self) -> DecodeCounter:
         self.modules, self.count = (lut, linear), 0
         self.original = lut.decode
 
@@ -116,8 +122,13 @@ def measure(spec: dict) -> dict[str, Any]:
     weights = tensor_bytes(model)
     gen = torch.Generator().manual_seed(spec["seed"])
     prompt = torch.randint(3, model.config.vocab_size, (1, spec["prompt_tokens"]), generator=gen)
-    result: dict[str, Any] = {"load_seconds": load_s, "load_peak_rss_bytes": load_peak, "rss_after_load_bytes": after_load,
-                              "weight_bytes": weights["total"], "weight_bytes_by_dtype": weights}
+    result: dict[str, Any] = {
+        "load_seconds": load_s,
+        "load_peak_rss_bytes": load_peak,
+        "rss_after_load_bytes": after_load,
+        "weight_bytes": weights["total"],
+        "weight_bytes_by_dtype": weights,
+    }
     with torch.no_grad():
         t = time.perf_counter()
         greedy(model, prompt[:, :8], 3)  # warm-up: compiles the packed kernels (one per shape)
@@ -125,9 +136,11 @@ def measure(spec: dict) -> dict[str, Any]:
         with DecodeCounter() as decodes:
             ttft, steps, logits = greedy(model, prompt, spec["new_tokens"])
         result.update(
-            ttft_seconds=ttft, decode_tokens_per_second=len(steps) / sum(steps) if steps else None,
+            ttft_seconds=ttft,
+            decode_tokens_per_second=len(steps) / sum(steps) if steps else None,
             decode_step_seconds_median=sorted(steps)[len(steps) // 2] if steps else None,
-            whole_weight_decodes=decodes.count, peak_rss_bytes=peak_rss_bytes() - baseline,
+            whole_weight_decodes=decodes.count,
+            peak_rss_bytes=peak_rss_bytes() - baseline,
             loadavg_1min=os.getloadavg()[0],
         )
         if spec["kind"] == "packed":
@@ -166,8 +179,12 @@ def prepare(spec: dict) -> dict[str, Any]:
             del packed
         files[name] = path.stat().st_size
     weights = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2]
-    return {"dense_dir": str(dense_dir), "file_bytes": files, "params": sum(p.numel() for p in model.parameters()),
-            "largest_weight_fp32_bytes": max(p.numel() for p in weights) * 4}
+    return {
+        "dense_dir": str(dense_dir),
+        "file_bytes": files,
+        "params": sum(p.numel() for p in model.parameters()),
+        "largest_weight_fp32_bytes": max(p.numel() for p in weights) * 4,
+    }
 
 
 def kernel_profile(spec: dict) -> dict[str, Any]:
@@ -184,13 +201,23 @@ def kernel_profile(spec: dict) -> dict[str, Any]:
         dense = [torch.randn(rows_, cols, generator=gen) * 0.02 for _ in range(n)]
         timings: dict[str, Any] = {"shape": [rows_, cols]}
         for bits in spec["bits"]:
-            packed = [LUTWeight((torch.randn(1, 1 << bits, generator=gen) * 0.02).half(),
-                                torch.randint(0, 1 << bits, (1, rows_ * cols), generator=gen).to(torch.uint8),
-                                torch.Size([rows_, cols]), bits, torch.float32) for _ in range(n)]
+            packed = [
+                LUTWeight(
+                    (torch.randn(1, 1 << bits, generator=gen) * 0.02).half(),
+                    torch.randint(0, 1 << bits, (1, rows_ * cols), generator=gen).to(torch.uint8),
+                    torch.Size([rows_, cols]),
+                    bits,
+                    torch.float32,
+                )
+                for _ in range(n)
+            ]
             with torch.no_grad():
                 for w in packed:
                     w.linear(x)  # compile
-                calls = {"dense": [partial(F.linear, x, w) for w in dense], "packed": [partial(w.linear, x) for w in packed]}
+                calls = {
+                    "dense": [partial(F.linear, x, w) for w in dense],
+                    "packed": [partial(w.linear, x) for w in packed],
+                }
                 best = {"dense": float("inf"), "packed": float("inf")}
                 for _ in range(spec["repeats"]):
                     for name, fns in calls.items():
@@ -198,9 +225,12 @@ def kernel_profile(spec: dict) -> dict[str, Any]:
                         for fn in fns:
                             fn()
                         best[name] = min(best[name], (time.perf_counter() - t) / n)
-            timings[f"{bits}bit"] = {"dense_ms": best["dense"] * 1e3, "packed_ms": best["packed"] * 1e3,
-                                     "packed_ns_per_weight": best["packed"] * 1e9 / (rows_ * cols),
-                                     "dense_ns_per_weight": best["dense"] * 1e9 / (rows_ * cols)}
+            timings[f"{bits}bit"] = {
+                "dense_ms": best["dense"] * 1e3,
+                "packed_ms": best["packed"] * 1e3,
+                "packed_ns_per_weight": best["packed"] * 1e9 / (rows_ * cols),
+                "dense_ns_per_weight": best["dense"] * 1e9 / (rows_ * cols),
+            }
             del packed, calls
         rows.append(timings)
     return {"rows": rows, "loadavg_1min": os.getloadavg()[0], "threads": torch.get_num_threads()}

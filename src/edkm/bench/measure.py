@@ -122,9 +122,7 @@ def _measure_unit(spec: dict, unit: list[int]) -> dict:
     load0 = _loadavg()
     c0, t0 = time.process_time(), time.perf_counter()
     with track_saved(save_on_cpu=spec["save_on_cpu"]) as stats:
-        outs = [
-            dkm(w, c, tau=tau, iters=spec["iters"], memory=spec["memory"])[0] for w, c, tau in zip(ws, cs, taus)
-        ]
+        outs = [dkm(w, c, tau=tau, iters=spec["iters"], memory=spec["memory"])[0] for w, c, tau in zip(ws, cs, taus)]
     t1 = time.perf_counter()
     torch.autograd.backward(outs, gs)
     t2, c2 = time.perf_counter(), time.process_time()
@@ -249,8 +247,11 @@ def launch(specs: list[dict], envs: list[dict], timeout: float) -> list[dict]:
             path = os.path.join(tmp, f"result{i}.json")
             paths.append(path)
             cmd = [sys.executable, "-m", "edkm.bench._child", json.dumps(spec), path]
-            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                          start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+                )
+            )
         outputs, deadline = [], time.monotonic() + timeout
         try:
             for p in procs:

@@ -104,7 +104,8 @@ def run(opts: BenchOptions, log: Log | None = None) -> dict:
         "machine": _machine(),
         "torch": torch.__version__,
         "note": "",
-        "case": "one LLaMA-7B attention block (q, k, v, o)" if tuple(opts.shape) == (4096, 4096) and opts.projections == 4
+        "case": "one LLaMA-7B attention block (q, k, v, o)"
+        if tuple(opts.shape) == (4096, 4096) and opts.projections == 4
         else f"{opts.projections} projection(s)",
         "tau_relative": opts.tau,
         "weights": f"synthetic Gaussian std {opts.std} -> bf16, seed {opts.seed}",

@@ -7,7 +7,8 @@ config (random weights, fp32), palettize it (except "plain-ft"), and run two who
 (forward, cross-entropy, backward, AdamW step); the measured figure is the peak RSS above the RSS
 before the model was built, after one step of a tiny model has initialised the libraries, with
 ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors go back to the system (RSS then follows the
-live tensors rather than glibc's heap high-water mark). The estimate is :func:`edkm.jobs.plan.estimate` for one GPU, fp32 compute.
+live tensors rather than glibc's heap high-water mark). The estimate is :func:`edkm.jobs.plan.estimate`
+for one GPU, fp32 compute.
 """
 
 from __future__ import annotations
@@ -27,12 +28,24 @@ from edkm.jobs.plan import PlanOptions, estimate
 from edkm.transform import palettize_
 
 CONFIGS = {
-    "llama-h256-l4": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, vocab_size=2048),
-    "llama-h512-l2": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=2, num_attention_heads=8, vocab_size=4096),
-    "llama-h128-l2": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4, vocab_size=512),
+    "llama-h256-l4": dict(
+        hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, vocab_size=2048
+    ),
+    "llama-h512-l2": dict(
+        hidden_size=512, intermediate_size=1376, num_hidden_layers=2, num_attention_heads=8, vocab_size=4096
+    ),
+    "llama-h128-l2": dict(
+        hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4, vocab_size=512
+    ),
 }
-CASES = [("llama-h256-l4", "plain-ft", 4, 256), ("llama-h256-l4", "fused", 4, 256), ("llama-h512-l2", "plain-ft", 2, 256),
-         ("llama-h512-l2", "fused", 2, 256), ("llama-h128-l2", "coremltools", 2, 64), ("llama-h128-l2", "fused", 2, 64)]
+CASES = [
+    ("llama-h256-l4", "plain-ft", 4, 256),
+    ("llama-h256-l4", "fused", 4, 256),
+    ("llama-h512-l2", "plain-ft", 2, 256),
+    ("llama-h512-l2", "fused", 2, 256),
+    ("llama-h128-l2", "coremltools", 2, 64),
+    ("llama-h128-l2", "fused", 2, 64),
+]
 BITS = 3
 
 
@@ -48,8 +61,9 @@ def _warm_up() -> None:
     # deferred: transformers is the hf extra, loaded only when a model is built
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    tiny = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                        num_attention_heads=2, vocab_size=64))
+    tiny = AutoModelForCausalLM.from_config(
+        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    )
     palettize_(tiny, PalettizeConfig(bits=2))
     opt = torch.optim.AdamW(tiny.parameters())
     tiny(torch.zeros(1, 8, dtype=torch.long), labels=torch.zeros(1, 8, dtype=torch.long)).loss.backward()
@@ -87,24 +101,46 @@ def run(out: str = "benchmarks/results/plan_validation.json") -> list[dict]:
     rows = []
     for name, mode, batch, seq in CASES:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-        res = subprocess.run([sys.executable, "-m", "edkm.bench.plan_check", name, mode, str(batch), str(seq)],
-                             capture_output=True, text=True, env=env, timeout=1800)
+        res = subprocess.run(
+            [sys.executable, "-m", "edkm.bench.plan_check", name, mode, str(batch), str(seq)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=1800,
+        )
         if res.returncode:
             raise RuntimeError(f"measurement {name} {mode} failed: {res.stderr[-2000:]}")
         measured = json.loads(res.stdout.strip().splitlines()[-1])["peak"]
         opts = PlanOptions(bits=BITS, embed_bits=0, gpus=1, batch=batch, seq=seq, mixed_precision=False)
         est = next(r for r in estimate(_config(name), opts)["modes"] if r["mode"] == mode)["peak_gib"] * 2**30
-        rows.append({"config": name, **CONFIGS[name], "mode": mode, "batch": batch, "seq": seq, "measured_bytes": measured,
-                     "estimated_bytes": int(est), "error": est / measured - 1, "load_avg_1min": round(os.getloadavg()[0], 2)})
+        rows.append(
+            {
+                "config": name,
+                **CONFIGS[name],
+                "mode": mode,
+                "batch": batch,
+                "seq": seq,
+                "measured_bytes": measured,
+                "estimated_bytes": int(est),
+                "error": est / measured - 1,
+                "load_avg_1min": round(os.getloadavg()[0], 2),
+            }
+        )
         print(json.dumps(rows[-1]))
     write_json(out, {"bits": BITS, "threads": 1, "rows": rows})
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| config | mode | batch x seq | measured peak (MiB) | estimate (MiB) | error |", "| --- | --- | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['config']} | {r['mode']} | {r['batch']} x {r['seq']} | {r['measured_bytes'] / 2**20:.0f} | "
-              f"{r['estimated_bytes'] / 2**20:.0f} | {r['error']:+.1%} |" for r in rows]
+    lines = [
+        "| config | mode | batch x seq | measured peak (MiB) | estimate (MiB) | error |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {r['config']} | {r['mode']} | {r['batch']} x {r['seq']} | {r['measured_bytes'] / 2**20:.0f} | "
+        f"{r['estimated_bytes'] / 2**20:.0f} | {r['error']:+.1%} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 

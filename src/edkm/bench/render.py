@@ -19,8 +19,20 @@ from pathlib import Path
 from edkm.bench.configs import BenchOptions, MiB
 from edkm.bench.report import row_key
 
-HEADER = ["config", "ranks", "footprint MiB", "device MiB", "host MiB", "copied MiB", "peak RSS MiB",
-          "seconds", "CPU s", "load", "vs plain", "mode"]
+HEADER = [
+    "config",
+    "ranks",
+    "footprint MiB",
+    "device MiB",
+    "host MiB",
+    "copied MiB",
+    "peak RSS MiB",
+    "seconds",
+    "CPU s",
+    "load",
+    "vs plain",
+    "mode",
+]
 _LEFT = (0, 1, 11)  # left-aligned columns
 
 
@@ -56,11 +68,22 @@ def table_rows(result: dict) -> list[list[str]]:
         cpu = "-" if r.get("cpu_seconds") is None else f"{r['cpu_seconds']:.1f}"
         load = mean_load(r)
         ratio = "1x" if r["config"] == "plain" else _fmt_ratio(ratios.get(row_key(r)))
-        rows.append([
-            r["config"], ranks, _mib(r["footprint_bytes"]), _mib(r["device_bytes"]), _mib(r["host_bytes"]),
-            _mib(r["copied_bytes"]), _mib(r.get("peak_rss_bytes")), secs, cpu, "-" if load is None else f"{load:.1f}",
-            ratio, r.get("mode", "-") or "-",
-        ])
+        rows.append(
+            [
+                r["config"],
+                ranks,
+                _mib(r["footprint_bytes"]),
+                _mib(r["device_bytes"]),
+                _mib(r["host_bytes"]),
+                _mib(r["copied_bytes"]),
+                _mib(r.get("peak_rss_bytes")),
+                secs,
+                cpu,
+                "-" if load is None else f"{load:.1f}",
+                ratio,
+                r.get("mode", "-") or "-",
+            ]
+        )
     return rows
 
 

@@ -36,8 +36,10 @@ def error_row(config: str, ranks: int, why: str) -> dict[str, Any]:
 def log_row(row: dict, log: Log) -> None:
     """One progress line for a measured or failed row."""
     if row.get("measured"):
-        log(f"  {row_key(row)}: footprint {row['footprint_bytes'] / MiB:,.1f} MiB, peak RSS "
-            f"{row['peak_rss_bytes'] / MiB:,.0f} MiB, {row['seconds']:.2f} s")
+        log(
+            f"  {row_key(row)}: footprint {row['footprint_bytes'] / MiB:,.1f} MiB, peak RSS "
+            f"{row['peak_rss_bytes'] / MiB:,.0f} MiB, {row['seconds']:.2f} s"
+        )
     elif row.get("error"):
         log(f"  {row_key(row)}: ERROR {row['error'][:500]}")
 
@@ -134,17 +136,20 @@ def _mode_notes(opts: BenchOptions, rows: list[dict], by: dict[str, dict]) -> li
     """Which rows ran one projection at a time, which were computed, which could not run."""
     out = []
     per = [row_key(r) for r in rows if r.get("measured") and r.get("mode") == "per_projection"]
-    block = [row_key(r) for r in rows if r.get("measured") and r.get("mode") == "block" and r["config"] != "coremltools"]
+    block = [
+        row_key(r) for r in rows if r.get("measured") and r.get("mode") == "block" and r["config"] != "coremltools"
+    ]
     if per:
         out.append(
-            f"The whole block does not fit the {opts.memory_limit_gib:g} GiB limit for {', '.join(per)}: those measured "
+            f"The whole block does not fit the {opts.memory_limit_gib:g} GiB limit for {', '.join(per)}: "
+            "those measured "
             f"the {opts.projections} projections one at a time in their process and added them (footprints, copies and "
             "seconds sum; peak RSS is the largest). "
             + (f"{', '.join(block)} ran the whole block as one forward + backward." if block else "")
         )
     if any(not r.get("measured", True) and not r.get("error") for r in rows):
         out.append(
-            "Rows marked (computed) / \"measured\": false are derived from the measured per-rank shards: only the "
+            'Rows marked (computed) / "measured": false are derived from the measured per-rank shards: only the '
             "sharded part (U's index with U, the saved maps without U) scales as 1/N, the rest is per rank."
         )
     for r in rows:
@@ -152,9 +157,13 @@ def _mode_notes(opts: BenchOptions, rows: list[dict], by: dict[str, dict]) -> li
             base = by.get(r["computed_from"], {})
             seen = ""
             if base.get("peak_rss_bytes"):
-                seen = (f" (measured: {r['computed_from']} peaked at {base['peak_rss_bytes'] / GiB:.1f} GiB per rank, "
-                        f"{base.get('total_peak_rss_bytes', 0) / GiB:.1f} GiB for its {base['ranks']} ranks)")
-            out.append(f"{row_key(r)}: {r['skipped_measurement']}{seen}; its row is computed from {r['computed_from']}.")
+                seen = (
+                    f" (measured: {r['computed_from']} peaked at {base['peak_rss_bytes'] / GiB:.1f} GiB per rank, "
+                    f"{base.get('total_peak_rss_bytes', 0) / GiB:.1f} GiB for its {base['ranks']} ranks)"
+                )
+            out.append(
+                f"{row_key(r)}: {r['skipped_measurement']}{seen}; its row is computed from {r['computed_from']}."
+            )
     return out
 
 
@@ -184,11 +193,14 @@ def _finding_notes(opts: BenchOptions, rows: list[dict], by: dict[str, dict]) ->
         out.append(
             f"coremltools {coreml.get('coremltools_version')} DKMPalettizer: one {opts.shape[0]}x{opts.shape[1]} layer "
             f"measured (benchmarks/coreml_reference.py measure_coreml, batch {lay.get('batch')}, "
-            f"{lay.get('dkm_iterations')} DKM iterations, steady-state step), footprint and seconds x{opts.projections} "
+            f"{lay.get('dkm_iterations')} DKM iterations, steady-state step), "
+            f"footprint and seconds x{opts.projections} "
             f"for the block, peak RSS of the one layer; first step with k-means init "
             f"{lay.get('first_step_seconds'):.0f} s per layer. Footprint excludes its weight and input "
-            f"(saved_bytes_new), as ours. It runs DKM in the weight dtype (bf16 maps), ours in fp32 (docs/method.md §2). "
-            f"docs/method.md §6 lists ~10.9 GB peak RSS and ~390 s first step for this layer from an earlier measurement; this "
+            f"(saved_bytes_new), as ours. It runs DKM in the weight dtype (bf16 maps), "
+            f"ours in fp32 (docs/method.md §2). "
+            f"docs/method.md §6 lists ~10.9 GB peak RSS and ~390 s first step for this layer "
+            f"from an earlier measurement; this "
             f"run measured {coreml['peak_rss_bytes'] / GiB:.1f} GiB and {lay.get('first_step_seconds'):.0f} s."
         )
     elif coreml:

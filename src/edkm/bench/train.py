@@ -39,8 +39,15 @@ TARGETS = {"peak": 1.10, "step": 1.5}  # eDKM auto vs plain fine-tuning
 def model_dims(args: Any) -> dict[str, int]:
     """The model's dimensions (LLaMA rules for the defaults)."""
     inter = args.intermediate or 256 * -(-int(8 * args.hidden / 3) // 256)
-    return {"hidden": args.hidden, "intermediate": inter, "heads": args.heads or max(1, args.hidden // 128),
-            "layers": args.layers, "vocab": args.vocab, "batch": args.batch, "seq": args.seq}
+    return {
+        "hidden": args.hidden,
+        "intermediate": inter,
+        "heads": args.heads or max(1, args.hidden // 128),
+        "layers": args.layers,
+        "vocab": args.vocab,
+        "batch": args.batch,
+        "seq": args.seq,
+    }
 
 
 def weight_shapes(d: dict[str, int]) -> list[tuple[str, int, int]]:
@@ -49,7 +56,8 @@ def weight_shapes(d: dict[str, int]) -> list[tuple[str, int, int]]:
     per_layer = [(name, h * h) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
     per_layer += [(name, h * i) for name in ("gate_proj", "up_proj", "down_proj")]
     return [("embed_tokens", v * h, "embed"), ("lm_head", v * h, "embed")] + [
-        (f"layers.{n}.{name}", size, "linear") for n in range(d["layers"]) for name, size in per_layer]
+        (f"layers.{n}.{name}", size, "linear") for n in range(d["layers"]) for name, size in per_layer
+    ]
 
 
 def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -57,8 +65,13 @@ def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="edkm_bench_train_") as tmp:
         path = os.path.join(tmp, "row.json")
         env = child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        proc = subprocess.run([sys.executable, "-m", "edkm.bench.train_step", json.dumps(spec), path], env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", "edkm.bench.train_step", json.dumps(spec), path],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if proc.returncode != 0 or not os.path.exists(path):
             killed = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
             raise RuntimeError(f"row failed with exit code {proc.returncode}{killed}: {proc.stderr[-2000:]}")
@@ -67,8 +80,17 @@ def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 
 def spec_for(row: str, d: dict[str, int], args: Any, device: str) -> dict[str, Any]:
-    spec = {**d, "bits": args.bits, "embed_bits": args.embed_bits, "steps": args.steps, "device": device,
-            "edkm": row != "plain", "memory": "auto", "checkpointing": row.endswith("+ckpt"), "profile": row == "edkm-auto"}
+    spec = {
+        **d,
+        "bits": args.bits,
+        "embed_bits": args.embed_bits,
+        "steps": args.steps,
+        "device": device,
+        "edkm": row != "plain",
+        "memory": "auto",
+        "checkpointing": row.endswith("+ckpt"),
+        "profile": row == "edkm-auto",
+    }
     if row == "edkm-M+U":
         spec.update(memory="marshal+unique", embed_memory="fused")
     return spec
@@ -80,38 +102,57 @@ def coreml_rows(d: dict[str, int], args: Any, plain: dict | None) -> list[dict[s
     shape = tuple(args.coreml_shape)
     if ref is None:
         return [{"config": "coremltools", "measured": False, "error": "benchmarks/coreml_reference.py not found"}]
-    r = ref.measure_coreml(shape, args.bits, batch=d["batch"] * d["seq"], dtype="float32", kmeans_n_init=1,
-                           timeout=args.timeout, missing_ok=True)
+    r = ref.measure_coreml(
+        shape,
+        args.bits,
+        batch=d["batch"] * d["seq"],
+        dtype="float32",
+        kmeans_n_init=1,
+        timeout=args.timeout,
+        missing_ok=True,
+    )
     if not r.get("measured"):
         return [{"config": "coremltools", "measured": False, "error": r.get("error")}]
     units = shape[0] * shape[1] * (1 << args.bits)  # weight x centroid pairs of the measured layer
-    layer = {"config": f"coremltools one {shape[0]}x{shape[1]} fp32 Linear ({args.bits}-bit)", "measured": True,
-             "step_seconds": r["seconds"], "peak_rss_bytes_layer_process": r["peak_rss_bytes"],
-             "saved_bytes": r["footprint_bytes"], "peak_rss_bytes": r["peak_rss_bytes"],
-             "forward_backward_seconds": r["seconds"], "first_step_seconds": r.get("first_step_seconds"),
-             "note": f"one forward+backward+palettizer.step of DKMPalettizer on this layer alone in its own process "
-                     f"(batch = the model's tokens), kmeans_n_init=1 for the first step: saved for backward "
-                     f"{r['footprint_bytes'] / GiB:.2f} GiB, peak RSS {r['peak_rss_bytes'] / GiB:.2f} GiB, "
-                     f"{r['seconds']:.1f} s; the largest part measured on the shared machine (a 4096 x 4096 projection "
-                     f"needs ~11 GB at 3 bits, the 8-bit embedding ~{d['vocab'] * d['hidden'] * 256 * 4 * 20 / 1e12:.0f} TB)"}
+    layer = {
+        "config": f"coremltools one {shape[0]}x{shape[1]} fp32 Linear ({args.bits}-bit)",
+        "measured": True,
+        "step_seconds": r["seconds"],
+        "peak_rss_bytes_layer_process": r["peak_rss_bytes"],
+        "saved_bytes": r["footprint_bytes"],
+        "peak_rss_bytes": r["peak_rss_bytes"],
+        "forward_backward_seconds": r["seconds"],
+        "first_step_seconds": r.get("first_step_seconds"),
+        "note": f"one forward+backward+palettizer.step of DKMPalettizer on this layer alone in its own process "
+        f"(batch = the model's tokens), kmeans_n_init=1 for the first step: saved for backward "
+        f"{r['footprint_bytes'] / GiB:.2f} GiB, peak RSS {r['peak_rss_bytes'] / GiB:.2f} GiB, "
+        f"{r['seconds']:.1f} s; the largest part measured on the shared machine (a 4096 x 4096 projection "
+        f"needs ~11 GB at 3 bits, the 8-bit embedding ~{d['vocab'] * d['hidden'] * 256 * 4 * 20 / 1e12:.0f} TB)",
+    }
     pairs = sum(n * (1 << (args.embed_bits if kind == "embed" else args.bits)) for _, n, kind in weight_shapes(d))
     saved = r["footprint_bytes"] / units * pairs
-    whole = {"config": "coremltools DKMPalettizer, whole model", "measured": False,
-             "peak_above_start_bytes": (plain or {}).get("peak_above_start_bytes", 0) + saved,
-             "step_seconds": (plain or {}).get("step_seconds", 0) + r["seconds"] / units * pairs,
-             "note": f"computed: plain fine-tuning + the measured layer's saved bytes and seconds per weight x centroid, "
-                     f"times the model's {pairs:.3g} pairs (8-bit embedding/head: 256 centroids); a lower bound"}
+    whole = {
+        "config": "coremltools DKMPalettizer, whole model",
+        "measured": False,
+        "peak_above_start_bytes": (plain or {}).get("peak_above_start_bytes", 0) + saved,
+        "step_seconds": (plain or {}).get("step_seconds", 0) + r["seconds"] / units * pairs,
+        "note": f"computed: plain fine-tuning + the measured layer's saved bytes and seconds per weight x centroid, "
+        f"times the model's {pairs:.3g} pairs (8-bit embedding/head: 256 centroids); a lower bound",
+    }
     return [layer, whole]
 
 
 def computed_paper_row(d: dict[str, int], args: Any) -> dict[str, Any]:
     big = max(n for _, n, kind in weight_shapes(d) if kind == "linear")
     emb = d["vocab"] * d["hidden"]
-    return {"config": "edkm-plain/M/U/S (paper modes) incl. 8-bit embedding", "measured": False,
-            "note": f"not run: one |W| x |C| fp32 map of the 8-bit embedding is {emb * 256 * 4 / GiB:.0f} GiB, of the "
-                    f"largest 3-bit Linear {big * 8 * 4 / GiB:.1f} GiB (DKM builds several per update); "
-                    "`--rows edkm-M+U` runs M+U on the 3-bit Linears only, fused on the embedding/head (not in the "
-                    "committed run: its transient maps put it over the shared machine's ~10 GiB per-run budget)"}
+    return {
+        "config": "edkm-plain/M/U/S (paper modes) incl. 8-bit embedding",
+        "measured": False,
+        "note": f"not run: one |W| x |C| fp32 map of the 8-bit embedding is {emb * 256 * 4 / GiB:.0f} GiB, of the "
+        f"largest 3-bit Linear {big * 8 * 4 / GiB:.1f} GiB (DKM builds several per update); "
+        "`--rows edkm-M+U` runs M+U on the 3-bit Linears only, fused on the embedding/head (not in the "
+        "committed run: its transient maps put it over the shared machine's ~10 GiB per-run budget)",
+    }
 
 
 def summarize(rows: list[dict], d: dict[str, int]) -> list[dict[str, Any]]:
@@ -124,10 +165,20 @@ def summarize(rows: list[dict], d: dict[str, int]) -> list[dict[str, Any]]:
             r["step_vs_plain"] = r["step_seconds"] / plain["step_seconds"]
     if not (plain and auto):
         return []
-    return [{"check": "eDKM auto peak memory above start / plain", "value": auto["peak_vs_plain"],
-             "target": TARGETS["peak"], "met": auto["peak_vs_plain"] <= TARGETS["peak"]},
-            {"check": "eDKM auto step time / plain", "value": auto["step_vs_plain"],
-             "target": TARGETS["step"], "met": auto["step_vs_plain"] <= TARGETS["step"]}]
+    return [
+        {
+            "check": "eDKM auto peak memory above start / plain",
+            "value": auto["peak_vs_plain"],
+            "target": TARGETS["peak"],
+            "met": auto["peak_vs_plain"] <= TARGETS["peak"],
+        },
+        {
+            "check": "eDKM auto step time / plain",
+            "value": auto["step_vs_plain"],
+            "target": TARGETS["step"],
+            "met": auto["step_vs_plain"] <= TARGETS["step"],
+        },
+    ]
 
 
 def run_train_benchmark(args: Any) -> dict[str, Any]:
@@ -154,7 +205,9 @@ def run_train_benchmark(args: Any) -> dict[str, Any]:
             row = {"config": name, "measured": False, "error": str(err)[-1500:]}
         row["wall_seconds"] = round(time.time() - t0, 1)
         rows.append(row)
-        print(f"  {json.dumps({k: row.get(k) for k in ('peak_above_start_bytes', 'step_seconds', 'error')})}", flush=True)
+        print(
+            f"  {json.dumps({k: row.get(k) for k in ('peak_above_start_bytes', 'step_seconds', 'error')})}", flush=True
+        )
     if "edkm-M+U" not in wanted:
         rows.append(computed_paper_row(d, args))
     if "coremltools" in wanted:
@@ -162,12 +215,24 @@ def run_train_benchmark(args: Any) -> dict[str, Any]:
         rows += coreml_rows(d, args, next((r for r in rows if r["config"] == "plain" and r.get("measured")), None))
     result = {
         "command": "edkm bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "edkm bench train",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_seconds": round(time.time() - start),
-        "model": {**d, "clustered_weights": params, "arch": "transformers LlamaForCausalLM, untied head, fp32 master "
-                  "weights holding bf16 values (random, seeded)"},
-        "bits": args.bits, "embed_bits": args.embed_bits, "steps": args.steps, "device": device,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "threads_per_process": 1,
-                    "loadavg_1min_end": os.getloadavg()[0]},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "wall_seconds": round(time.time() - start),
+        "model": {
+            **d,
+            "clustered_weights": params,
+            "arch": "transformers LlamaForCausalLM, untied head, fp32 master "
+            "weights holding bf16 values (random, seeded)",
+        },
+        "bits": args.bits,
+        "embed_bits": args.embed_bits,
+        "steps": args.steps,
+        "device": device,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "threads_per_process": 1,
+            "loadavg_1min_end": os.getloadavg()[0],
+        },
         "rows": rows,
         "targets": summarize(rows, d),
         "notes": [

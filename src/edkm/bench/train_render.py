@@ -1,8 +1,8 @@
 """Table, JSON and README section of ``edkm bench train`` (rendered from the result alone).
 
-    >>> print(format_markdown({"rows": [{"config": "plain", "measured": True, "peak_above_start_bytes": 2**30,
-    ...     "step_seconds": 2.0, "tokens_per_second": 256.0}], "targets": []}).splitlines()[2])
-    | plain | yes | 1.00 | - | - | 2.00 | - | 256.0 | - | - |
+>>> print(format_markdown({"rows": [{"config": "plain", "measured": True, "peak_above_start_bytes": 2**30,
+...     "step_seconds": 2.0, "tokens_per_second": 256.0}], "targets": []}).splitlines()[2])
+| plain | yes | 1.00 | - | - | 2.00 | - | 256.0 | - | - |
 """
 
 from __future__ import annotations
@@ -14,8 +14,18 @@ from typing import Any
 
 from edkm.atomic import write_text
 
-HEADER = ["row", "measured", "peak above start GiB", "vs plain", "first-step peak GiB", "step s", "vs plain",
-          "tokens/s", "forward / backward / AdamW s", "load"]
+HEADER = [
+    "row",
+    "measured",
+    "peak above start GiB",
+    "vs plain",
+    "first-step peak GiB",
+    "step s",
+    "vs plain",
+    "tokens/s",
+    "forward / backward / AdamW s",
+    "load",
+]
 MARK = ("<!-- train table -->", "<!-- /train table -->")
 
 
@@ -35,18 +45,34 @@ def format_markdown(result: dict[str, Any]) -> str:
         phases = r.get("phase_seconds")
         phase = " / ".join(f"{phases[k]:.2f}" for k in ("forward", "backward", "optimizer")) if phases else "-"
         measured = "yes" if r.get("measured") else "no (computed)" if r.get("peak_above_start_bytes") else "no"
-        lines.append("| " + " | ".join([
-            r["config"], measured, _gib(r.get("peak_above_start_bytes")), _f(r.get("peak_vs_plain"), "{:.3f}x"),
-            _gib(r.get("first_step_peak_above_start_bytes")), _f(r.get("step_seconds")), _f(r.get("step_vs_plain"), "{:.2f}x"),
-            _f(r.get("tokens_per_second"), "{:.1f}"), phase, _f(r.get("loadavg_1min_end"), "{:.1f}")]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["config"],
+                    measured,
+                    _gib(r.get("peak_above_start_bytes")),
+                    _f(r.get("peak_vs_plain"), "{:.3f}x"),
+                    _gib(r.get("first_step_peak_above_start_bytes")),
+                    _f(r.get("step_seconds")),
+                    _f(r.get("step_vs_plain"), "{:.2f}x"),
+                    _f(r.get("tokens_per_second"), "{:.1f}"),
+                    phase,
+                    _f(r.get("loadavg_1min_end"), "{:.1f}"),
+                ]
+            )
+            + " |"
+        )
         for key in ("note", "error"):
             if r.get(key):
                 notes.append(f"- {r['config']}: {r[key]}")
     if result.get("targets"):
         lines += ["", "| target | value | limit | met |", "| --- | ---: | ---: | --- |"]
-        lines += [f"| {t['check']} | {t['value']:.3f} | {t['target']} | {'yes' if t['met'] else 'NO'} |" for t in result["targets"]]
+        lines += [
+            f"| {t['check']} | {t['value']:.3f} | {t['target']} | {'yes' if t['met'] else 'NO'} |"
+            for t in result["targets"]
+        ]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
-
 
 
 def replace_section(text: str, table: str) -> str:

@@ -54,9 +54,16 @@ def build_model(spec: dict[str, Any]) -> torch.nn.Module:
     # deferred: transformers is the hf extra, loaded only when the model is built
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=spec["hidden"], intermediate_size=spec["intermediate"], num_attention_heads=spec["heads"],
-                      num_key_value_heads=spec["heads"], num_hidden_layers=spec["layers"], vocab_size=spec["vocab"],
-                      max_position_embeddings=max(2048, spec["seq"]), tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=spec["hidden"],
+        intermediate_size=spec["intermediate"],
+        num_attention_heads=spec["heads"],
+        num_key_value_heads=spec["heads"],
+        num_hidden_layers=spec["layers"],
+        vocab_size=spec["vocab"],
+        max_position_embeddings=max(2048, spec["seq"]),
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
@@ -72,7 +79,10 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     model = build_model(spec).to(device)
     if spec["edkm"]:
         plan = PalettizeConfig(bits=spec["bits"], overrides={"embed_tokens|lm_head": {"bits": spec["embed_bits"]}})
-        memory = {"": spec["memory"], **({"embed_tokens|lm_head": spec["embed_memory"]} if "embed_memory" in spec else {})}
+        memory = {
+            "": spec["memory"],
+            **({"embed_tokens|lm_head": spec["embed_memory"]} if "embed_memory" in spec else {}),
+        }
         palettize_(model, plan, memory=memory)
     if spec["checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -99,7 +109,11 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
 
     cuda = device.type == "cuda"
     if cuda:  # device memory: the CUDA caching allocator's counters
-        reset_peak_now, current, peak_now = torch.cuda.reset_peak_memory_stats, torch.cuda.memory_allocated, torch.cuda.max_memory_allocated
+        reset_peak_now, current, peak_now = (
+            torch.cuda.reset_peak_memory_stats,
+            torch.cuda.memory_allocated,
+            torch.cuda.max_memory_allocated,
+        )
     else:  # host memory: the process's resident set
         reset_peak_now, current, peak_now = reset_peak, rss, peak
     gc.collect()
@@ -112,12 +126,19 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     steady_peak = peak_now() - start
     median = {k: statistics.median(t[k] for t in times) for k in times[0]}
     row: dict[str, Any] = {
-        "start_rss_bytes": start, "peak_above_start_bytes": steady_peak, "first_step_peak_above_start_bytes": first_peak,
-        "peak_reset_exact": exact, "step_seconds": median["step"], "phase_seconds": median,
-        "step_seconds_all": [t["step"] for t in times], "first_step_seconds": first["step"],
+        "start_rss_bytes": start,
+        "peak_above_start_bytes": steady_peak,
+        "first_step_peak_above_start_bytes": first_peak,
+        "peak_reset_exact": exact,
+        "step_seconds": median["step"],
+        "phase_seconds": median,
+        "step_seconds_all": [t["step"] for t in times],
+        "first_step_seconds": first["step"],
         "tokens_per_second": spec["batch"] * spec["seq"] / median["step"],
-        "parameters": sum(p.numel() for p in model.parameters()), "loadavg_1min_end": os.getloadavg()[0],
-        "threads": torch.get_num_threads(), "device": str(device),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "loadavg_1min_end": os.getloadavg()[0],
+        "threads": torch.get_num_threads(),
+        "device": str(device),
         "memory_kind": "CUDA allocated bytes" if cuda else "process RSS (VmRSS / VmHWM)",
     }
     if spec.get("profile"):

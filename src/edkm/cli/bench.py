@@ -22,20 +22,31 @@ def cmd_bench_memory(args: argparse.Namespace) -> None:
 
 def add_bench_memory_parser(bench: Any) -> None:
     p = bench.add_parser("memory", help="what DKM holds for backward under each eDKM memory technique")
-    p.add_argument("--shape", type=positive_int, nargs=2, default=[4096, 4096], help="rows and columns of each projection")
+    p.add_argument(
+        "--shape", type=positive_int, nargs=2, default=[4096, 4096], help="rows and columns of each projection"
+    )
     p.add_argument("--bits", type=bits, default=3, help="bits per clustered weight")
-    p.add_argument("--out", default=BENCH_RUN_DIR + "/memory.json",
-                   help="JSON output; the committed results are updated only with --out benchmarks/results/memory.json")
+    p.add_argument(
+        "--out",
+        default=BENCH_RUN_DIR + "/memory.json",
+        help="JSON output; the committed results are updated only with --out benchmarks/results/memory.json",
+    )
     p.add_argument("--md", default=None, help="Markdown table output (default: --out with .md)")
     p.add_argument("--iters", type=nonnegative_int, default=3, help="DKM centroid updates")
     p.add_argument("--tau", type=positive_float, default=0.05, help="relative tau (x median squared centroid gap)")
     p.add_argument("--projections", type=positive_int, default=4, help="layers of --shape in the block (q, k, v, o)")
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="processes for the sharded configs (gloo)")
-    p.add_argument("--extrapolate-ranks", type=int, nargs="+", default=[8], help="rank counts computed from measured shards")
-    p.add_argument("--configs", default=None, help="subset of plain,save_on_cpu,M,M+U,M+S,M+U+S,fused,coremltools (default: all)")
+    p.add_argument(
+        "--extrapolate-ranks", type=int, nargs="+", default=[8], help="rank counts computed from measured shards"
+    )
+    p.add_argument(
+        "--configs", default=None, help="subset of plain,save_on_cpu,M,M+U,M+S,M+U+S,fused,coremltools (default: all)"
+    )
     p.add_argument("--no-coreml", action="store_true", help="skip the coremltools reference (minutes)")
     p.add_argument("--per-projection", action="store_true", help="always measure one projection at a time")
-    p.add_argument("--memory-limit-gib", type=positive_float, default=12.0, help="memory all processes of one measurement may use")
+    p.add_argument(
+        "--memory-limit-gib", type=positive_float, default=12.0, help="memory all processes of one measurement may use"
+    )
     p.add_argument("--timeout", type=positive_float, default=3600.0, help="seconds per measurement process")
     p.set_defaults(func=cmd_bench_memory)
 
@@ -50,8 +61,11 @@ def cmd_bench_generate(args: Any) -> None:
 def add_generate_parser(bench_sub: Any) -> None:
     """Register ``edkm bench generate`` on the ``bench`` subparsers (no heavy imports)."""
     p = bench_sub.add_parser("generate", help="batch-1 generation speed, memory and load time: dense vs packed")
-    p.add_argument("--out", default="runs/bench/generate.json",
-                   help="JSON output (the committed results: --out benchmarks/results/generate.json)")
+    p.add_argument(
+        "--out",
+        default="runs/bench/generate.json",
+        help="JSON output (the committed results: --out benchmarks/results/generate.json)",
+    )
     p.add_argument("--md", default=None, help="Markdown table output (default: --out with .md)")
     p.add_argument("--readme", default=None, help="also replace the <!-- generate table --> section of this README")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
@@ -61,8 +75,12 @@ def add_generate_parser(bench_sub: Any) -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated (decode speed)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per measurement process")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per process")
-    p.add_argument("--no-profile", dest="profile", action="store_false",
-                   help="skip the per-shape kernel profile (dense vs packed ms per Linear, interleaved)")
+    p.add_argument(
+        "--no-profile",
+        dest="profile",
+        action="store_false",
+        help="skip the per-shape kernel profile (dense vs packed ms per Linear, interleaved)",
+    )
     p.set_defaults(func=cmd_bench_generate)
 
 
@@ -86,11 +104,17 @@ def add_train_parser(bench_sub: Any) -> None:
     p.add_argument("--embed-bits", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (median)")
     p.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated subset of {','.join(ROWS)}")
-    p.add_argument("--coreml-shape", type=int, nargs=2, default=[2048, 2048], help="the layer coremltools is measured on")
+    p.add_argument(
+        "--coreml-shape", type=int, nargs=2, default=[2048, 2048], help="the layer coremltools is measured on"
+    )
     p.add_argument("--out", default="runs/bench/train.json", help="JSON result (Markdown table beside it)")
     p.add_argument("--readme", default=None, help="also rewrite the <!-- train table --> section of this file")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto = CUDA when present (then peaks are CUDA allocator bytes; the CUDA path is untested)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="auto = CUDA when present (then peaks are CUDA allocator bytes; the CUDA path is untested)",
+    )
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per row")
     p.set_defaults(func=cmd_bench_train)
 

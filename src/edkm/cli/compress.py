@@ -23,11 +23,25 @@ from edkm.cli.validate import (
 
 # the flag of each setting compared on --resume (jobs name settings by their key)
 FLAGS = {
-    "model": "--model", "text": "--text", "alpaca": "--alpaca", "context": "--context", "holdout": "--holdout",
-    "plan.bits": "--bits", "plan.group_size": "--group-size", "plan.tau": "--tau", "plan.iters": "--iters",
-    "plan.overrides": "--embed-bits", "train.steps": "--steps", "train.batch_size": "--batch-size",
-    "train.grad_accum": "--grad-accum", "train.lr": "--lr", "plan.tau_end": "--tau-end",
-    "train.seed": "--seed", "fp_control": "--no-fp-control", "control_lr": "--control-lr", "distill": "--distill",
+    "model": "--model",
+    "text": "--text",
+    "alpaca": "--alpaca",
+    "context": "--context",
+    "holdout": "--holdout",
+    "plan.bits": "--bits",
+    "plan.group_size": "--group-size",
+    "plan.tau": "--tau",
+    "plan.iters": "--iters",
+    "plan.overrides": "--embed-bits",
+    "train.steps": "--steps",
+    "train.batch_size": "--batch-size",
+    "train.grad_accum": "--grad-accum",
+    "train.lr": "--lr",
+    "plan.tau_end": "--tau-end",
+    "train.seed": "--seed",
+    "fp_control": "--no-fp-control",
+    "control_lr": "--control-lr",
+    "distill": "--distill",
 }
 
 
@@ -38,34 +52,14 @@ def flag_of(key: str) -> str:
 
 def cmd_compress(args: argparse.Namespace) -> None:
     # deferred: the job's modules import torch and transformers, which building the parser must not
+    from edkm.distributed.device import init_distributed, resolve_device
+    from edkm.jobs.compress import compress
+    from edkm.jobs.runstate import ResumeMismatch
+    from edkm.jobs.runtime import configure_threads
     from edkm.models import BUNDLED_MODEL_DIR
 
     check_compress(args, BUNDLED_MODEL_DIR)  # every flag and file, before anything loads
-    from edkm.config import EMBEDDING_LAYERS, PalettizeConfig
-    from edkm.distributed.device import init_distributed, resolve_device
-    from edkm.jobs.compress import CompressConfig, compress
-    from edkm.jobs.runstate import ResumeMismatch
-    from edkm.jobs.runtime import configure_threads
-    from edkm.training.loop import TrainConfig
-
-    overrides = {EMBEDDING_LAYERS: {"bits": args.embed_bits}} if args.embed_bits else {}
-    plan = PalettizeConfig(bits=args.bits, group_size=args.group_size, tau=args.tau, tau_end=args.tau_end,
-                           iters=args.iters, overrides=overrides)
-    if args.group_size:  # must divide every clustered layer's rows: checked on the config's shapes, as `edkm size` does
-        from edkm.jobs.size import load_config, meta_model, palettized_size
-
-        palettized_size(meta_model(load_config(str(args.model or BUNDLED_MODEL_DIR))), plan)
-    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                        seed=args.seed, progress=not args.quiet,
-                        checkpoint_every=args.checkpoint_every)
-    cfg = CompressConfig(model=args.model, text=args.text, alpaca=args.alpaca, context=args.context, out=args.out,
-                         plan=plan, memory=args.memory, train=train, fp_control=not args.no_fp_control, control_lr=args.control_lr,
-                         distill=args.distill, resume=args.resume, keep_checkpoints=args.keep_checkpoints,
-                         device=str(resolve_device(args.device)))
-    if args.fsdp:
-        from edkm.distributed import FSDPOptions
-
-        cfg.fsdp = FSDPOptions(args.mixed_precision, args.activation_checkpointing, not args.fsdp_gathered_dkm)
+    cfg = compress_config(args, BUNDLED_MODEL_DIR, str(resolve_device(args.device)))
     configure_threads(args.model or BUNDLED_MODEL_DIR, args.threads)
     if args.quiet:
         from transformers.utils import logging as hf_logging
@@ -80,6 +74,33 @@ def cmd_compress(args: argparse.Namespace) -> None:
         print(format_report(report))
 
 
+def compress_config(args: argparse.Namespace, bundled_model_dir: Any, device: str) -> Any:
+    """The job's CompressConfig from the command line (a --group-size checked on the model's shapes first)."""
+    # deferred: torch, as in cmd_compress
+    from edkm.config import EMBEDDING_LAYERS, PalettizeConfig
+    from edkm.distributed import FSDPOptions
+    from edkm.jobs.compress import CompressConfig
+    from edkm.jobs.size import load_config, meta_model, palettized_size
+    from edkm.training.loop import TrainConfig
+
+    overrides = {EMBEDDING_LAYERS: {"bits": args.embed_bits}} if args.embed_bits else {}
+    plan = PalettizeConfig(bits=args.bits, group_size=args.group_size, tau=args.tau, tau_end=args.tau_end,
+                           iters=args.iters, overrides=overrides)  # fmt: skip
+    if args.group_size:  # must divide every clustered layer's rows: checked on the config's shapes, as `edkm size` does
+        palettized_size(meta_model(load_config(str(args.model or bundled_model_dir))), plan)
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                        seed=args.seed, progress=not args.quiet, checkpoint_every=args.checkpoint_every)  # fmt: skip
+    fsdp = (
+        FSDPOptions(args.mixed_precision, args.activation_checkpointing, not args.fsdp_gathered_dkm)
+        if args.fsdp
+        else None
+    )
+    return CompressConfig(model=args.model, text=args.text, alpaca=args.alpaca, context=args.context, out=args.out,
+                          plan=plan, memory=args.memory, train=train, fp_control=not args.no_fp_control,
+                          control_lr=args.control_lr, distill=args.distill, resume=args.resume,
+                          keep_checkpoints=args.keep_checkpoints, device=device, fsdp=fsdp)  # fmt: skip
+
+
 def format_report(r: dict[str, Any]) -> str:
     """The fp / RTN / k-means / eDKM table of a report as Markdown."""
     mb = lambda n: f"{n / 1e6:.3f} MB" if n else "-"  # noqa: E731
@@ -89,38 +110,56 @@ def format_report(r: dict[str, Any]) -> str:
         (f"fp32 fine-tuned {r['steps']} steps (control)", r["fp_finetuned_ppl"], r["fp_size_bytes"], "fp16"),
         (f"RTN {b}-bit per channel", r["rtn_ppl"], r["rtn_size_bytes"], "file"),
         (f"k-means {b}-bit per tensor (post-training)", r["kmeans_ptq_ppl"], r["kmeans_ptq_size_bytes"], "file"),
-        *[(f"{label} ({r[key + '_bpw']:.2f} bits/weight)", r[key + "_ppl"], r[key + "_size_bytes"], "file")
-          for key, label in (("gptq", f"GPTQ {b}-bit per channel"), ("squeeze", f"Fisher-weighted k-means {b}-bit per row"))
-          if r.get(key + "_ppl")],
+        *[
+            (f"{label} ({r[key + '_bpw']:.2f} bits/weight)", r[key + "_ppl"], r[key + "_size_bytes"], "file")
+            for key, label in (
+                ("gptq", f"GPTQ {b}-bit per channel"),
+                ("squeeze", f"Fisher-weighted k-means {b}-bit per row"),
+            )
+            if r.get(key + "_ppl")
+        ],
         (f"eDKM {b}-bit per tensor, fine-tuned", r["edkm_ppl"], r["size_bytes"], "file"),
     ]
     lines = ["| model | test ppl | size |", "| --- | ---: | ---: |"]
-    lines += [f"| {name} | {p:.3f} | {mb(s)} ({kind}) |" if p else f"| {name} | - | {mb(s)} |" for name, p, s, kind in rows]
+    lines += [
+        f"| {name} | {p:.3f} | {mb(s)} ({kind}) |" if p else f"| {name} | - | {mb(s)} |" for name, p, s, kind in rows
+    ]
     if r.get("fp_finetuned_ppl"):
         lines.append(f"\neDKM vs the fine-tuned control: {r['edkm_ppl'] / r['fp_finetuned_ppl'] - 1:+.1%}")
     env = r.get("environment")
     if env:
-        lines.append(f"edkm {env['edkm_version']}, torch {env['torch_version']}, {env['torch_threads']} thread(s) x "
-                     f"{r.get('world_size', 1)} process(es) on {env['device']}, {r['seconds']:.0f} s")
+        lines.append(
+            f"edkm {env['edkm_version']}, torch {env['torch_version']}, {env['torch_threads']} thread(s) x "
+            f"{r.get('world_size', 1)} process(es) on {env['device']}, {r['seconds']:.0f} s"
+        )
     return "\n".join(lines) + f"\n\nsample: {r.get('sample', '')!r}"
 
 
 def add_compress_parser(sub: Any) -> None:
-    p = sub.add_parser("compress", help="fine-tune with eDKM clustering, export, evaluate (bundled model by default)",
-                       description="The whole job: baselines, fp control, eDKM fine-tuning, packed export, evaluation. "
-                                   "Progress goes to stderr (--quiet: none); the results table to stdout.")
+    p = sub.add_parser(
+        "compress",
+        help="fine-tune with eDKM clustering, export, evaluate (bundled model by default)",
+        description="The whole job: baselines, fp control, eDKM fine-tuning, packed export, evaluation. "
+        "Progress goes to stderr (--quiet: none); the results table to stdout.",
+    )
     p.add_argument("--model", help="local Hugging Face checkpoint folder (default: the bundled stories260K)")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--text", help="plain-text training file, last 20%% held out (default: the bundled TinyStories)")
     data.add_argument("--alpaca", help="Alpaca-format JSON instruction data instead of --text")
     p.add_argument("--out", default="runs/default", help="run folder: report, packed model, checkpoints")
     p.add_argument("--bits", type=bits, default=3, help="bits per clustered weight (LUT of 2^bits entries)")
-    p.add_argument("--embed-bits", type=bits_or_zero, default=8, help="bits of embedding and output layer (0 = same as --bits)")
-    p.add_argument("--group-size", type=positive_int, default=None, help="output channels per LUT (default: one LUT per tensor)")
+    p.add_argument(
+        "--embed-bits", type=bits_or_zero, default=8, help="bits of embedding and output layer (0 = same as --bits)"
+    )
+    p.add_argument(
+        "--group-size", type=positive_int, default=None, help="output channels per LUT (default: one LUT per tensor)"
+    )
     p.add_argument("--memory", default="auto", help="DKM memory mode: plain, marshal+unique+shard, fused, auto, ...")
     p.add_argument("--iters", type=nonnegative_int, default=3, help="DKM centroid updates per forward")
     p.add_argument("--tau", type=positive_float, default=0.2, help="relative tau at the start (see PalettizeConfig)")
-    p.add_argument("--tau-end", type=positive_float, default=0.002, help="relative tau at the end (geometric annealing)")
+    p.add_argument(
+        "--tau-end", type=positive_float, default=0.002, help="relative tau at the end (geometric annealing)"
+    )
     p.add_argument("--steps", type=positive_int, default=300, help="optimizer steps of the fp control and of eDKM each")
     p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per optimizer step (all processes)")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
@@ -129,14 +168,29 @@ def add_compress_parser(sub: Any) -> None:
     p.add_argument("--context", type=positive_int, default=256, help="tokens per training sequence and eval window")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
     p.add_argument("--no-fp-control", action="store_true", help="skip the fine-tuned fp control (big models)")
-    p.add_argument("--distill", type=unit_weight, default=1.0,
-                   help="weight of KL(teacher || model) in the eDKM loss, teacher = the fp control (0 = cross-entropy only)")
-    p.add_argument("--checkpoint-every", type=nonnegative_int, default=50, help="steps between checkpoints in --out (0 = at the end)")
+    p.add_argument(
+        "--distill",
+        type=unit_weight,
+        default=1.0,
+        help="weight of KL(teacher || model) in the eDKM loss, teacher = the fp control (0 = cross-entropy only)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=nonnegative_int,
+        default=50,
+        help="steps between checkpoints in --out (0 = at the end)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out (refused if its settings differ)")
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep the training checkpoints when the run completes")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch threads per process (default: OMP_NUM_THREADS, else 1 for weight files under 64 MiB, "
-                        "else the cores / processes)")
+    p.add_argument(
+        "--keep-checkpoints", action="store_true", help="keep the training checkpoints when the run completes"
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch threads per process (default: OMP_NUM_THREADS, else 1 for weight files under 64 MiB, "
+        "else the cores / processes)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_device_argument(p)
     add_fsdp_arguments(p)

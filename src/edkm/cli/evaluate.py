@@ -70,20 +70,33 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model, tok = load_any(args.model, args.tokenizer)
     model.to(resolve_device(args.device))
     torch.manual_seed(args.seed)
-    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+        if args.temperature > 0
+        else {"do_sample": False}
+    )
     print(generate_text(model, tok, args.prompt, args.max_new_tokens, **sampling))
 
 
 def add_eval_parser(sub: Any) -> None:
     p = sub.add_parser("eval", help="perplexity on a text file and/or zero-shot tasks")
     p.add_argument("model", help="run folder (edkm compress --out), packed .safetensors file or Hugging Face folder")
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the model's own; required for a packed file without one)")
+    p.add_argument(
+        "--tokenizer", help="tokenizer folder (default: the model's own; required for a packed file without one)"
+    )
     p.add_argument("--text", help="plain-text file for perplexity")
-    p.add_argument("--holdout", type=fraction, default=None,
-                   help="score only the last fraction of --text, as compress holds it out, e.g. 0.2 (default: all of it)")
+    p.add_argument(
+        "--holdout",
+        type=fraction,
+        default=None,
+        help="score only the last fraction of --text, as compress holds it out, e.g. 0.2 (default: all of it)",
+    )
     p.add_argument("--context", type=positive_int, default=256, help="tokens per perplexity window")
-    p.add_argument("--tasks", help="comma-separated zero-shot tasks: piqa, arc_easy, arc_challenge, winogrande, "
-                                   "hellaswag, boolq, openbookqa, social_i_qa")
+    p.add_argument(
+        "--tasks",
+        help="comma-separated zero-shot tasks: piqa, arc_easy, arc_challenge, winogrande, "
+        "hellaswag, boolq, openbookqa, social_i_qa",
+    )
     p.add_argument("--data-dir", type=Path, default=None, help="task files (default: the bundled 50-item subsets)")
     p.add_argument("--limit", type=positive_int, default=None, help="first N items of each task (default: all)")
     add_device_argument(p)
@@ -93,7 +106,9 @@ def add_eval_parser(sub: Any) -> None:
 def add_generate_parser(sub: Any) -> None:
     p = sub.add_parser("generate", help="sample from a model")
     p.add_argument("model", help="run folder (edkm compress --out), packed .safetensors file or Hugging Face folder")
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the model's own; required for a packed file without one)")
+    p.add_argument(
+        "--tokenizer", help="tokenizer folder (default: the model's own; required for a packed file without one)"
+    )
     p.add_argument("--prompt", default="", help="text to continue (default: empty, start of a story)")
     p.add_argument("--max-new-tokens", type=positive_int, default=100, help="tokens to generate")
     p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="sampling temperature (0 = greedy)")

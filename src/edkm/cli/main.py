@@ -35,7 +35,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if "default" in text or default is None or default is False or default == argparse.SUPPRESS or not action.option_strings:
+        if (
+            "default" in text
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
+            or not action.option_strings
+        ):
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
         return f"{text} (default: {shown})"
@@ -52,13 +58,20 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="edkm", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edkm {__version__}", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_compress_parser, add_eval_parser, add_generate_parser, add_size_parser, add_export_parser,
-                add_bench_parser, add_compare_parser, add_plan_parser):  # one module per command
+    for add in (
+        add_compress_parser,
+        add_eval_parser,
+        add_generate_parser,
+        add_size_parser,
+        add_export_parser,
+        add_bench_parser,
+        add_compare_parser,
+        add_plan_parser,
+    ):  # one module per command
         add(sub)
     return parser
 

@@ -10,9 +10,16 @@ def cmd_plan(args: Any) -> None:
     from edkm.atomic import write_json  # deferred: the estimator imports torch, which building the parser must not
     from edkm.jobs.plan import PlanOptions, estimate, markdown
 
-    opts = PlanOptions(bits=args.bits, embed_bits=args.embed_bits, gpus=args.gpus, gpu_memory_gib=args.gpu_memory_gib,
-                       batch=args.batch, seq=args.seq, mixed_precision=not args.fp32,
-                       activation_checkpointing=args.activation_checkpointing)
+    opts = PlanOptions(
+        bits=args.bits,
+        embed_bits=args.embed_bits,
+        gpus=args.gpus,
+        gpu_memory_gib=args.gpu_memory_gib,
+        batch=args.batch,
+        seq=args.seq,
+        mixed_precision=not args.fp32,
+        activation_checkpointing=args.activation_checkpointing,
+    )
     result = estimate(args.model, opts)
     print(markdown(result))
     if args.json:

@@ -74,7 +74,10 @@ def model_context(model_dir: str | Path) -> int | None:
     if not config.is_file():
         raise FileNotFoundError(f"--model {model_dir}: no config.json (not a Hugging Face checkpoint directory)")
     data = json.loads(config.read_text())
-    return next((data[k] for k in ("max_position_embeddings", "n_positions", "max_seq_len") if isinstance(data.get(k), int)), None)
+    return next(
+        (data[k] for k in ("max_position_embeddings", "n_positions", "max_seq_len") if isinstance(data.get(k), int)),
+        None,
+    )
 
 
 def check_compress(args: argparse.Namespace, bundled_model_dir: Path) -> None:
@@ -93,7 +96,9 @@ def check_compress(args: argparse.Namespace, bundled_model_dir: Path) -> None:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by --grad-accum {args.grad_accum}")
     limit = model_context(args.model or bundled_model_dir)
     if limit is not None and args.context > limit:
-        raise ValueError(f"--context {args.context} exceeds the model's context of {limit} tokens (max_position_embeddings)")
+        raise ValueError(
+            f"--context {args.context} exceeds the model's context of {limit} tokens (max_position_embeddings)"
+        )
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out}: exists and is not a folder")
 
@@ -107,8 +112,18 @@ def check_eval(args: argparse.Namespace) -> None:
     check_file(args.text, "--text")
 
 
-
 __all__ = [
-    "bits", "bits_or_zero", "check_compress", "check_eval", "check_file", "fraction",
-    "model_context", "nonnegative_float", "nonnegative_int", "positive_float", "positive_int", "top_p", "unit_weight",
+    "bits",
+    "bits_or_zero",
+    "check_compress",
+    "check_eval",
+    "check_file",
+    "fraction",
+    "model_context",
+    "nonnegative_float",
+    "nonnegative_int",
+    "positive_float",
+    "positive_int",
+    "top_p",
+    "unit_weight",
 ]

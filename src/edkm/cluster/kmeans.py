@@ -127,6 +127,8 @@ def hard_assign(weights: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.T
     return idx.to(torch.uint8 if lut.shape[1] <= 256 else torch.int32), lut
 
 
-def decode(lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def decode(
+    lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
     """Weights from a (G, k) LUT and (G, n) indices, in ``dtype`` and ``shape``."""
     return torch.gather(lut.to(dtype), 1, indices.reshape(lut.shape[0], -1).long()).reshape(shape)

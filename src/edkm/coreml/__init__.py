@@ -16,7 +16,11 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-_LAZY = {"export_coreml": "edkm.coreml.convert", "verify_mlpackage": "edkm.coreml.verify", "lut_ops": "edkm.coreml.verify"}
+_LAZY = {
+    "export_coreml": "edkm.coreml.convert",
+    "verify_mlpackage": "edkm.coreml.verify",
+    "lut_ops": "edkm.coreml.verify",
+}
 __all__ = list(_LAZY)
 
 

@@ -34,8 +34,13 @@ def import_coremltools() -> Any:
 def _convert(traced: torch.jit.ScriptModule, ct: Any, target: str, inputs: list, states: list) -> Any:
     deployment = ct.target.iOS18 if target == "ios18" or states else ct.target.iOS16
     return ct.convert(
-        traced, inputs=inputs, states=states or None, outputs=[ct.TensorType(name="logits")],
-        minimum_deployment_target=deployment, convert_to="mlprogram", skip_model_load=True,
+        traced,
+        inputs=inputs,
+        states=states or None,
+        outputs=[ct.TensorType(name="logits")],
+        minimum_deployment_target=deployment,
+        convert_to="mlprogram",
+        skip_model_load=True,
     )
 
 
@@ -56,7 +61,12 @@ def write_package(mlmodel: Any, path: Path) -> None:
 
 
 def export_coreml(
-    model: nn.Module, path: str | os.PathLike, *, target: str = "ios18", kv_cache: bool = False, length: int = 64,
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    target: str = "ios18",
+    kv_cache: bool = False,
+    length: int = 64,
 ) -> Path:
     """Convert a finalized Hugging Face causal LM (LUT layers) to ``path`` (.mlpackage); returns the path.
 
@@ -80,13 +90,21 @@ def export_coreml(
         traced = torch.jit.trace(wrapper, (ids, causal_mask(length, length)), check_trace=False)
     if kv_cache:
         query, end = ct.RangeDim(1, length), ct.RangeDim(1, length)
-        inputs = [ct.TensorType("input_ids", shape=(1, query), dtype=ct.converters.mil.mil.types.int32),
-                  ct.TensorType("mask", shape=(1, 1, query, end), dtype=ct.converters.mil.mil.types.fp16)]
-        states = [ct.StateType(ct.TensorType(shape=tuple(getattr(wrapper, n).shape), dtype=ct.converters.mil.mil.types.fp16), name=n)
-                  for n in ("key_cache", "value_cache")]
+        inputs = [
+            ct.TensorType("input_ids", shape=(1, query), dtype=ct.converters.mil.mil.types.int32),
+            ct.TensorType("mask", shape=(1, 1, query, end), dtype=ct.converters.mil.mil.types.fp16),
+        ]
+        states = [
+            ct.StateType(
+                ct.TensorType(shape=tuple(getattr(wrapper, n).shape), dtype=ct.converters.mil.mil.types.fp16), name=n
+            )
+            for n in ("key_cache", "value_cache")
+        ]
     else:
-        inputs = [ct.TensorType("input_ids", shape=(1, length), dtype=ct.converters.mil.mil.types.int32),
-                  ct.TensorType("mask", shape=(1, 1, length, length), dtype=ct.converters.mil.mil.types.fp16)]
+        inputs = [
+            ct.TensorType("input_ids", shape=(1, length), dtype=ct.converters.mil.mil.types.int32),
+            ct.TensorType("mask", shape=(1, 1, length, length), dtype=ct.converters.mil.mil.types.fp16),
+        ]
         states = []
     write_package(_convert(traced, ct, target, inputs, states), path)
     return path

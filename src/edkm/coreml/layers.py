@@ -20,7 +20,11 @@ from edkm.layers.lut import LUTModule
 TARGETS = ("ios18", "ios16")
 IOS16_LUT_SIZES = (2, 4, 16, 64, 256)  # entries an iOS 16/17 constexpr_lut_to_dense takes
 PALETTIZATION = 2  # coremltools' CompressionType.palettization
-LUT_BUFFER, TYPE_BUFFER, VERSION_BUFFER = "_COREML_/weight/lut", "_COREML_/weight/compression_type", "_COREML_/metadata_version"
+LUT_BUFFER, TYPE_BUFFER, VERSION_BUFFER = (
+    "_COREML_/weight/lut",
+    "_COREML_/weight/compression_type",
+    "_COREML_/metadata_version",
+)
 
 
 def ios16_lut_size(bits: int) -> int:
@@ -40,8 +44,10 @@ def coreml_lut(module: LUTModule, target: str) -> torch.Tensor:
     lut = module.lut.lut.float()
     if target == "ios16":
         if lut.shape[0] > 1:
-            raise ValueError(f"--target ios16 takes one LUT per tensor, this model has {lut.shape[0]} per tensor "
-                             "(group_size set): use --target ios18")
+            raise ValueError(
+                f"--target ios16 takes one LUT per tensor, this model has {lut.shape[0]} per tensor "
+                "(group_size set): use --target ios18"
+            )
         lut = torch.cat([lut, lut[:, -1:].expand(-1, ios16_lut_size(module.lut.bits) - lut.shape[1])], dim=1)
     lut = lut[:, None, :, None]
     return lut.transpose(0, 1).contiguous() if module.transposed else lut
@@ -68,7 +74,9 @@ def conversion_copy(model: nn.Module, target: str = "ios18") -> nn.Module:
     model = copy.deepcopy(model).eval()
     layers = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, LUTModule)]
     if not layers:
-        raise ValueError("the model has no LUT layers: export a finalized edkm model (edkm.finalize_ / load_palettized)")
+        raise ValueError(
+            "the model has no LUT layers: export a finalized edkm model (edkm.finalize_ / load_palettized)"
+        )
     weights: dict[int, nn.Parameter] = {}
     for name, module in layers:
         if id(module.lut) not in weights:

@@ -50,8 +50,8 @@ class SliceCache(Cache):
         self.keys, self.values, self.begin, self.end = keys, values, begin, end
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        self.keys[layer_idx, :, :, self.begin:self.end] = key_states.to(self.keys.dtype)
-        self.values[layer_idx, :, :, self.begin:self.end] = value_states.to(self.values.dtype)
+        self.keys[layer_idx, :, :, self.begin : self.end] = key_states.to(self.keys.dtype)
+        self.values[layer_idx, :, :, self.begin : self.end] = value_states.to(self.values.dtype)
         dtype = key_states.dtype
         return self.keys[layer_idx, :, :, : self.end].to(dtype), self.values[layer_idx, :, :, : self.end].to(dtype)
 
@@ -81,5 +81,7 @@ class StatefulLM(StatelessLM):
         positions = torch.arange(begin, end, dtype=torch.int32)[None]
         cache = SliceCache(self.key_cache, self.value_cache, begin, end)
         kwargs = {self.cache_keyword: cache}
-        hidden = self.base(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)[0]
+        hidden = self.base(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)[
+            0
+        ]
         return self.head(hidden)

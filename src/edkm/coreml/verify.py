@@ -52,7 +52,9 @@ def lut_ops(path: str | os.PathLike) -> list[dict[str, Any]]:
                 else:  # iOS 16: indices packed into uint8 bytes, b = log2(LUT entries)
                     bits = lut.size.bit_length() - 1
                     if op.indices.shape[0] != -(-weight.size * bits // 8):
-                        raise ValueError(f"{op.name}: {op.indices.shape[0]} index bytes do not hold {weight.size} {bits}-bit indices")
+                        raise ValueError(
+                            f"{op.name}: {op.indices.shape[0]} index bytes do not hold {weight.size} {bits}-bit indices"
+                        )
                 found.append({"name": op.name, "index_bits": bits, "lut": lut, "weight": weight})
             for inner in op.blocks:
                 walk(inner)
@@ -83,8 +85,15 @@ def verify_mlpackage(path: str | os.PathLike, model: nn.Module, target: str = "i
         lut = module.lut
         ours = module.rows_first(decode(lut.lut, lut.indices, lut.shape, torch.float16)).numpy()
         bits = lut.bits if target == "ios18" else ios16_lut_size(lut.bits).bit_length() - 1
-        match = next((i for i in unused if ops[i]["weight"].shape == ours.shape
-                      and np.array_equal(ops[i]["weight"].view(np.uint16), ours.view(np.uint16))), None)
+        match = next(
+            (
+                i
+                for i in unused
+                if ops[i]["weight"].shape == ours.shape
+                and np.array_equal(ops[i]["weight"].view(np.uint16), ours.view(np.uint16))
+            ),
+            None,
+        )
         if match is None:
             problems.append(f"{name}: no LUT op decodes to our weight bit for bit")
             continue
@@ -96,9 +105,14 @@ def verify_mlpackage(path: str | os.PathLike, model: nn.Module, target: str = "i
             problems.append(f"{name}: the LUT entries differ from ours")
     problems += [f"{ops[i]['name']}: a LUT op matching none of our tensors" for i in unused]
     return {
-        "ok": not problems, "problems": problems, "target": target, "lut_ops": len(ops),
-        "clustered_tensors": len(_our_tensors(model)), "index_bits": dict(Counter(op["index_bits"] for op in ops)),
-        "mlpackage_bytes": package_bytes(path), "weights_bytes": package_bytes(Path(path) / WEIGHTS_DIR),
+        "ok": not problems,
+        "problems": problems,
+        "target": target,
+        "lut_ops": len(ops),
+        "clustered_tensors": len(_our_tensors(model)),
+        "index_bits": dict(Counter(op["index_bits"] for op in ops)),
+        "mlpackage_bytes": package_bytes(path),
+        "weights_bytes": package_bytes(Path(path) / WEIGHTS_DIR),
         "fp16_bytes": fp16_bytes(model),
     }
 

@@ -10,9 +10,14 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "FSDPOptions": "fsdp", "fsdp_": "fsdp", "init_distributed": "fsdp", "shard_layers_": "fsdp",
+    "FSDPOptions": "fsdp",
+    "fsdp_": "fsdp",
+    "init_distributed": "fsdp",
+    "shard_layers_": "fsdp",
     "sharded_dkm": "sharded",
-    "DCPCheckpointer": "checkpoint", "finalize_fsdp_": "checkpoint", "save_fsdp_palettized": "checkpoint",
+    "DCPCheckpointer": "checkpoint",
+    "finalize_fsdp_": "checkpoint",
+    "save_fsdp_palettized": "checkpoint",
 }
 __all__ = list(_WHERE)
 

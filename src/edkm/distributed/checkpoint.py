@@ -45,8 +45,13 @@ class DCPCheckpointer:
 
     def save(self, path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, losses: list[float]) -> None:
         model_sd, opt_sd = get_state_dict(model, opt)
-        state = {"model": model_sd, "optimizer": opt_sd, "step": step, "losses": list(losses),
-                 "rng": (torch.get_rng_state(), random.getstate())}
+        state = {
+            "model": model_sd,
+            "optimizer": opt_sd,
+            "step": step,
+            "losses": list(losses),
+            "rng": (torch.get_rng_state(), random.getstate()),
+        }
         tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
         if rank_world()[0] == 0 and tmp.exists():
             shutil.rmtree(tmp)
@@ -77,7 +82,9 @@ class DCPCheckpointer:
         try:
             dcp.load(state, checkpoint_id=str(found))
         except Exception as err:  # noqa: BLE001 - DCP raises CheckpointException with per-rank details
-            raise RuntimeError(f"cannot load the sharded checkpoint {found} into this model/process count: {err}") from err
+            raise RuntimeError(
+                f"cannot load the sharded checkpoint {found} into this model/process count: {err}"
+            ) from err
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         torch.set_rng_state(state["rng"][0])
         random.setstate(state["rng"][1])

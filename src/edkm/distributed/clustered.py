@@ -70,7 +70,9 @@ class ShardedClusteredWeight(ClusteredWeight):
 
     def local_hard(self, weight: torch.Tensor) -> torch.Tensor:
         """Nearest-centroid indices of this rank's rows (see :func:`local_hard_indices`)."""
-        return local_hard_indices(self._local(weight), self.centroids, self.cluster_dtype, self.row_start, self.group_rows)
+        return local_hard_indices(
+            self._local(weight), self.centroids, self.cluster_dtype, self.row_start, self.group_rows
+        )
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """The full clustered weight (every rank's rows, gathered)."""
@@ -93,9 +95,17 @@ class ShardedClusteredWeight(ClusteredWeight):
         if self.training:
             w16 = local if local.dtype == self.cluster_dtype else cast_straight_through(local, self.cluster_dtype)
             tau = (self.tau * self.scale).float()
-            out, c = sharded_dkm(w16.reshape(local.shape[0], -1), self.centroids, tau=tau, iters=self.spec.iters,
-                                 eps=self.spec.eps, row_offset=self.row_start, group_rows=self.group_rows,
-                                 dtype=self.cluster_dtype, group=self.group)
+            out, c = sharded_dkm(
+                w16.reshape(local.shape[0], -1),
+                self.centroids,
+                tau=tau,
+                iters=self.spec.iters,
+                eps=self.spec.eps,
+                row_offset=self.row_start,
+                group_rows=self.group_rows,
+                dtype=self.cluster_dtype,
+                group=self.group,
+            )
             self.centroids.copy_(c.detach())
             out = out.reshape(local.shape)
             if self.spec.hard_forward:
@@ -108,10 +118,15 @@ class ShardedClusteredWeight(ClusteredWeight):
         return out
 
     def cluster(self, weight: torch.Tensor):  # type: ignore[override]
-        raise RuntimeError("a sharded clusterer returns the gathered clustered weight from forward(rows); cluster() takes whole weights")
+        raise RuntimeError(
+            "a sharded clusterer returns the gathered clustered weight from forward(rows); "
+            "cluster() takes whole weights"
+        )
 
     def fused_layer(self, module, x: torch.Tensor) -> None:  # type: ignore[override]
-        raise RuntimeError("the fused layer kernels take whole weights, not a rank's rows (DKMModule routes sharded DKM to forward)")
+        raise RuntimeError(
+            "the fused layer kernels take whole weights, not a rank's rows (DKMModule routes sharded DKM to forward)"
+        )
 
     def _decode_local(self, weight: torch.Tensor) -> torch.Tensor:
         lut = torch.sort(self.centroids.float(), dim=-1).values.to(LUT_DTYPE)
@@ -136,9 +151,14 @@ def shard_clustered_weights_(model: nn.Module, mesh: DeviceMesh) -> set[nn.Param
     for name, module in modules:
         cw, weight = module.clusterer, module.weight
         if isinstance(weight, DTensor):
-            raise RuntimeError("shard_clustered_weights_ must run before fully_shard (the weights are DTensors already)")
+            raise RuntimeError(
+                "shard_clustered_weights_ must run before fully_shard (the weights are DTensors already)"
+            )
         if module.transposed:
-            raise ValueError(f"sharded DKM needs (out, in) weights; layer {name!r} stores its weight transposed (Conv1D): use --fsdp-gathered-dkm (FSDPOptions(sharded_dkm=False))")
+            raise ValueError(
+                f"sharded DKM needs (out, in) weights; layer {name!r} stores its weight transposed (Conv1D): "
+                "use --fsdp-gathered-dkm (FSDPOptions(sharded_dkm=False))"
+            )
         if id(cw) not in new_clusterers:
             if not cw.initialized:
                 cw.initialize(weight.detach().to(cw.cluster_dtype))
@@ -146,7 +166,9 @@ def shard_clustered_weights_(model: nn.Module, mesh: DeviceMesh) -> set[nn.Param
         sharded = new_clusterers[id(cw)]
         if id(weight) not in new_params:
             local = weight.detach()[sharded.row_start : sharded.row_end].clone()
-            dt = DTensor.from_local(local, mesh, [Shard(0)], shape=weight.shape, stride=weight.stride(), run_check=False)
+            dt = DTensor.from_local(
+                local, mesh, [Shard(0)], shape=weight.shape, stride=weight.stride(), run_check=False
+            )
             new_params[id(weight)] = nn.Parameter(dt, requires_grad=weight.requires_grad)
         module.clusterer = sharded
         module.register_parameter("weight", new_params[id(weight)])

@@ -68,7 +68,9 @@ class FSDPOptions:
         dtype = PRECISIONS.get(self.mixed_precision or "")
         if dtype is None:
             return MixedPrecisionPolicy()
-        return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        return MixedPrecisionPolicy(
+            param_dtype=dtype, reduce_dtype=torch.float64 if dtype == torch.float64 else torch.float32
+        )
 
 
 def init_distributed() -> tuple[int, int]:
@@ -125,7 +127,9 @@ def checkpoint_layer_(layer: nn.Module) -> None:
     inner = layer.forward
 
     def forward(*args, **kwargs):
-        return checkpoint(inner, *args, use_reentrant=False, context_fn=lambda: _centroid_contexts(clusterers), **kwargs)
+        return checkpoint(
+            inner, *args, use_reentrant=False, context_fn=lambda: _centroid_contexts(clusterers), **kwargs
+        )
 
     layer.forward = forward
 
@@ -150,8 +154,12 @@ def fsdp_(model: nn.Module, options: FSDPOptions | None = None, mesh: DeviceMesh
     return shard_layers_(model, options, mesh, ignored)
 
 
-def shard_layers_(model: nn.Module, options: FSDPOptions | None = None, mesh: DeviceMesh | None = None,
-                  ignored: set[nn.Parameter] | None = None) -> nn.Module:
+def shard_layers_(
+    model: nn.Module,
+    options: FSDPOptions | None = None,
+    mesh: DeviceMesh | None = None,
+    ignored: set[nn.Parameter] | None = None,
+) -> nn.Module:
     """``fully_shard`` every decoder layer, then the root, with ``options``' precision policy and
     activation checkpointing; for any model (``edkm compress --fsdp`` shards its fp control this way)."""
     options = options or FSDPOptions()

@@ -49,8 +49,11 @@ def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tenso
 def row_keys(w: torch.Tensor, row_offset: int, group_rows: int, dtype: torch.dtype) -> torch.Tensor:
     """int32 key (group * 65,536 + bit pattern) of every weight of local rows starting at ``row_offset``."""
     pattern = w.detach().to(dtype).view(torch.int16).to(torch.int32).bitwise_and_(PATTERNS - 1)
-    group = torch.div(torch.arange(row_offset, row_offset + w.shape[0], device=w.device, dtype=torch.int32), group_rows,
-                      rounding_mode="floor")
+    group = torch.div(
+        torch.arange(row_offset, row_offset + w.shape[0], device=w.device, dtype=torch.int32),
+        group_rows,
+        rounding_mode="floor",
+    )
     return pattern.add_((group * PATTERNS).unsqueeze(1))
 
 
@@ -135,7 +138,9 @@ class _ShardedDKM(torch.autograd.Function):
             f_table[present], r_table[present] = f, r.float()
             grad = torch.empty(w2.shape, dtype=w.dtype, device=w.device)
             for r0, r1, key in _row_chunks(w2, row_offset, group_rows, dtype):
-                rows = torch.index_select(r_table, 0, key).addcmul_(torch.index_select(f_table, 0, key), g2[r0:r1].reshape(-1).float())
+                rows = torch.index_select(r_table, 0, key).addcmul_(
+                    torch.index_select(f_table, 0, key), g2[r0:r1].reshape(-1).float()
+                )
                 grad[r0:r1] = rows.view(r1 - r0, -1)
             grad = grad.reshape(w.shape)
         return grad, None, None, None, None, None, None, None, None
@@ -171,8 +176,17 @@ def sharded_dkm(
         raise ValueError(f"centroids must have shape (groups, k), got {tuple(centroids.shape)}")
     if w.dim() != 2:
         raise ValueError(f"w must be the (rows, cols) local rows of a weight, got {tuple(w.shape)}")
-    return _ShardedDKM.apply(w, centroids, tau.float().reshape(-1).to(w.device), int(iters), float(eps),
-                             int(row_offset), int(group_rows), dtype, group)
+    return _ShardedDKM.apply(
+        w,
+        centroids,
+        tau.float().reshape(-1).to(w.device),
+        int(iters),
+        float(eps),
+        int(row_offset),
+        int(group_rows),
+        dtype,
+        group,
+    )
 
 
 class GatherRows(torch.autograd.Function):
@@ -232,7 +246,8 @@ def scatter_rows(full_grad: torch.Tensor, local_rows: int, group: dist.ProcessGr
 
 
 def gather_rows(local: torch.Tensor, rows: int, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """All-gather each rank's rows (ceil(rows / N) each, the last ones shorter) into the (rows, ...) tensor (no autograd)."""
+    """All-gather each rank's rows (ceil(rows / N) each, the last ones shorter) into the (rows, ...) tensor
+    (no autograd)."""
     n = dist.get_world_size(group)
     p = -(-rows // n)
     padded = local.new_zeros((p, *local.shape[1:]))

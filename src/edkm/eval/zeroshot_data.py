@@ -168,7 +168,6 @@ def save_jsonl(docs: Sequence[MCDoc], path: str | Path) -> None:
             f.write(json.dumps({"context": d.context, "choices": list(d.choices), "label": d.label}) + "\n")
 
 
-
 __all__ = [
     "ASSETS",
     "MCDoc",

@@ -27,24 +27,38 @@ def model_card(report: dict[str, Any]) -> str:
         _row(f"k-means {b}-bit (post-training)", report.get("kmeans_ptq_ppl"), report.get("kmeans_ptq_size_bytes")),
         _row(f"eDKM {b}-bit, fine-tuned {steps} steps", report.get("edkm_ppl"), report.get("size_bytes")),
     ]
-    return "\n".join([
-        "---", "library_name: transformers", "tags: [edkm, palettization, weight-clustering, lut]", "---", "",
-        f"# {report.get('model', 'model')}, palettized to {b} bits with edkm", "",
-        f"Every clustered weight is a LUT of 2^b fp16 values plus densely packed b-bit indices "
-        f"(`quantization_config` in `config.json` lists the bits of every module), fine-tuned with eDKM "
-        f"(train-time differentiable k-means). Held-out perplexity, context {report.get('context', '-')}, "
-        f"{report.get('heldout_tokens', '-')} tokens:", "",
-        "| model | held-out ppl | size |", "| --- | ---: | ---: |", *rows, "",
-        "## Use", "",
-        "```python",
-        "import edkm  # registers the \"edkm\" quantization method with transformers",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained(\"THIS_FOLDER\")",
-        "tokenizer = AutoTokenizer.from_pretrained(\"THIS_FOLDER\")",
-        "```", "",
-        "```bash",
-        "edkm eval THIS_FOLDER --text held_out.txt",
-        "edkm generate THIS_FOLDER --prompt \"Once upon a time\"",
-        "edkm export coreml THIS_FOLDER --out model.mlpackage",
-        "```", "",
-    ])
+    return "\n".join(
+        [
+            "---",
+            "library_name: transformers",
+            "tags: [edkm, palettization, weight-clustering, lut]",
+            "---",
+            "",
+            f"# {report.get('model', 'model')}, palettized to {b} bits with edkm",
+            "",
+            f"Every clustered weight is a LUT of 2^b fp16 values plus densely packed b-bit indices "
+            f"(`quantization_config` in `config.json` lists the bits of every module), fine-tuned with eDKM "
+            f"(train-time differentiable k-means). Held-out perplexity, context {report.get('context', '-')}, "
+            f"{report.get('heldout_tokens', '-')} tokens:",
+            "",
+            "| model | held-out ppl | size |",
+            "| --- | ---: | ---: |",
+            *rows,
+            "",
+            "## Use",
+            "",
+            "```python",
+            'import edkm  # registers the "edkm" quantization method with transformers',
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")',
+            'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")',
+            "```",
+            "",
+            "```bash",
+            "edkm eval THIS_FOLDER --text held_out.txt",
+            'edkm generate THIS_FOLDER --prompt "Once upon a time"',
+            "edkm export coreml THIS_FOLDER --out model.mlpackage",
+            "```",
+            "",
+        ]
+    )

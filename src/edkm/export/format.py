@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from edkm.atomic import atomic_path
@@ -76,7 +77,11 @@ def save_palettized(model: nn.Module, path: str | os.PathLike) -> None:
     for key, value in model.state_dict().items():
         if key.startswith(lut_keys):
             continue
-        ident = (value.untyped_storage().data_ptr() + value.storage_offset() * value.element_size(), tuple(value.shape), value.dtype)
+        ident = (
+            value.untyped_storage().data_ptr() + value.storage_offset() * value.element_size(),
+            tuple(value.shape),
+            value.dtype,
+        )
         if ident in seen and value.numel():
             header["aliases"][key] = seen[ident]
         else:
@@ -90,7 +95,8 @@ def save_palettized(model: nn.Module, path: str | os.PathLike) -> None:
     header["palettize_config"] = config.to_dict() if config is not None else None
     header["sha256"] = digest(tensors, header)
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"edkm": json.dumps(header)})
+        # called through the module, so a test can make it fail
+        safetensors.torch.save_file(tensors, tmp, metadata={"edkm": json.dumps(header)})
 
 
 @dataclass
@@ -121,7 +127,11 @@ def inspect_file(path: str | os.PathLike) -> PackedFile:
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise FormatError(f"{path} is not a readable safetensors file (corrupted or truncated?): {err}") from err
     if "edkm" not in metadata:
-        hint = f": it is the weights file of the edkm folder {path.parent}, load the folder" if is_edkm_folder(path.parent) else ""
+        hint = (
+            f": it is the weights file of the edkm folder {path.parent}, load the folder"
+            if is_edkm_folder(path.parent)
+            else ""
+        )
         raise FormatError(f"{path} is a safetensors file but not an edkm packed model (no 'edkm' header){hint}")
     try:
         header = json.loads(metadata["edkm"])
@@ -154,6 +164,7 @@ def inspect_file(path: str | os.PathLike) -> PackedFile:
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON header of a packed file, validated; FormatError for anything else."""
     return inspect_file(path).header
+
 
 def read_packed(path: str | os.PathLike) -> tuple[PackedFile, dict[str, torch.Tensor]]:
     """The validated header and tensors of a packed file (checksum and finiteness checked); FormatError if damaged."""

@@ -9,7 +9,9 @@ Example:
     >>> from edkm.layers.lut import LUTWeight
     >>> from edkm.export.layers import packed_parts, build_lut
     >>> from edkm.export.validate import PackedLayer
-    >>> lut = LUTWeight(torch.randn(1, 4).half(), torch.randint(0, 4, (1, 6), dtype=torch.uint8), (2, 3), 2, torch.float32)
+    >>> lut = LUTWeight(
+    ...     torch.randn(1, 4).half(), torch.randint(0, 4, (1, 6), dtype=torch.uint8), (2, 3), 2, torch.float32
+    ... )
     >>> layer = PackedLayer("fc", 2, (2, 3), 1, torch.float32, "lut", ("fc",))
     >>> torch.equal(build_lut(layer, packed_parts(lut))(), lut())
     True
@@ -41,8 +43,9 @@ def lut_layers(model: nn.Module) -> dict[str, tuple[LUTWeight, list[str]]]:
 
 def describe(lut: LUTWeight, names: list[str]) -> PackedLayer:
     """The header entry of a LUT layer."""
-    return PackedLayer(names[0], lut.bits, tuple(lut.shape), lut.lut.shape[0], lut.dtype,
-                       level_format(lut), tuple(names))
+    return PackedLayer(
+        names[0], lut.bits, tuple(lut.shape), lut.lut.shape[0], lut.dtype, level_format(lut), tuple(names)
+    )
 
 
 def level_format(lut: LUTWeight) -> str:

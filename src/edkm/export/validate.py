@@ -77,8 +77,14 @@ class PackedLayer:
         return {**levels, "indices": ("U8", (packed_nbytes(self.numel, self.bits),))}
 
     def to_json(self) -> dict[str, Any]:
-        return {"bits": self.bits, "shape": list(self.shape), "groups": self.groups,
-                "dtype": str(self.dtype).removeprefix("torch."), "levels": self.levels, "modules": list(self.modules)}
+        return {
+            "bits": self.bits,
+            "shape": list(self.shape),
+            "groups": self.groups,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "levels": self.levels,
+            "modules": list(self.modules),
+        }
 
 
 def parse_layer(name: str, spec: Any, where: str, default_levels: str | None = None) -> PackedLayer:
@@ -121,12 +127,15 @@ def parse_layers(layers: Any, where: str, default_levels: str | None = None) -> 
     for layer in parsed.values():
         for module in layer.modules:
             if owner.setdefault(module, layer.name) != layer.name:
-                raise FormatError(f"{where}: module {module!r} is listed by layers {owner[module]!r} and {layer.name!r}")
+                raise FormatError(
+                    f"{where}: module {module!r} is listed by layers {owner[module]!r} and {layer.name!r}"
+                )
     return parsed
 
 
-def check_tensor(key: str, table: Mapping[str, tuple[str, tuple[int, ...]]], dtype: str, shape: tuple[int, ...],
-                 where: str) -> None:
+def check_tensor(
+    key: str, table: Mapping[str, tuple[str, tuple[int, ...]]], dtype: str, shape: tuple[int, ...], where: str
+) -> None:
     """The file holds ``key`` with safetensors ``dtype`` and ``shape``."""
     if key not in table:
         raise FormatError(f"{where}: tensor {key!r} is missing")
@@ -155,7 +164,9 @@ def check_finite(layer: PackedLayer, parts: Mapping[str, torch.Tensor], where: s
             raise FormatError(f"{where}: layer {layer.name!r}: {part} holds NaN or infinite values")
 
 
-def check_state_keys(expected: Mapping[str, tuple[int, ...]], stored: Mapping[str, tuple[int, ...]], where: str) -> None:
+def check_state_keys(
+    expected: Mapping[str, tuple[int, ...]], stored: Mapping[str, tuple[int, ...]], where: str
+) -> None:
     """The non-LUT tensors of the file are exactly the ones the model expects, with its shapes."""
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
@@ -163,16 +174,25 @@ def check_state_keys(expected: Mapping[str, tuple[int, ...]], stored: Mapping[st
         raise FormatError(f"{where} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for key, shape in stored.items():
         if tuple(expected[key]) != tuple(shape):
-            raise FormatError(f"{where}: tensor {key!r} has shape {list(shape)}, the model expects {list(expected[key])}")
+            raise FormatError(
+                f"{where}: tensor {key!r} has shape {list(shape)}, the model expects {list(expected[key])}"
+            )
 
 
 def stored_key(layer: PackedLayer, part: str, infix: str) -> str:
-    """Key of a layer's part: ``<first module>.<part>`` in single files (infix ""), ``<module>.lut.<part>`` in folders."""
+    """Key of a layer's part: ``<first module>.<part>`` in single files (infix ""),
+    ``<module>.lut.<part>`` in folders."""
     return f"{layer.modules[0]}.{infix}{part}"
 
 
-def check_layout(model: nn.Module, layers: Mapping[str, PackedLayer], table: Mapping[str, tuple[str, tuple[int, ...]]],
-                 where: str, infix: str = "", aliases: Mapping[str, str] | None = None) -> None:
+def check_layout(
+    model: nn.Module,
+    layers: Mapping[str, PackedLayer],
+    table: Mapping[str, tuple[str, tuple[int, ...]]],
+    where: str,
+    infix: str = "",
+    aliases: Mapping[str, str] | None = None,
+) -> None:
     """Check a file's tensor ``table`` (key -> (dtype, shape)) against ``model`` (may live on the meta device).
 
     Every listed module exists, is a layer edkm clusters (:func:`edkm.layers.base.layer_kind`: Linear, Conv1D, Embedding
@@ -194,9 +214,13 @@ def check_layout(model: nn.Module, layers: Mapping[str, PackedLayer], table: Map
             elif layer_kind(module) is not None:  # Linear (Conv1D: weight stored (in, out)), Embedding, subclasses
                 shape = rows_first_weight(module).shape
             else:
-                raise FormatError(f"{where}: module {name!r} is a {type(module).__name__}, not a Linear, Conv1D or Embedding")
+                raise FormatError(
+                    f"{where}: module {name!r} is a {type(module).__name__}, not a Linear, Conv1D or Embedding"
+                )
             if tuple(shape) != layer.shape:
-                raise FormatError(f"{where}: module {name!r} has weight shape {list(shape)}, the file {list(layer.shape)}")
+                raise FormatError(
+                    f"{where}: module {name!r} has weight shape {list(shape)}, the file {list(layer.shape)}"
+                )
             weight_keys.add(f"{name}.weight")
         for part, (dtype, shape) in layer.tensor_specs().items():
             key = stored_key(layer, part, infix)
@@ -218,4 +242,6 @@ def check_buffer_budget(model: nn.Module, file_bytes: int, where: str) -> None:
     stored = model.state_dict().keys()
     extra = sum(b.numel() * b.element_size() for name, b in model.named_buffers() if name not in stored)
     if extra > 2 * file_bytes + (64 << 20):
-        raise FormatError(f"{where}: the model config asks for {extra} bytes of buffers, far more than the checkpoint holds")
+        raise FormatError(
+            f"{where}: the model config asks for {extra} bytes of buffers, far more than the checkpoint holds"
+        )

@@ -34,9 +34,16 @@ FIELDS = ("quant_method", "format", "version", "bits", "group_size", "layers", "
 class EdkmConfig(QuantizationConfigMixin):
     """The ``quantization_config`` of a palettized model; raises FormatError on any bad field."""
 
-    def __init__(self, layers: dict[str, Any] | None = None, format: str = FORMAT, version: int = VERSION,  # noqa: A002
-                 bits: int | None = None, group_size: int | None = None,
-                 palettize_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        layers: dict[str, Any] | None = None,
+        format: str = FORMAT,
+        version: int = VERSION,  # noqa: A002
+        bits: int | None = None,
+        group_size: int | None = None,
+        palettize_config: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.quant_method = QUANT_METHOD
         self.format, self.version, self.bits, self.group_size = format, version, bits, group_size
         self.layers = layers or {}
@@ -48,7 +55,9 @@ class EdkmConfig(QuantizationConfigMixin):
             raise FormatError(f"{WHERE}: unknown format {self.format!r}, expected {FORMAT!r}")
         version = check_int(self.version, "version", 1, 1 << 30, WHERE)
         if version > VERSION:
-            raise FormatError(f"{WHERE}: format version {version} is newer than this edkm reads ({VERSION}); upgrade edkm")
+            raise FormatError(
+                f"{WHERE}: format version {version} is newer than this edkm reads ({VERSION}); upgrade edkm"
+            )
         if self.bits is not None:
             check_int(self.bits, "bits", 1, 8, WHERE)
         if self.group_size is not None:

@@ -53,7 +53,8 @@ def save_folder(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None)
 
 @contextmanager
 def quiet_loading() -> Iterator[None]:
-    """Without transformers' "Loading weights" progress bar (edkm's loaders print one line or nothing); restored after."""
+    """Without transformers' "Loading weights" progress bar (edkm's loaders print one line or nothing);
+    restored after."""
     # deferred: transformers is the hf extra, loaded only when a Hugging Face model is loaded
     from transformers.utils import logging as hf_logging
 
@@ -72,7 +73,9 @@ def load_folder(path: str | os.PathLike) -> nn.Module:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {path}: not an edkm model folder")
     if not is_edkm_folder(path):
-        raise FormatError(f"{path}/config.json has no quantization_config with quant_method 'edkm': not an edkm model folder")
+        raise FormatError(
+            f"{path}/config.json has no quantization_config with quant_method 'edkm': not an edkm model folder"
+        )
     # deferred: transformers is the hf extra, loaded only when a Hugging Face model is loaded
     from transformers import AutoModelForCausalLM
 

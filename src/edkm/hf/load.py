@@ -40,6 +40,7 @@ def load_palettized(path: str | os.PathLike, model: nn.Module | None = None) -> 
         raise FormatError(f"{path} has no Hugging Face model config: pass the model to load into (model=...)")
     return _load_hf(packed, tensors)
 
+
 def _load_hf(packed: PackedFile, tensors: dict[str, torch.Tensor]) -> nn.Module:
     """Build the Hugging Face model of the saved config with transformers, through the edkm quantizer."""
     # deferred: transformers (and the modules built on it) load only when a Hugging Face model is built
@@ -58,13 +59,17 @@ def _load_hf(packed: PackedFile, tensors: dict[str, torch.Tensor]) -> nn.Module:
     except Exception as err:
         raise FormatError(f"{where}: the saved model config is not a causal LM transformers can build: {err}") from err
     if getattr(config, "num_hidden_layers", 0) > len(packed.table):  # each layer stores tensors: refuse a crafted size
-        raise FormatError(f"{where}: the model config asks for {config.num_hidden_layers} layers, "
-                          f"the file holds {len(packed.table)} tensors")
+        raise FormatError(
+            f"{where}: the model config asks for {config.num_hidden_layers} layers, "
+            f"the file holds {len(packed.table)} tensors"
+        )
     try:
         with torch.device("meta"):
             skeleton = model_class(config)
     except Exception as err:
-        raise FormatError(f"{where}: transformers cannot build the saved model config: {type(err).__name__}: {err}") from err
+        raise FormatError(
+            f"{where}: transformers cannot build the saved model config: {type(err).__name__}: {err}"
+        ) from err
     check_layout(skeleton, packed.layers, packed.table, where, "", packed.aliases)
     check_buffer_budget(skeleton, packed.path.stat().st_size, where)
     lut_keys = {f"{name}.{part}" for name, layer in packed.layers.items() for part in layer.tensor_specs()}
@@ -75,7 +80,8 @@ def _load_hf(packed: PackedFile, tensors: dict[str, torch.Tensor]) -> nn.Module:
     palettize = packed.header.get("palettize_config") or {}
     config.quantization_config = EdkmConfig(
         layers={name: layer.to_json() for name, layer in packed.layers.items()},
-        bits=palettize.get("bits"), group_size=palettize.get("group_size"),
+        bits=palettize.get("bits"),
+        group_size=palettize.get("group_size"),
         palettize_config=packed.header.get("palettize_config"),
     ).to_dict()
     with quiet_loading():

@@ -1,4 +1,5 @@
-"""The ``edkm`` Hugging Face quantizer: loads and saves palettized models with ``from_pretrained`` / ``save_pretrained``.
+"""The ``edkm`` Hugging Face quantizer: loads and saves palettized models with ``from_pretrained`` /
+``save_pretrained``.
 
 Loading: transformers builds the model on the meta device; before any weight is read, the
 quantizer checks the ``quantization_config`` and the checkpoint's tensor table against the model
@@ -109,8 +110,18 @@ def verify_checksum(files: Sequence[str], header: dict[str, Any], expected: str 
         raise FormatError(f"{files[0]}: checksum mismatch, the folder is corrupted (model.safetensors or config.json)")
 
 
-UNCHECKED_CONFIG_KEYS = {"dtype", "torch_dtype", "architectures", "transformers_version", "_name_or_path", "name_or_path",
-                         "quantization_config", "_commit_hash", "_attn_implementation_autoset", "attn_implementation"}
+UNCHECKED_CONFIG_KEYS = {
+    "dtype",
+    "torch_dtype",
+    "architectures",
+    "transformers_version",
+    "_name_or_path",
+    "name_or_path",
+    "quantization_config",
+    "_commit_hash",
+    "_attn_implementation_autoset",
+    "attn_implementation",
+}
 
 
 def checked_header(quantization_config: EdkmConfig, model_config: Any) -> dict[str, Any]:
@@ -131,12 +142,15 @@ class EdkmHfQuantizer(HfQuantizer):
         layers = getattr(config.get_text_config(decoder=True), "num_hidden_layers", None)
         limit = 4 * len(self.quantization_config.layers) + 64
         if isinstance(layers, int) and layers > limit:
-            raise FormatError(f"config.json: num_hidden_layers {layers} does not fit the "
-                              f"{len(self.quantization_config.layers)} clustered tensors")
+            raise FormatError(
+                f"config.json: num_hidden_layers {layers} does not fit the "
+                f"{len(self.quantization_config.layers)} clustered tensors"
+            )
         return config
 
-    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: Sequence[str] | None = None,
-                                             **kwargs: Any) -> None:
+    def _process_model_before_weight_loading(
+        self, model: nn.Module, checkpoint_files: Sequence[str] | None = None, **kwargs: Any
+    ) -> None:
         layers = self.quantization_config.packed_layers()
         if checkpoint_files:  # from a folder; a state_dict passed in memory was checked by its reader
             table, metadata = checkpoint_table(checkpoint_files)

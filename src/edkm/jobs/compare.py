@@ -68,7 +68,6 @@ class CompareConfig:
     resume: bool = False
 
 
-
 def _summary(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
@@ -98,7 +97,9 @@ class Runner:
         """The fp model fine-tuned at ``control_lr`` with ``seed`` (cached on disk): the teacher and the fp row."""
         if seed not in self._controls:
             c = self.cfg
-            path = self.work / f"control_seed{seed}_steps{c.steps}_bs{c.batch_size}_lr{c.control_lr:g}_ctx{c.context}.pt"
+            path = (
+                self.work / f"control_seed{seed}_steps{c.steps}_bs{c.batch_size}_lr{c.control_lr:g}_ctx{c.context}.pt"
+            )
             model = copy.deepcopy(self.model)
             if path.is_file():
                 model.load_state_dict(torch.load(path, weights_only=True))
@@ -118,13 +119,17 @@ class Runner:
         return load_palettized(path).eval(), bits_per_weight(path)
 
 
-def run_method(r: Runner, method: Method, bits: int, log: Callable[[str], None], inherited: Any = None) -> dict[str, Any]:
+def run_method(
+    r: Runner, method: Method, bits: int, log: Callable[[str], None], inherited: Any = None
+) -> dict[str, Any]:
     """Tune ``method``'s knob on validation (first seed), then run every seed of the chosen value and test it.
 
     ``inherited``: the value a sibling method chose on validation (``Method.tune_like``), used instead of a grid.
     """
     cfg = r.cfg
-    plan = PalettizeConfig(bits=bits, tau=cfg.tau, overrides={"embed_tokens|lm_head": {"bits": cfg.embed_bits, "group_size": None}})
+    plan = PalettizeConfig(
+        bits=bits, tau=cfg.tau, overrides={"embed_tokens|lm_head": {"bits": cfg.embed_bits, "group_size": None}}
+    )
     candidates = [inherited] if inherited is not None else method.candidates(cfg)
     seeds = cfg.seeds if method.trained else [None]
     tuning, built = [], {}
@@ -134,7 +139,9 @@ def run_method(r: Runner, method: Method, bits: int, log: Callable[[str], None],
         tuning.append({"value": value, "val_ppl": score})
         built[value] = model
         knob = f" {method.knob}={format_knob(value)}" if method.knob else ""
-        log(f"  {bits}-bit {method.name}{knob}" + (f" seed={seeds[0]}" if method.trained else "") + f": val {score:.4f}")
+        log(
+            f"  {bits}-bit {method.name}{knob}" + (f" seed={seeds[0]}" if method.trained else "") + f": val {score:.4f}"
+        )
     best = min(tuning, key=lambda t: t["val_ppl"])["value"]
     test_ppls, val_ppls, info = [], [], {}
     for seed in seeds:
@@ -143,14 +150,27 @@ def run_method(r: Runner, method: Method, bits: int, log: Callable[[str], None],
         loaded, info = r.save_and_reload(model, r.work / f"{bits}bit" / f"{tag}.edkm.safetensors")
         val_ppls.append(r.ppl(loaded, "val"))
         test_ppls.append(r.ppl(loaded, "test"))
-        log(f"  {bits}-bit {method.name}" + (f" seed={seed}" if method.trained else "") + f": test {test_ppls[-1]:.4f} ({info[str(bits)]:.3f} bits/weight)")
+        log(
+            f"  {bits}-bit {method.name}"
+            + (f" seed={seed}" if method.trained else "")
+            + f": test {test_ppls[-1]:.4f} ({info[str(bits)]:.3f} bits/weight)"
+        )
     mean, std = _summary(test_ppls)
     return {
-        "method": method.name, "label": method.label(cfg, bits), "kind": "trained" if method.trained else "post-training",
-        "knob": method.knob, "chosen": best, "tuning": tuning if len(candidates) > 1 else [],
+        "method": method.name,
+        "label": method.label(cfg, bits),
+        "kind": "trained" if method.trained else "post-training",
+        "knob": method.knob,
+        "chosen": best,
+        "tuning": tuning if len(candidates) > 1 else [],
         "tuned_like": method.tune_like if inherited is not None else None,
-        "bpw": info[str(bits)], "embed_bpw": info.get(str(cfg.embed_bits)), "file_bytes": info["file_bytes"],
-        "val_ppl": statistics.fmean(val_ppls), "test_ppl": mean, "test_ppl_std": std, "test_ppls": test_ppls,
+        "bpw": info[str(bits)],
+        "embed_bpw": info.get(str(cfg.embed_bits)),
+        "file_bytes": info["file_bytes"],
+        "val_ppl": statistics.fmean(val_ppls),
+        "test_ppl": mean,
+        "test_ppl_std": std,
+        "test_ppls": test_ppls,
         "seeds": seeds if method.trained else None,
     }
 
@@ -171,8 +191,14 @@ def targets(rows: list[dict[str, Any]], bits: int) -> dict[str, Any]:
     limit = bits + 0.25
     peers = [row for row in rows if not row["method"].startswith(("edkm", "fp")) and row["bpw"] <= limit]
     lost = [row["method"] for row in peers if row["test_ppl"] <= ours["test_ppl"]]
-    return {"checked": True, "limit_bpw": limit, "edkm_test_ppl": ours["test_ppl"], "peers_within_limit": [row["method"] for row in peers],
-            "lost_to": lost, "met": not lost}
+    return {
+        "checked": True,
+        "limit_bpw": limit,
+        "edkm_test_ppl": ours["test_ppl"],
+        "peers_within_limit": [row["method"] for row in peers],
+        "lost_to": lost,
+        "met": not lost,
+    }
 
 
 def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[int, dict[str, Any]]:
@@ -195,8 +221,14 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[int,
             kept = next((row for row in rows if row["method"] == "fp"), None)
             fp_row = kept if kept and (kept.get("control_test_ppl") is not None or not trained) else fp_rows(r, trained)
         rows = [fp_row] + [row for row in rows if row["method"] != "fp"]
-        report = {"bits": bits, "model": cfg.model or "bundled:stories260K", "config": asdict(cfg), "protocol": protocol(r),
-                  "environment": run_environment(), "rows": rows}
+        report = {
+            "bits": bits,
+            "model": cfg.model or "bundled:stories260K",
+            "config": asdict(cfg),
+            "protocol": protocol(r),
+            "environment": run_environment(),
+            "rows": rows,
+        }
         for name in cfg.methods:
             if any(row["method"] == name for row in rows):
                 continue
@@ -227,25 +259,42 @@ def _reusable(row: dict[str, Any], old: dict[str, Any], cfg: CompareConfig) -> b
 
 def fp_rows(r: Runner, controls: bool = True) -> dict[str, Any]:
     """The fp reference and (when trained methods run) the fine-tuned controls, one per seed, as one row."""
-    row = {"method": "fp", "label": "fp32 original / fine-tuned control", "kind": "reference", "bpw": 32.0,
-           "val_ppl": r.ppl(r.model, "val"), "test_ppl": r.ppl(r.model, "test"), "control_test_ppl": None, "seeds": None}
+    row = {
+        "method": "fp",
+        "label": "fp32 original / fine-tuned control",
+        "kind": "reference",
+        "bpw": 32.0,
+        "val_ppl": r.ppl(r.model, "val"),
+        "test_ppl": r.ppl(r.model, "test"),
+        "control_test_ppl": None,
+        "seeds": None,
+    }
     if controls:
         tests = [r.ppl(r.control(s), "test") for s in r.cfg.seeds]
         mean, std = _summary(tests)
-        row.update(control_test_ppl=mean, control_test_ppl_std=std, control_test_ppls=tests, seeds=r.cfg.seeds,
-                   control_val_ppl=statistics.fmean(r.ppl(r.control(s), "val") for s in r.cfg.seeds))
+        row.update(
+            control_test_ppl=mean,
+            control_test_ppl_std=std,
+            control_test_ppls=tests,
+            seeds=r.cfg.seeds,
+            control_val_ppl=statistics.fmean(r.ppl(r.control(s), "val") for s in r.cfg.seeds),
+        )
     return row
 
 
 def protocol(r: Runner) -> dict[str, Any]:
     c = r.cfg
     return {
-        "splits": "text -> train (first 80 %), validation (next 10 %), test (last 10 %); knobs chosen on validation, test once per final configuration",
-        "train_sequences": len(r.data), "val_tokens": int(r.val.numel()), "test_tokens": int(r.test.numel()),
-        "calibration": f"{c.calib} training sequences of {c.context + 1} tokens", "seeds": c.seeds,
-        "budget": f"{c.steps} steps x {c.batch_size} sequences of {c.context} tokens, warmup 20 + cosine, distilled from the seed's control",
-        "bpw": "stored bits of the quantized decoder layers (packed indices + LUTs / scales / zero points) per weight, from the saved file",
+        "splits": "text -> train (first 80 %), validation (next 10 %), test (last 10 %); "
+        "knobs chosen on validation, test once per final configuration",
+        "train_sequences": len(r.data),
+        "val_tokens": int(r.val.numel()),
+        "test_tokens": int(r.test.numel()),
+        "calibration": f"{c.calib} training sequences of {c.context + 1} tokens",
+        "seeds": c.seeds,
+        "budget": f"{c.steps} steps x {c.batch_size} sequences of {c.context} tokens, "
+        "warmup 20 + cosine, distilled from the seed's control",
+        "bpw": "stored bits of the quantized decoder layers (packed indices + LUTs / scales / zero points) "
+        "per weight, from the saved file",
         "embedding": f"tied embedding / output layer at {c.embed_bits} bits in every row",
     }
-
-

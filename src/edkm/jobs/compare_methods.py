@@ -34,8 +34,11 @@ def _rtn(r: Any, plan: Any, group: bool) -> Any:
     from edkm.peers.gptq import rtn_lut
 
     size = r.cfg.group_size if group else None
-    return quantize_layers_(copy.deepcopy(r.model), plan,
-                            lambda n, m, _s: rtn_lut(m.weight, plan.for_module(n).bits, size if plan.for_module(n).bits <= 4 else None))
+    return quantize_layers_(
+        copy.deepcopy(r.model),
+        plan,
+        lambda n, m, _s: rtn_lut(m.weight, plan.for_module(n).bits, size if plan.for_module(n).bits <= 4 else None),
+    )
 
 
 def _kmeans(r: Any, plan: Any) -> Any:
@@ -122,24 +125,64 @@ def _g(cfg: Any) -> str:
     return f"g{cfg.group_size}"
 
 
-METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("rtn", lambda c, b: f"RTN {b}-bit per channel", lambda r, p, v, s: _rtn(r, p, False)),
-    Method("rtn_g", lambda c, b: f"RTN {b}-bit {_g(c)}", lambda r, p, v, s: _rtn(r, p, True)),
-    Method("kmeans", lambda c, b: f"k-means {b}-bit per tensor (PTQ)", lambda r, p, v, s: _kmeans(r, p)),
-    Method("gptq", lambda c, b: f"GPTQ {b}-bit per channel, act-order", lambda r, p, v, s: _gptq(r, p, v, False),
-           knob="damp", choices=lambda c: c.gptq_damps),
-    Method("gptq_g", lambda c, b: f"GPTQ {b}-bit {_g(c)}, act-order", lambda r, p, v, s: _gptq(r, p, v, True),
-           knob="damp", choices=lambda c: c.gptq_damps),
-    Method("squeeze", lambda c, b: f"SqueezeLLM-style {b}-bit, LUT per row", lambda r, p, v, s: _squeeze(r, p, True)),
-    Method("squeeze_tensor", lambda c, b: f"Fisher-weighted k-means {b}-bit per tensor", lambda r, p, v, s: _squeeze(r, p, False)),
-    Method("awq_g", lambda c, b: f"AWQ-style scaling + RTN {b}-bit {_g(c)}", lambda r, p, v, s: _awq(r, p)),
-    Method("hqq", lambda c, b: f"HQQ {b}-bit per channel", lambda r, p, v, s: _hqq(r, p, False)),
-    Method("hqq_g", lambda c, b: f"HQQ {b}-bit {_g(c)}", lambda r, p, v, s: _hqq(r, p, True)),
-    Method("qat_g", lambda c, b: f"torchao QAT int{b} {_g(c)}", lambda r, p, v, s: _qat(r, p, v, s), trained=True,
-           knob="lr", choices=lambda c: c.qat_lrs),
-    Method("edkm", lambda c, b: f"eDKM {b}-bit per tensor", lambda r, p, v, s: _edkm(r, p, v, s, None), trained=True,
-           knob="lr,tau", choices=edkm_grid),
-    Method("edkm_rows", lambda c, b: f"eDKM {b}-bit, LUT per {c.lut_rows} output channels (per tensor where {c.lut_rows} does not divide the rows)",
-           lambda r, p, v, s: _edkm(r, p, v, s, r.cfg.lut_rows), trained=True, knob="lr,tau", choices=edkm_grid,
-           tune_like="edkm"),
-]}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("rtn", lambda c, b: f"RTN {b}-bit per channel", lambda r, p, v, s: _rtn(r, p, False)),
+        Method("rtn_g", lambda c, b: f"RTN {b}-bit {_g(c)}", lambda r, p, v, s: _rtn(r, p, True)),
+        Method("kmeans", lambda c, b: f"k-means {b}-bit per tensor (PTQ)", lambda r, p, v, s: _kmeans(r, p)),
+        Method(
+            "gptq",
+            lambda c, b: f"GPTQ {b}-bit per channel, act-order",
+            lambda r, p, v, s: _gptq(r, p, v, False),
+            knob="damp",
+            choices=lambda c: c.gptq_damps,
+        ),
+        Method(
+            "gptq_g",
+            lambda c, b: f"GPTQ {b}-bit {_g(c)}, act-order",
+            lambda r, p, v, s: _gptq(r, p, v, True),
+            knob="damp",
+            choices=lambda c: c.gptq_damps,
+        ),
+        Method(
+            "squeeze", lambda c, b: f"SqueezeLLM-style {b}-bit, LUT per row", lambda r, p, v, s: _squeeze(r, p, True)
+        ),
+        Method(
+            "squeeze_tensor",
+            lambda c, b: f"Fisher-weighted k-means {b}-bit per tensor",
+            lambda r, p, v, s: _squeeze(r, p, False),
+        ),
+        Method("awq_g", lambda c, b: f"AWQ-style scaling + RTN {b}-bit {_g(c)}", lambda r, p, v, s: _awq(r, p)),
+        Method("hqq", lambda c, b: f"HQQ {b}-bit per channel", lambda r, p, v, s: _hqq(r, p, False)),
+        Method("hqq_g", lambda c, b: f"HQQ {b}-bit {_g(c)}", lambda r, p, v, s: _hqq(r, p, True)),
+        Method(
+            "qat_g",
+            lambda c, b: f"torchao QAT int{b} {_g(c)}",
+            lambda r, p, v, s: _qat(r, p, v, s),
+            trained=True,
+            knob="lr",
+            choices=lambda c: c.qat_lrs,
+        ),
+        Method(
+            "edkm",
+            lambda c, b: f"eDKM {b}-bit per tensor",
+            lambda r, p, v, s: _edkm(r, p, v, s, None),
+            trained=True,
+            knob="lr,tau",
+            choices=edkm_grid,
+        ),
+        Method(
+            "edkm_rows",
+            lambda c, b: (
+                f"eDKM {b}-bit, LUT per {c.lut_rows} output channels "
+                f"(per tensor where {c.lut_rows} does not divide the rows)"
+            ),
+            lambda r, p, v, s: _edkm(r, p, v, s, r.cfg.lut_rows),
+            trained=True,
+            knob="lr,tau",
+            choices=edkm_grid,
+            tune_like="edkm",
+        ),
+    ]
+}

@@ -79,9 +79,19 @@ class CompressConfig:
     def settings(self) -> dict[str, Any]:
         """What decides the result (compared on --resume): paths resolved, no output/progress knobs."""
         resolve = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
-        return {"model": resolve(self.model), "text": resolve(self.text), "alpaca": resolve(self.alpaca),
-                "holdout": self.holdout, "test": self.test, "context": self.context, "plan": self.plan.to_dict(), "train": asdict(self.train),
-                "fp_control": self.fp_control, "control_lr": self.control_lr, "distill": self.distill}
+        return {
+            "model": resolve(self.model),
+            "text": resolve(self.text),
+            "alpaca": resolve(self.alpaca),
+            "holdout": self.holdout,
+            "test": self.test,
+            "context": self.context,
+            "plan": self.plan.to_dict(),
+            "train": asdict(self.train),
+            "fp_control": self.fp_control,
+            "control_lr": self.control_lr,
+            "distill": self.distill,
+        }
 
 
 def split_data(cfg: CompressConfig, tokenizer: Any) -> tuple[PackedDataset, torch.Tensor, torch.Tensor]:
@@ -96,16 +106,15 @@ def split_data(cfg: CompressConfig, tokenizer: Any) -> tuple[PackedDataset, torc
     if cfg.alpaca:
         rest, test_recs = split_records(load_alpaca(cfg.alpaca), cfg.test)
         train_recs, val_recs = split_records(rest, val_part)
-        train_set = PackedDataset.from_examples(tokenize_alpaca(tokenizer, train_recs), cfg.context + 1, "the training records")
+        train_set = PackedDataset.from_examples(
+            tokenize_alpaca(tokenizer, train_recs), cfg.context + 1, "the training records"
+        )
         stream = lambda recs: torch.cat([e.input_ids for e in tokenize_alpaca(tokenizer, recs)])  # noqa: E731
         return train_set, stream(val_recs), stream(test_recs)
     rest, test_text = split_text(load_text(cfg.text or BUNDLED_TEXT), cfg.test)
     train_text, val_text = split_text(rest, val_part)
     train_set = PackedDataset.from_tokens(tokenize_text(tokenizer, train_text), cfg.context + 1, "the training text")
     return train_set, tokenize_text(tokenizer, val_text), tokenize_text(tokenizer, test_text)
-
-
-
 
 
 def job_costs(cfg: CompressConfig, heldout_tokens: int) -> dict[str, float]:
@@ -125,10 +134,6 @@ def job_costs(cfg: CompressConfig, heldout_tokens: int) -> dict[str, float]:
 def _file_size(model: nn.Module, path: Path) -> int:
     save_palettized(model, path)
     return path.stat().st_size
-
-
-
-
 
 
 @dataclass
@@ -188,9 +193,11 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     run.job = JobProgress(job_costs(cfg, held.numel()), enabled=cfg.train.progress and run.rank == 0)
     params = {id(p): p for p in model.parameters()}.values()
     fp_bytes = sum(p.numel() * 2 for p in params)
-    run.job.print(f"edkm compress: {sum(p.numel() for p in params):,} parameters, {len(data)} training sequences of "
-                  f"{cfg.context} tokens, {held.numel():,} held-out tokens, {torch.get_num_threads()} torch thread(s) "
-                  f"x {run.size} process(es)")
+    run.job.print(
+        f"edkm compress: {sum(p.numel() for p in params):,} parameters, {len(data)} training sequences of "
+        f"{cfg.context} tokens, {held.numel():,} held-out tokens, {torch.get_num_threads()} torch thread(s) "
+        f"x {run.size} process(es)"
+    )
     baselines(run, model, data)
     teacher = fp_control(run, model, data)
     losses, loss_name = train_edkm(run, model, data, teacher)
@@ -223,8 +230,13 @@ def baselines(run: Run, model: nn.Module, data: PackedDataset) -> None:
         km_size = _file_size(km, run.out / "kmeans.edkm.safetensors")
         km_ppl = run.ppl(km)
         bar.update(2, note=f"k-means {bits}-bit ppl {km_ppl:.3f}")
-        run.record(fp_ppl=fp_ppl, rtn_ppl=rtn_ppl, rtn_size_bytes=rtn_size, kmeans_ptq_ppl=km_ppl,
-                   kmeans_ptq_size_bytes=km_size)
+        run.record(
+            fp_ppl=fp_ppl,
+            rtn_ppl=rtn_ppl,
+            rtn_size_bytes=rtn_size,
+            kmeans_ptq_ppl=km_ppl,
+            kmeans_ptq_size_bytes=km_size,
+        )
         run.record(**fast_peers(model, data, cfg.plan, run.ppl, run.out))
         bar.update(note="GPTQ and Fisher-weighted k-means done")
 
@@ -240,10 +252,13 @@ def fp_control(run: Run, model: nn.Module, data: PackedDataset) -> nn.Module | N
         detail = f"fine-tuning without clustering, loss {loss_label(0)}"
         with run.job.phase("fp control", total=cfg.train.steps, detail=detail) as bar:
             fp_ckpt = run.out / ("checkpoint_fp" + (".dcp" if cfg.fsdp else ".pt"))
-            fp_losses = finetune(teacher, data, control, fp_ckpt, run.state == "resume", bar=bar,
-                                 fsdp=cfg.fsdp is not None)
+            fp_losses = finetune(
+                teacher, data, control, fp_ckpt, run.state == "resume", bar=bar, fsdp=cfg.fsdp is not None
+            )
             if "fp_finetuned_ppl" not in done:  # a sharded model evaluates on every rank (its forward gathers)
-                run.record(fp_finetuned_ppl=run.ppl(teacher) if run.rank == 0 or cfg.fsdp else None, fp_losses=fp_losses)
+                run.record(
+                    fp_finetuned_ppl=run.ppl(teacher) if run.rank == 0 or cfg.fsdp else None, fp_losses=fp_losses
+                )
                 bar.update(0, note=f"fine-tuned fp32 ppl {done['fp_finetuned_ppl'] or 0:.3f}")
     else:
         run.job.skip("fp control", "skipped (--no-fp-control)")
@@ -262,8 +277,17 @@ def train_edkm(run: Run, model: nn.Module, data: PackedDataset, teacher: nn.Modu
     checkpoint = run.out / ("checkpoint_edkm" + (".dcp" if cfg.fsdp else ".pt"))
     detail = f"fine-tuning with {cfg.plan.bits}-bit clustering, loss {loss_name}"
     with run.job.phase("eDKM", total=cfg.train.steps, detail=detail) as bar:
-        losses = finetune(model, data, cfg.train, checkpoint, run.state == "resume", teacher, cfg.distill, bar,
-                          fsdp=cfg.fsdp is not None)
+        losses = finetune(
+            model,
+            data,
+            cfg.train,
+            checkpoint,
+            run.state == "resume",
+            teacher,
+            cfg.distill,
+            bar,
+            fsdp=cfg.fsdp is not None,
+        )
     if cfg.fsdp:
         finalize_fsdp_(model)  # a collective: indices gathered per shard, on every rank
     return losses, loss_name
@@ -280,13 +304,19 @@ def export_and_evaluate(run: Run, model: nn.Module, tokenizer: Any, held: torch.
         bar.update(2, note=f"{path} ({path.stat().st_size / 1e3:.0f} kB)")
         loaded = load_palettized(run.out).to(cfg.device)
         bar.update()
-    with run.job.phase("evaluation", total=2, unit="eval", detail="held-out perplexity of the reloaded model, a sample") as bar:
+    with run.job.phase(
+        "evaluation", total=2, unit="eval", detail="held-out perplexity of the reloaded model, a sample"
+    ) as bar:
         edkm_ppl = run.ppl(loaded)
         bar.update(note=f"eDKM ppl {edkm_ppl:.3f}")
         sample = generate_text(loaded, tokenizer)
         bar.update()
-    return {"edkm_ppl": edkm_ppl, "clustered_fraction": clustered_fraction(loaded), "size_bytes": path.stat().st_size,
-            "sample": sample}
+    return {
+        "edkm_ppl": edkm_ppl,
+        "clustered_fraction": clustered_fraction(loaded),
+        "size_bytes": path.stat().st_size,
+        "sample": sample,
+    }
 
 
 def finish_report(run: Run, measured: dict[str, Any], held: torch.Tensor, start: float) -> dict[str, Any]:
@@ -295,18 +325,33 @@ def finish_report(run: Run, measured: dict[str, Any], held: torch.Tensor, start:
     control_ppl, edkm_ppl = done.get("fp_finetuned_ppl"), measured["edkm_ppl"]
     report = {
         "model": cfg.model or "bundled:stories260K",
-        "fp_ppl": done.get("fp_ppl"), "fp_finetuned_ppl": control_ppl,
-        "rtn_ppl": done.get("rtn_ppl"), "kmeans_ptq_ppl": done.get("kmeans_ptq_ppl"),
-        "edkm_ppl": edkm_ppl, "gap_to_control": edkm_ppl / control_ppl - 1 if control_ppl else None,
-        "bits": cfg.plan.bits, "plan": cfg.plan.to_dict(), "clustered_fraction": measured["clustered_fraction"],
-        "size_bytes": measured["size_bytes"], "fp_size_bytes": measured["fp_bytes"],
-        "rtn_size_bytes": done.get("rtn_size_bytes"), "kmeans_ptq_size_bytes": done.get("kmeans_ptq_size_bytes"),
-        **{k: v for k, v in done.items() if k.startswith(("gptq", "squeeze"))}, "eval_split": f"test (last {cfg.test:g})",
-        "steps": cfg.train.steps, "context": cfg.context, "heldout_tokens": int(held.numel()) - 1,
+        "fp_ppl": done.get("fp_ppl"),
+        "fp_finetuned_ppl": control_ppl,
+        "rtn_ppl": done.get("rtn_ppl"),
+        "kmeans_ptq_ppl": done.get("kmeans_ptq_ppl"),
+        "edkm_ppl": edkm_ppl,
+        "gap_to_control": edkm_ppl / control_ppl - 1 if control_ppl else None,
+        "bits": cfg.plan.bits,
+        "plan": cfg.plan.to_dict(),
+        "clustered_fraction": measured["clustered_fraction"],
+        "size_bytes": measured["size_bytes"],
+        "fp_size_bytes": measured["fp_bytes"],
+        "rtn_size_bytes": done.get("rtn_size_bytes"),
+        "kmeans_ptq_size_bytes": done.get("kmeans_ptq_size_bytes"),
+        **{k: v for k, v in done.items() if k.startswith(("gptq", "squeeze"))},
+        "eval_split": f"test (last {cfg.test:g})",
+        "steps": cfg.train.steps,
+        "context": cfg.context,
+        "heldout_tokens": int(held.numel()) - 1,
         "world_size": run.size,
         "seconds": round(time.perf_counter() - start, 1),  # this invocation (a resumed run counts from the resume)
-        "train": asdict(cfg.train), "distill": cfg.distill, "control_lr": cfg.control_lr,
-        "loss": measured["loss"], "losses": measured["losses"], "fp_loss": loss_label(0), "fp_losses": done.get("fp_losses"),
+        "train": asdict(cfg.train),
+        "distill": cfg.distill,
+        "control_lr": cfg.control_lr,
+        "loss": measured["loss"],
+        "losses": measured["losses"],
+        "fp_loss": loss_label(0),
+        "fp_losses": done.get("fp_losses"),
         "environment": {**run_environment(cfg.device), "world_size": run.size},
         "sample": measured["sample"],
     }

@@ -21,8 +21,9 @@ each is obtained:
 * **DKM saved tensors** per memory mode: measured with :func:`edkm.memory.track_saved` running the
   real DKM on real palettized 512 x 512 and 1024 x 1024 ``nn.Linear`` layers; the bytes are split into a
   per-weight part (scaled by |W|), a per-distinct-value part (up to 65,536 per LUT for 16-bit
-  weights) and a per-tensor part (fused DKM's tables), held for every clustered weight until backward. "coremltools" is plain DKM (the full |W| x |C| maps); M moves
-  saved tensors to the host (counted under ``host``); S divides its sharded part by the GPUs;
+  weights) and a per-tensor part (fused DKM's tables), held for every clustered weight until backward.
+  "coremltools" is plain DKM (the full |W| x |C| maps); M moves saved tensors to the host (counted
+  under ``host``); S divides its sharded part by the GPUs;
   "sharded" is :mod:`edkm.distributed.sharded` (tables only).
 
 torch.distributed._tools' FSDPMemTracker runs on a fake process group here, but took ~55 s for two
@@ -47,7 +48,16 @@ from edkm.jobs.size import GiB, load_config
 from edkm.memory import track_saved
 from edkm.transform import palettize_, target_modules
 
-MODES = ("plain-ft", "coremltools", "marshal", "marshal+unique", "marshal+shard", "marshal+unique+shard", "fused", "sharded")
+MODES = (
+    "plain-ft",
+    "coremltools",
+    "marshal",
+    "marshal+unique",
+    "marshal+shard",
+    "marshal+unique+shard",
+    "fused",
+    "sharded",
+)
 
 
 @dataclass
@@ -86,7 +96,9 @@ def activation_bytes(config: Any, batch: int, seq: int, dtype: torch.dtype) -> t
     return saved[0] - per_layer, per_layer
 
 
-def _saved_by_dkm(mode: str, size: int, k: int, iters: int, world: int, dtype: torch.dtype) -> tuple[float, float, float, int]:
+def _saved_by_dkm(
+    mode: str, size: int, k: int, iters: int, world: int, dtype: torch.dtype
+) -> tuple[float, float, float, int]:
     """(device bytes, host bytes, U's distinct-row bytes, distinct values) a palettized ``size`` x ``size``
     Linear in ``dtype`` holds for backward beyond the plain layer, in memory ``mode``; S's share per rank."""
     torch.manual_seed(0)
@@ -98,7 +110,9 @@ def _saved_by_dkm(mode: str, size: int, k: int, iters: int, world: int, dtype: t
         plain(x)
     distinct = int(torch.unique(plain[0].weight.detach().to(torch.bfloat16)).numel())
     spec = {"coremltools": "plain"}.get(mode, mode).replace("+shard", "")  # S measured unsharded, divided below
-    model = palettize_(copy.deepcopy(plain), PalettizeConfig(bits=k.bit_length() - 1, iters=iters, tau=0.05), memory=spec)
+    model = palettize_(
+        copy.deepcopy(plain), PalettizeConfig(bits=k.bit_length() - 1, iters=iters, tau=0.05), memory=spec
+    )
     with torch.no_grad():
         model(x)  # first-step k-means
     with track_saved() as stats:
@@ -137,13 +151,24 @@ def dkm_coefficients(
     for mode in modes:
         if mode in ("plain-ft", "sharded"):
             continue
-        (d1, h1, rows, distinct), (d2, h2, _, _) = (_saved_by_dkm(mode, n, k, iters, world, dtype) for n in (small, 2 * small))
+        (d1, h1, rows, distinct), (d2, h2, _, _) = (
+            _saved_by_dkm(mode, n, k, iters, world, dtype) for n in (small, 2 * small)
+        )
         numel = small * small
-        per_w, host_w = max(0.0, (d2 - d1) / (3 * numel)), max(0.0, (h2 - h1) / (3 * numel))  # 2x the side: 4x the weights
+        per_w, host_w = (
+            max(0.0, (d2 - d1) / (3 * numel)),
+            max(0.0, (h2 - h1) / (3 * numel)),
+        )  # 2x the side: 4x the weights
         per_u = rows / distinct
         on_host = "marshal" in mode
-        out[mode] = (per_w, 0.0 if on_host else per_u, max(0.0, d1 - per_w * numel),
-                     host_w, per_u if on_host else 0.0, max(0.0, h1 - host_w * numel))
+        out[mode] = (
+            per_w,
+            0.0 if on_host else per_u,
+            max(0.0, d1 - per_w * numel),
+            host_w,
+            per_u if on_host else 0.0,
+            max(0.0, h1 - host_w * numel),
+        )
     return out
 
 
@@ -169,7 +194,9 @@ def estimate(model_spec: str | Any, opts: PlanOptions) -> dict[str, Any]:
     rest, per_layer = activation_bytes(config, opts.batch, opts.seq, dtype)
     hidden = opts.batch * opts.seq * config.hidden_size * act_bytes
     acts = rest + (L * hidden + per_layer if opts.activation_checkpointing else L * per_layer)
-    logits_grad = 3 * opts.batch * opts.seq * config.vocab_size * 4  # fp32 log-softmax kept by the loss, its and the logits' gradients
+    logits_grad = (
+        3 * opts.batch * opts.seq * config.vocab_size * 4
+    )  # fp32 log-softmax kept by the loss, its and the logits' gradients
     states = 12 * params / n  # fp32 master weights and AdamW's two moments; the gradients are counted below
     grads = 4 * params / n
     largest_grad = 4 * max(p.numel() for p in meta.parameters()) / n  # the first gradient of backward (output layer)
@@ -193,20 +220,37 @@ def estimate(model_spec: str | Any, opts: PlanOptions) -> dict[str, Any]:
         elif mode == "sharded":  # saved pair tables (int64 pattern + fp64 count per distinct value) per weight
             device += sum(16 * min(numel, distinct_cap) for numel, _ in clustered.values()) * live
         peak = states + gathered + max(grads, acts + logits_grad + largest_grad + device)
-        rows.append({"mode": mode, "peak_gib": peak / GiB, "host_gib": host / GiB, "fits": peak <= opts.gpu_memory_gib * GiB})
-    return {"model": model_spec if isinstance(model_spec, str) else config.to_dict(), "params": params, "clustered_params": sum(v[0] for v in clustered.values()),
-            "options": asdict(opts), "parts_gib": {"states": states / GiB, "grads": grads / GiB, "gathered_layers": gathered / GiB,
-            "activations": acts / GiB, "logits_grad": logits_grad / GiB, "w_hat": w_hat / GiB}, "modes": rows}
+        rows.append(
+            {"mode": mode, "peak_gib": peak / GiB, "host_gib": host / GiB, "fits": peak <= opts.gpu_memory_gib * GiB}
+        )
+    return {
+        "model": model_spec if isinstance(model_spec, str) else config.to_dict(),
+        "params": params,
+        "clustered_params": sum(v[0] for v in clustered.values()),
+        "options": asdict(opts),
+        "parts_gib": {
+            "states": states / GiB,
+            "grads": grads / GiB,
+            "gathered_layers": gathered / GiB,
+            "activations": acts / GiB,
+            "logits_grad": logits_grad / GiB,
+            "w_hat": w_hat / GiB,
+        },
+        "modes": rows,
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
     o = result["options"]
-    lines = [f"{result['model']}: {result['params'] / 1e9:.2f} B parameters, {o['gpus']} GPU(s) of {o['gpu_memory_gib']:g} GiB, "
-             f"{o['bits']}-bit ({o['embed_bits']}-bit embeddings), batch {o['batch']} x {o['seq']} tokens per GPU",
-             "", "| mode | per-GPU peak (GiB) | host (GiB) | fits |", "| --- | ---: | ---: | :---: |"]
+    lines = [
+        f"{result['model']}: {result['params'] / 1e9:.2f} B parameters, "
+        f"{o['gpus']} GPU(s) of {o['gpu_memory_gib']:g} GiB, "
+        f"{o['bits']}-bit ({o['embed_bits']}-bit embeddings), batch {o['batch']} x {o['seq']} tokens per GPU",
+        "",
+        "| mode | per-GPU peak (GiB) | host (GiB) | fits |",
+        "| --- | ---: | ---: | :---: |",
+    ]
     for r in result["modes"]:
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] < 1e5 else f"{r['peak_gib']:.2e}"
         lines.append(f"| {r['mode']} | {peak} | {r['host_gib']:.1f} | {'yes' if r['fits'] else 'no'} |")
     return "\n".join(lines)
-
-

@@ -23,15 +23,39 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-13b": dict(_LLAMA, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
     "llama-30b": dict(_LLAMA, hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52),
     "llama-2-7b": dict(_LLAMA, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-    "llama-2-13b": dict(_LLAMA, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
-    "llama-2-70b": dict(_LLAMA, **_GQA8, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                        num_attention_heads=64),
-    "llama-3-8b": dict(_GQA8, model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=32, num_attention_heads=32),
-    "mistral-7b": dict(_GQA8, model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=32, num_attention_heads=32),
-    "qwen2-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                     num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4),
+    "llama-2-13b": dict(
+        _LLAMA, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40
+    ),
+    "llama-2-70b": dict(
+        _LLAMA, **_GQA8, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64
+    ),
+    "llama-3-8b": dict(
+        _GQA8,
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+    ),
+    "mistral-7b": dict(
+        _GQA8,
+        model_type="mistral",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+    ),
+    "qwen2-7b": dict(
+        model_type="qwen2",
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+    ),
 }
 
 

@@ -48,7 +48,9 @@ class PhaseBar:
         self.done, self.last_line = 0, time.perf_counter()
         self.bar: Any = None
         if job.enabled and job.is_tty:
-            self.bar = tqdm(total=self.total, desc=self.label, unit=unit, file=job.stream, dynamic_ncols=True, leave=True)
+            self.bar = tqdm(
+                total=self.total, desc=self.label, unit=unit, file=job.stream, dynamic_ncols=True, leave=True
+            )
 
     def update(self, n: int = 1, note: str | None = None, **values: Any) -> None:
         """Count ``n`` units done; ``values`` (e.g. ``loss_ce=2.31``) show beside the bar."""
@@ -66,7 +68,9 @@ class PhaseBar:
         if note or now - self.last_line >= LINE_EVERY_S or self.done == self.total:
             self.last_line = now
             shown = ", ".join(f"{k} {v}" for k, v in fields.items())
-            self.job.print(f"{self.label}: {self.done}/{self.total} {self.unit}s{': ' + note if note else ''} ({shown})")
+            self.job.print(
+                f"{self.label}: {self.done}/{self.total} {self.unit}s{': ' + note if note else ''} ({shown})"
+            )
 
     def close(self) -> None:
         if self.bar is not None:

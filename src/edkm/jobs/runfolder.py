@@ -20,7 +20,8 @@ from edkm.export.files import FOLDER_WEIGHTS, PACKED_FILE, TOKENIZER_CONFIG, is_
 
 
 class Located(NamedTuple):
-    """``source``: what to load (a folder or a packed file); ``weights``: the packed weights file, None if not packed."""
+    """``source``: what to load (a folder or a packed file); ``weights``: the packed weights file,
+    None if not packed."""
 
     source: Path
     weights: Path | None
@@ -28,7 +29,8 @@ class Located(NamedTuple):
 
 def locate(path: str | os.PathLike) -> Located:
     """Resolve ``path``: an edkm folder (also a run folder) -> itself and its weights; a folder holding only
-    :data:`~edkm.export.files.PACKED_FILE` -> that file; a packed file -> itself; any other folder -> itself, unpacked."""
+    :data:`~edkm.export.files.PACKED_FILE` -> that file; a packed file -> itself; any other folder -> itself,
+    unpacked."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"model not found: {path}")
@@ -47,8 +49,10 @@ def locate_packed(path: str | os.PathLike) -> Located:
         raise FileNotFoundError(f"no packed edkm model at {path}")
     found = locate(path)
     if found.weights is None:
-        raise FileNotFoundError(f"{path} is neither an edkm model folder (config.json with quant_method 'edkm') "
-                                f"nor a folder holding {PACKED_FILE}")
+        raise FileNotFoundError(
+            f"{path} is neither an edkm model folder (config.json with quant_method 'edkm') "
+            f"nor a folder holding {PACKED_FILE}"
+        )
     return found
 
 

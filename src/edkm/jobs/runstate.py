@@ -48,8 +48,10 @@ class ResumeMismatch(ValueError):
         super().__init__(self.describe(key))
 
     def describe(self, name: str) -> str:
-        return (f"--resume: {name} {self.new} differs from the checkpoint's {self.old} ({self.path}); "
-                "drop --resume to start over, or use another --out")
+        return (
+            f"--resume: {name} {self.new} differs from the checkpoint's {self.old} ({self.path}); "
+            "drop --resume to start over, or use another --out"
+        )
 
 
 def show(value: Any) -> str:
@@ -64,7 +66,6 @@ def first_difference(saved: dict[str, Any], current: dict[str, Any]) -> tuple[st
         if old.get(key) != new.get(key):
             return key, new.get(key), old.get(key)
     return None
-
 
 
 def check_resume(out: Path, settings: dict[str, Any], resume: bool, write: bool = True) -> str:

@@ -42,8 +42,9 @@ def weight_bytes(model: str | os.PathLike) -> int:
     return sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin") for p in Path(model).glob(pattern))
 
 
-def pick_threads(model_bytes: int, requested: int | None = None, env: Mapping[str, str] | None = None,
-                 cores: int | None = None) -> int:
+def pick_threads(
+    model_bytes: int, requested: int | None = None, env: Mapping[str, str] | None = None, cores: int | None = None
+) -> int:
     """Intra-op threads for a model of ``model_bytes`` of weights (rule in the module docstring)."""
     env = os.environ if env is None else env
     if requested is not None:

@@ -25,6 +25,7 @@ from edkm.transform import weight_plans
 
 GiB = 1 << 30
 
+
 def load_config(spec: str) -> Any:
     """A transformers config from a preset name, a config.json path, or a checkpoint folder."""
     # deferred: transformers is the hf extra, loaded only when a model config is read
@@ -67,8 +68,10 @@ def palettized_size(model: nn.Module, config: PalettizeConfig) -> dict[str, int]
     for modules, spec in weight_plans(model, config):
         w = rows_first_weight(modules[0][1])
         if spec.group_size is not None and w.shape[0] % spec.group_size:
-            raise ValueError(f"group_size {spec.group_size} does not divide the {w.shape[0]} output channels of "
-                             f"{modules[0][0]} {tuple(w.shape)}")
+            raise ValueError(
+                f"group_size {spec.group_size} does not divide the {w.shape[0]} output channels of "
+                f"{modules[0][0]} {tuple(w.shape)}"
+            )
         groups = 1 if spec.group_size is None else w.shape[0] // spec.group_size
         clustered[id(modules[0][1].weight)] = packed_nbytes(w.numel(), spec.bits) + groups * spec.k * 2
     fp16 = sum(p.numel() * 2 for p in params.values())

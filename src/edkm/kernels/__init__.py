@@ -11,14 +11,26 @@ from edkm.kernels.gemv import fused_gemv, lut_gemv
 from edkm.kernels.int8 import Int8Weight
 from edkm.kernels.layout import decode_rows, grid
 from edkm.kernels.linear import (
-           KERNELS,
-           KernelViews,
-           PackedLinear,
-           check_kernel,
-           lut_embedding,
-           lut_linear,
-           tiled_linear,
+    KERNELS,
+    KernelViews,
+    PackedLinear,
+    check_kernel,
+    lut_embedding,
+    lut_linear,
+    tiled_linear,
 )
 
-__all__ = ["KERNELS", "Int8Weight", "KernelViews", "PackedLinear", "check_kernel", "decode_rows", "fused_gemv", "grid",
-           "lut_embedding", "lut_gemv", "lut_linear", "tiled_linear"]
+__all__ = [
+    "KERNELS",
+    "Int8Weight",
+    "KernelViews",
+    "PackedLinear",
+    "check_kernel",
+    "decode_rows",
+    "fused_gemv",
+    "grid",
+    "lut_embedding",
+    "lut_gemv",
+    "lut_linear",
+    "tiled_linear",
+]

@@ -44,10 +44,15 @@ def select_decode(indices: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
 
 
 def gather_decode(indices: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """LUT values at ``indices`` by a gather from the flattened LUT (``lut`` (G', 1, B, k), ``indices`` (G', R, B, C))."""
+    """LUT values at ``indices`` by a gather from the flattened LUT.
+
+    ``lut`` (G', 1, B, k), ``indices`` (G', R, B, C).
+    """
     groups, _, per_row, k = lut.shape
-    base = (torch.arange(groups, device=lut.device)[:, None, None] * per_row
-            + torch.arange(per_row, device=lut.device)[None, None, :]) * k
+    base = (
+        torch.arange(groups, device=lut.device)[:, None, None] * per_row
+        + torch.arange(per_row, device=lut.device)[None, None, :]
+    ) * k
     return lut.reshape(-1)[indices.to(torch.int32) + base.to(torch.int32)[..., None]]
 
 
@@ -84,7 +89,9 @@ class FusedGemv:
         try:
             if self.fn is None:
                 cpu = torch.backends.cpu.get_cpu_capability()
-                self.fn = torch.compile(lut_gemv, dynamic=False, options={"cpp.simdlen": 512} if cpu.startswith("AVX512") else {})
+                self.fn = torch.compile(
+                    lut_gemv, dynamic=False, options={"cpp.simdlen": 512} if cpu.startswith("AVX512") else {}
+                )
                 # one specialisation per (layer shape, layout, bits, tokens): a model has a few dozen at most
                 dynamo = torch._dynamo.config
                 dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
@@ -92,7 +99,9 @@ class FusedGemv:
             return self.fn(x, indices, table)
         except Exception as err:  # no compiler, C++ build failure, unsupported Python...: eager exact kernel instead
             self.failed = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
-            warnings.warn(f"edkm: compiled LUT kernel unavailable ({self.failed}); using the eager exact kernel", stacklevel=2)
+            warnings.warn(
+                f"edkm: compiled LUT kernel unavailable ({self.failed}); using the eager exact kernel", stacklevel=2
+            )
             return None
 
 

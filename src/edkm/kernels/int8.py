@@ -31,7 +31,7 @@ class Int8Weight:
         self.q, self.scales, self.max_rel_error = q, scales, max_rel_error
 
     @classmethod
-    def from_rows(cls, decode: Callable[[slice], torch.Tensor], rows: int) -> "Int8Weight":
+    def from_rows(cls, decode: Callable[[slice], torch.Tensor], rows: int) -> Int8Weight:
         """Re-grid the weight whose rows ``decode(slice)`` returns (fp32), :data:`ROWS_PER_TILE` rows at a time."""
         qs, scales, err, top = [], [], 0.0, 0.0
         for start in range(0, rows, ROWS_PER_TILE):

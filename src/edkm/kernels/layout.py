@@ -52,8 +52,9 @@ def grid(lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size) -> Grid | 
     return None
 
 
-def decode_rows(lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
-                rows: torch.Tensor | slice) -> torch.Tensor:
+def decode_rows(
+    lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size, dtype: torch.dtype, rows: torch.Tensor | slice
+) -> torch.Tensor:
     """Rows ``rows`` (a slice or a 1-D index tensor) of the decoded weight, shape (len(rows), cols), in ``dtype``.
 
     Bit-identical to ``edkm.decode(lut, indices, shape, dtype)[rows]``; never builds more than the rows asked for.

@@ -2,9 +2,12 @@
 
 Kernels (``LUTWeight.kernel``, see :data:`KERNELS`):
 
-* ``"auto"`` (default): on CPU, up to :data:`GEMV_MAX_TOKENS` tokens go through the compiled fused
-  GEMV (:mod:`.gemv`), more tokens (prefill) through the tiled kernel; exact either way. Without a
-  working ``torch.compile`` the tiled kernel does everything.
+* ``"auto"`` (default): on CPU, up to :data:`NATIVE_MAX_TOKENS` tokens go through the native C++ GEMV
+  (:mod:`.native`: bit-packed indices decoded in SIMD registers, fp32 sums), more tokens (prefill) through the
+  tiled kernel; exact either way. Without a C++ compiler (said once as a warning) the compiled fused GEMV
+  (:mod:`.gemv`) takes up to :data:`GEMV_MAX_TOKENS` tokens, and without a working ``torch.compile`` the tiled
+  kernel does everything.
+* ``"native"``: the native GEMV, an error where it cannot be built.
 * ``"eager"``: always the tiled kernel: decode :data:`TILE_BYTES` of rows at a time, multiply, drop.
 * ``"decode"``: decode the whole weight, then ``F.linear`` (the reference; what CUDA uses, as no
   GPU kernel exists yet).
@@ -29,17 +32,23 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from edkm.cluster import decode
+from edkm.kernels import native
 from edkm.kernels.gemv import fused_gemv
 from edkm.kernels.int8 import Int8Weight
 from edkm.kernels.layout import Grid, decode_rows, grid, weight_rows_cols
 
-KERNELS = ("auto", "eager", "decode", "int8")
+KERNELS = ("auto", "native", "eager", "decode", "int8")
+# tokens the native GEMV takes in "auto": it would win up to ~16 (native.GEMV_MAX_TOKENS), but beyond a few tokens
+# "auto" keeps decode-then-matmul's exact sums (a prefill equals the eval-mode DKM layer bit for bit)
+NATIVE_MAX_TOKENS = 4
 GEMV_MAX_TOKENS = 4  # the fused GEMV decodes once per token: beyond a few tokens, tiles + GEMM win
 TILE_BYTES = 1 << 22  # decoded rows per tile of the eager kernel: 4 MiB
 
@@ -51,8 +60,15 @@ def check_kernel(kernel: str) -> str:
     return kernel
 
 
-def tiled_linear(x: torch.Tensor, lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
-                 bias: torch.Tensor | None, tile_bytes: int | None = None) -> torch.Tensor:
+def tiled_linear(
+    x: torch.Tensor,
+    lut: torch.Tensor,
+    indices: torch.Tensor,
+    shape: torch.Size,
+    dtype: torch.dtype,
+    bias: torch.Tensor | None,
+    tile_bytes: int | None = None,
+) -> torch.Tensor:
     """``F.linear(x, decode(...), bias)`` decoding ``tile_bytes`` (default :data:`TILE_BYTES`) of rows at a time."""
     rows, cols = weight_rows_cols(shape)
     step = max(1, (tile_bytes or TILE_BYTES) // max(1, cols * torch.finfo(dtype).bits // 8))
@@ -67,17 +83,22 @@ def tiled_linear(x: torch.Tensor, lut: torch.Tensor, indices: torch.Tensor, shap
 
 
 class KernelViews(NamedTuple):
-    """What the fused GEMV reads, computed once per buffer version: grid views and the fp32 table."""
+    """What the kernels read, computed once per buffer version: grid views, the fp32 table, the packed weight."""
 
     grid: Grid | None
     table: torch.Tensor | None  # grid.lut as decoded values (lut -> dtype -> fp32)
     key: tuple
+    packed: native.PackedWeight | None = None  # bit-packed for the native kernel (None: not asked or unavailable)
 
     @classmethod
-    def of(cls, lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> "KernelViews":
+    def of(
+        cls, lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size, dtype: torch.dtype, packed: bool = False
+    ) -> KernelViews:
+        """The views of these buffers; ``packed``: also the native kernel's packed copy (where it can be built)."""
         views = grid(lut, indices, shape)
         table = None if views is None else views.lut.to(dtype).float()
-        return cls(views, table, cls.key_of(lut, indices, dtype))
+        weight = native_weight(lut, indices, shape, dtype) if packed and views is not None else None
+        return cls(views, table, cls.key_of(lut, indices, dtype), weight)
 
     @staticmethod
     def key_of(lut: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> tuple:
@@ -88,10 +109,36 @@ class KernelViews(NamedTuple):
         return self.key == self.key_of(lut, indices, dtype)
 
 
-def lut_linear(x: torch.Tensor, lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
-               bias: torch.Tensor | None, kernel: str = "auto", int8: Int8Weight | None = None,
-               views: KernelViews | None = None) -> torch.Tensor:
-    """``F.linear(x, W, bias)`` for the packed weight ``W`` (``lut``, ``indices``, ``shape``, ``dtype``) with ``kernel``.
+def native_weight(
+    lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size, dtype: torch.dtype
+) -> native.PackedWeight | None:
+    """The native kernel's bit-packed copy of a CPU weight, or None (kernel unavailable: said once, as a warning)."""
+    module, reason = native.load()
+    if module is None:
+        unavailable_once(reason)
+        return None
+    if lut.device.type != "cpu" or torch.finfo(dtype).bits > 32:
+        return None
+    return native.PackedWeight.from_lut(lut, indices, shape, dtype)
+
+
+@functools.cache
+def unavailable_once(reason: str) -> None:
+    warnings.warn(f"edkm: native LUT kernel unavailable ({reason}); using the exact PyTorch kernels", stacklevel=3)
+
+
+def lut_linear(
+    x: torch.Tensor,
+    lut: torch.Tensor,
+    indices: torch.Tensor,
+    shape: torch.Size,
+    dtype: torch.dtype,
+    bias: torch.Tensor | None,
+    kernel: str = "auto",
+    int8: Int8Weight | None = None,
+    views: KernelViews | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for the packed ``W`` (``lut``, ``indices``, ``shape``, ``dtype``) by ``kernel``.
 
     ``views``: :class:`KernelViews` of the same buffers, cached by the caller (computed here if None).
     """
@@ -105,6 +152,16 @@ def lut_linear(x: torch.Tensor, lut: torch.Tensor, indices: torch.Tensor, shape:
         if int8 is None:
             raise ValueError("the int8 kernel needs its re-gridded weight (LUTWeight.set_kernel('int8') builds it)")
         return int8.linear(x, bias)
+    if kernel in ("auto", "native") and 0 < tokens <= NATIVE_MAX_TOKENS and x.dtype == dtype:
+        views = (
+            views
+            if views is not None and views.packed is not None
+            else KernelViews.of(lut, indices, shape, dtype, True)
+        )
+        if views.packed is not None:
+            return native.linear(x, views.packed, bias)
+        if kernel == "native":
+            raise RuntimeError(f"the native LUT kernel is unavailable: {native.load()[1]}")
     if kernel == "auto" and 0 < tokens <= GEMV_MAX_TOKENS and x.dtype == dtype:
         views = views or KernelViews.of(lut, indices, shape, dtype)
         y = None if views.grid is None else fused_gemv()(x.reshape(tokens, cols), views.grid.indices, views.table)
@@ -141,15 +198,32 @@ class PackedLinear(torch.autograd.Function):
         return grad_x.reshape(*grad_y.shape[:-1], cols), grad_bias, None, None, None, None, None, None, None
 
 
-def lut_embedding(ids: torch.Tensor, lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
-                  padding_idx: int | None = None, max_norm: float | None = None, norm_type: float = 2.0,
-                  scale_grad_by_freq: bool = False, sparse: bool = False) -> torch.Tensor:
-    """``F.embedding(ids, W)`` decoding only the rows asked for (``max_norm``, which rewrites W, decodes it all)."""
+def lut_embedding(
+    ids: torch.Tensor,
+    lut: torch.Tensor,
+    indices: torch.Tensor,
+    shape: torch.Size,
+    dtype: torch.dtype,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+    packed: native.PackedWeight | None = None,
+) -> torch.Tensor:
+    """``F.embedding(ids, W)`` decoding only the rows asked for (``max_norm``, which rewrites W, decodes it all).
+
+    ``packed``: the native kernel's copy of the same weight, which decodes the rows (bit for bit the same).
+    """
     if max_norm is not None or ids.device.type != "cpu":
-        return F.embedding(ids, decode(lut, indices, shape, dtype), padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+        return F.embedding(
+            ids, decode(lut, indices, shape, dtype), padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse
+        )
     num, dim = weight_rows_cols(shape)
     flat = ids.reshape(-1)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num):
         raise IndexError(f"embedding ids must lie in [0, {num}), got [{int(flat.min())}, {int(flat.max())}]")
+    if packed is not None:
+        return native.embedding(flat, packed).reshape(*ids.shape, dim)
     rows = decode_rows(lut, indices, shape, dtype, flat)
     return rows.reshape(*ids.shape, dim)

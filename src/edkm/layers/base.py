@@ -20,7 +20,8 @@ from torch import nn
 
 
 def conv1d_type() -> type | None:
-    """transformers' GPT-2-style ``Conv1D`` (a linear layer with its weight stored (in, out)), once transformers is loaded."""
+    """transformers' GPT-2-style ``Conv1D`` (a linear layer with its weight stored (in, out)), once transformers is
+    loaded."""
     return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
 
 
@@ -55,7 +56,8 @@ def rows_first_weight(module: nn.Module) -> torch.Tensor:
 
 def own_forward_shell(module: nn.Module) -> nn.Module | None:
     """An empty instance of ``module``'s class (no tensors) to run its own ``forward``, or None when it has the plain
-    ``nn.Linear`` / ``nn.Embedding`` forward (OPT's positional and Gemma's scaled embeddings, ``Conv1D`` have their own)."""
+    ``nn.Linear`` / ``nn.Embedding`` forward (OPT's positional and Gemma's scaled embeddings, ``Conv1D`` have their
+    own)."""
     if type(module).forward in (nn.Linear.forward, nn.Embedding.forward):
         return None
     shell = type(module).__new__(type(module))
@@ -87,7 +89,8 @@ class WrappedLayer(nn.Module):
         self.__dict__["shell"] = base.shell if wrapped else own_forward_shell(base)  # not a submodule: holds no tensors
 
     def rows_first(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` in output-channels-first layout from the stored layout (and back: a transpose is its own inverse)."""
+        """``weight`` in output-channels-first layout from the stored layout (and back: a transpose is its own
+        inverse)."""
         return weight.t() if self.transposed else weight
 
     def _compute(self, x: torch.Tensor, weight: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
@@ -96,7 +99,9 @@ class WrappedLayer(nn.Module):
             shell = self.shell
             tensors = {k: v for k, v in {**self._parameters, **self._buffers}.items() if v is not None}
             tensors["weight"] = self.rows_first(weight)
-            shell.__dict__.update(tensors, training=self.training)  # plain attributes: found before nn.Module's registries
+            shell.__dict__.update(
+                tensors, training=self.training
+            )  # plain attributes: found before nn.Module's registries
             try:
                 return shell(x, *args, **kwargs)
             finally:
@@ -104,7 +109,10 @@ class WrappedLayer(nn.Module):
                     del shell.__dict__[key]
         if self.base_type == "Linear":
             return F.linear(x, weight, self.bias)
-        return F.embedding(x, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+        return F.embedding(
+            x, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
+
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule ``name`` (dotted) of ``model`` by ``module``."""

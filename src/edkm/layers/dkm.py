@@ -54,12 +54,20 @@ class ClusteredWeight(nn.Module):
     #: returns the whole clustered weight, and the single-process layer kernels do not apply.
     takes_shards = False
 
-    def __init__(self, spec: LayerSpec, shape: torch.Size, cluster_dtype: torch.dtype, memory: str = "auto",
-                 scope: ForwardScope | None = None) -> None:
+    def __init__(
+        self,
+        spec: LayerSpec,
+        shape: torch.Size,
+        cluster_dtype: torch.dtype,
+        memory: str = "auto",
+        scope: ForwardScope | None = None,
+    ) -> None:
         super().__init__()
         rows = shape[0]
         if spec.group_size is not None and rows % spec.group_size:
-            raise ValueError(f"group_size {spec.group_size} does not divide the {rows} output channels of a {tuple(shape)} weight")
+            raise ValueError(
+                f"group_size {spec.group_size} does not divide the {rows} output channels of a {tuple(shape)} weight"
+            )
         self.spec, self.shape, self.cluster_dtype = spec, torch.Size(shape), cluster_dtype
         self.groups = 1 if spec.group_size is None else rows // spec.group_size
         self.progress = 0.0  # training progress 0 -> 1: where tau is on its annealing schedule
@@ -114,14 +122,24 @@ class ClusteredWeight(nn.Module):
             if not self.initialized:
                 self.initialize(weight.detach().to(self.cluster_dtype))
             tau = self.tau * self.scale if self.groups > 1 else float(self.tau * self.scale)
-            out = cluster_weight(weight, self.centroids, tau=tau, iters=self.spec.iters, eps=self.spec.eps,
-                                 dtype=self.cluster_dtype, memory=self.plan)
+            out = cluster_weight(
+                weight,
+                self.centroids,
+                tau=tau,
+                iters=self.spec.iters,
+                eps=self.spec.eps,
+                dtype=self.cluster_dtype,
+                memory=self.plan,
+            )
             self.centroids.copy_(out.centroids.reshape(self.centroids.shape))
             if self.spec.hard_forward:
                 soft = out.w_hat
                 hard = soft + (self.hard_weight(weight) - soft).detach()
-                out = out.replaced(hard, partial(hard_forward_recompute, out.recompute, self.cluster_dtype),
-                                   [out.centroids, *out.tables])
+                out = out.replaced(
+                    hard,
+                    partial(hard_forward_recompute, out.recompute, self.cluster_dtype),
+                    [out.centroids, *out.tables],
+                )
         else:
             w = self.hard_weight(weight)
             out = Clustered(weight, w, self.centroids, lambda _w: w)
@@ -137,8 +155,14 @@ class ClusteredWeight(nn.Module):
         :mod:`edkm.memory.fused_layer`), or None where they do not apply (tied, grouped or small
         weights, a paper memory mode, hard_forward, eval, no grad, embedding options)."""
         weight, spec = module.weight, self.spec
-        if not (self.training and torch.is_grad_enabled() and not self.tied and not spec.hard_forward
-                and (self.plan.fused or self.plan.auto) and supports(weight, self.centroids)):
+        if not (
+            self.training
+            and torch.is_grad_enabled()
+            and not self.tied
+            and not spec.hard_forward
+            and (self.plan.fused or self.plan.auto)
+            and supports(weight, self.centroids)
+        ):
             return None
         embedding = module.base_type == "Embedding"
         if embedding and (module.max_norm is not None or module.scale_grad_by_freq or module.sparse):
@@ -154,8 +178,9 @@ class ClusteredWeight(nn.Module):
         return out
 
 
-def hard_forward_recompute(soft_recompute, cluster_dtype: torch.dtype, weight: torch.Tensor, centroids: torch.Tensor,
-                           *tables: torch.Tensor) -> torch.Tensor:
+def hard_forward_recompute(
+    soft_recompute, cluster_dtype: torch.dtype, weight: torch.Tensor, centroids: torch.Tensor, *tables: torch.Tensor
+) -> torch.Tensor:
     """The hard_forward value W_soft + (W_hard - W_soft) again, from the step's centroids."""
     soft = soft_recompute(weight, *tables)
     idx, lut = hard_assign(weight.detach().to(cluster_dtype), centroids.reshape(-1, centroids.shape[-1]))

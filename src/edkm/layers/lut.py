@@ -40,7 +40,12 @@ class LUTWeight(nn.Module):
     """
 
     def __init__(
-        self, lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size, bits: int, dtype: torch.dtype,
+        self,
+        lut: torch.Tensor,
+        indices: torch.Tensor,
+        shape: torch.Size,
+        bits: int,
+        dtype: torch.dtype,
         uniform: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
@@ -60,13 +65,22 @@ class LUTWeight(nn.Module):
         return "lo" in self._buffers
 
     @classmethod
-    def from_uniform(cls, lo: torch.Tensor, step: torch.Tensor, indices: torch.Tensor, shape: torch.Size, bits: int,
-                     dtype: torch.dtype) -> "LUTWeight":
+    def from_uniform(
+        cls,
+        lo: torch.Tensor,
+        step: torch.Tensor,
+        indices: torch.Tensor,
+        shape: torch.Size,
+        bits: int,
+        dtype: torch.dtype,
+    ) -> LUTWeight:
         """The LUT of ``uniform_levels(lo, step, bits)``; exactly what :func:`edkm.rtn_` computes with."""
         return cls(uniform_levels(lo, step, bits), indices, shape, bits, dtype, uniform=(lo, step))
 
     def extra_repr(self) -> str:
-        return f"shape={tuple(self.shape)}, bits={self.bits}, groups={self.lut.shape[0]}" + (", uniform" if self.uniform else "")
+        return f"shape={tuple(self.shape)}, bits={self.bits}, groups={self.lut.shape[0]}" + (
+            ", uniform" if self.uniform else ""
+        )
 
     def forward(self) -> torch.Tensor:
         return decode(self.lut, self.indices, self.shape, self.dtype)
@@ -75,21 +89,48 @@ class LUTWeight(nn.Module):
         """Choose how :meth:`linear` computes: ``auto`` | ``eager`` | ``decode`` (exact) or ``int8`` (approximate)."""
         self.kernel = check_kernel(kernel)
         self.int8 = None
+        self.views = None  # the packed copy exists only for the kernels that read it
         if kernel == "int8":
             rows = self.shape[0]
-            self.int8 = Int8Weight.from_rows(lambda r: decode_rows(self.lut, self.indices, self.shape, self.dtype, r), rows)
+            self.int8 = Int8Weight.from_rows(
+                lambda r: decode_rows(self.lut, self.indices, self.shape, self.dtype, r), rows
+            )
+
+    def kernel_views(self) -> KernelViews:
+        """The kernels' views of the current buffers, rebuilt when they change (packed for the native kernel)."""
+        if self.views is None or not self.views.fits(self.lut, self.indices, self.dtype):
+            packed = self.kernel in ("auto", "native") and self.indices.device.type == "cpu"
+            self.views = KernelViews.of(self.lut, self.indices, self.shape, self.dtype, packed)
+        return self.views
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``F.linear(x, self(), bias)`` without materialising ``self()`` (exact unless kernel == "int8")."""
-        if self.views is None or not self.views.fits(self.lut, self.indices, self.dtype):
-            self.views = KernelViews.of(self.lut, self.indices, self.shape, self.dtype)
-        return lut_linear(x, self.lut, self.indices, self.shape, self.dtype, bias, self.kernel, self.int8, self.views)
+        views = self.kernel_views()
+        return lut_linear(x, self.lut, self.indices, self.shape, self.dtype, bias, self.kernel, self.int8, views)
 
-    def embedding(self, ids: torch.Tensor, padding_idx: int | None = None, max_norm: float | None = None,
-                  norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False) -> torch.Tensor:
+    def embedding(
+        self,
+        ids: torch.Tensor,
+        padding_idx: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        sparse: bool = False,
+    ) -> torch.Tensor:
         """``F.embedding(ids, self(), ...)`` decoding only the rows of ``ids``."""
-        return lut_embedding(ids, self.lut, self.indices, self.shape, self.dtype, padding_idx, max_norm, norm_type,
-                             scale_grad_by_freq, sparse)
+        return lut_embedding(
+            ids,
+            self.lut,
+            self.indices,
+            self.shape,
+            self.dtype,
+            padding_idx,
+            max_norm,
+            norm_type,
+            scale_grad_by_freq,
+            sparse,
+            self.kernel_views().packed if self.kernel in ("auto", "native") else None,
+        )
 
 
 class LUTModule(WrappedLayer):
@@ -110,7 +151,9 @@ class LUTModule(WrappedLayer):
             return self._compute(x, self.lut(), *args, **kwargs)
         if self.base_type == "Linear":
             return self.lut.linear(x, self.bias)
-        return self.lut.embedding(x, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+        return self.lut.embedding(
+            x, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
 
 
 def set_lut_kernel(model: nn.Module, kernel: str) -> nn.Module:

@@ -37,8 +37,10 @@ class ForwardScope:
 
     def attach(self, model: nn.Module) -> ForwardScope:
         """Open the scope at each forward of ``model`` and close it at the end; returns self."""
-        self.handles = (model.register_forward_pre_hook(self.open),
-                        model.register_forward_hook(self.close, always_call=True))
+        self.handles = (
+            model.register_forward_pre_hook(self.open),
+            model.register_forward_hook(self.close, always_call=True),
+        )
         return self
 
     def open(self, *_: object) -> None:

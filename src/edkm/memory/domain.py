@@ -65,7 +65,10 @@ class Domain:
         self.present: list[tuple[int, int, torch.Tensor, int]] = []  # (g0, g1, sorted present keys, pair offset)
         if saved is not None:
             keys, counts = saved
-            bounds = torch.arange(0, self.groups + self.batch, self.batch, device=keys.device).clamp_max(self.groups) * PATTERNS
+            bounds = (
+                torch.arange(0, self.groups + self.batch, self.batch, device=keys.device).clamp_max(self.groups)
+                * PATTERNS
+            )
             cuts = torch.searchsorted(keys, bounds).tolist()  # keys are batch-global: g * 65,536 + pattern
             for i, g0 in enumerate(range(0, self.groups, self.batch)):
                 g1 = min(g0 + self.batch, self.groups)
@@ -93,7 +96,9 @@ class Domain:
     def _derive(self, counts: torch.Tensor) -> None:
         """Values, counts and groups of the pairs from the present keys (absent NaN/Inf patterns never appear)."""
         keys = torch.cat([p for _, _, p, _ in self.present])
-        g0s = torch.cat([torch.full((p.numel(),), g0, dtype=torch.int64, device=keys.device) for g0, _, p, _ in self.present])
+        g0s = torch.cat(
+            [torch.full((p.numel(),), g0, dtype=torch.int64, device=keys.device) for g0, _, p, _ in self.present]
+        )
         self.u = (keys & (PATTERNS - 1)).to(torch.int16).view(self.dtype).float()
         self.n = counts.to(torch.float64)
         self.gid = g0s + torch.div(keys, PATTERNS, rounding_mode="floor")

@@ -130,8 +130,15 @@ def run_updates(dom: Domain, c: torch.Tensor, tau: torch.Tensor, iters: int, eps
     return cs, masses
 
 
-def backward_tables(dom: Domain, cs: torch.Tensor, masses: torch.Tensor, tau: torch.Tensor, gc: torch.Tensor,
-                    has_grad: bool, need_w: bool):
+def backward_tables(
+    dom: Domain,
+    cs: torch.Tensor,
+    masses: torch.Tensor,
+    tau: torch.Tensor,
+    gc: torch.Tensor,
+    has_grad: bool,
+    need_w: bool,
+):
     """Per-pair tables (F, R) and dL/dc_0 (G, k) from the bucketed gradient ``dom.gsum`` (set when ``has_grad``)
     and ``gc``, the gradient arriving at the final centroids: dL/dw_i = g_i F(w_i) + R(w_i)."""
     f = None
@@ -252,8 +259,9 @@ def fused_dkm(
 
 
 @torch.no_grad()
-def fused_recompute(weights: torch.Tensor, *tables: torch.Tensor, groups: int, dtype: torch.dtype,
-                    out_dtype: torch.dtype) -> torch.Tensor:
+def fused_recompute(
+    weights: torch.Tensor, *tables: torch.Tensor, groups: int, dtype: torch.dtype, out_dtype: torch.dtype
+) -> torch.Tensor:
     """W_hat of a :func:`fused_dkm` call again, from the ``tables`` it filled: a gather, O(|W|) time.
 
     ``tables`` is (present keys, W_hat per pair) when the call kept its pair domain, else

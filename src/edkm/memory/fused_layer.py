@@ -152,28 +152,47 @@ def _tau(tau: float | torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(tau.detach() if torch.is_tensor(tau) else tau, dtype=torch.float32).to(device).reshape(1)
 
 
-def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, centroids: torch.Tensor, *,
-                 tau: float | torch.Tensor, iters: int, eps: float = 0.0,
-                 dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    centroids: torch.Tensor,
+    *,
+    tau: float | torch.Tensor,
+    iters: int,
+    eps: float = 0.0,
+    dtype: torch.dtype = torch.bfloat16,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``x @ W_hat^T + bias`` with W_hat the DKM of ``weight`` rounded to ``dtype``; returns (output, new centroids).
 
     ``centroids`` (k,) or (1, k); ``weight`` 2-D with >= 8,192 entries (see :func:`supports`).
     """
     if not supports(weight, centroids):
-        raise ValueError(f"fused_linear needs one LUT per tensor and >= 8,192 weights, got {tuple(weight.shape)}, "
-                         f"centroids {tuple(centroids.shape)}")
+        raise ValueError(
+            f"fused_linear needs one LUT per tensor and >= 8,192 weights, got {tuple(weight.shape)}, "
+            f"centroids {tuple(centroids.shape)}"
+        )
     new: list[torch.Tensor] = []
     out = _FusedLinear.apply(x, weight, bias, centroids, _tau(tau, weight.device), int(iters), float(eps), dtype, new)
     return out, new[0]
 
 
-def fused_embedding(ids: torch.Tensor, weight: torch.Tensor, centroids: torch.Tensor, *, tau: float | torch.Tensor,
-                    iters: int, eps: float = 0.0, dtype: torch.dtype = torch.bfloat16,
-                    padding_idx: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_embedding(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    centroids: torch.Tensor,
+    *,
+    tau: float | torch.Tensor,
+    iters: int,
+    eps: float = 0.0,
+    dtype: torch.dtype = torch.bfloat16,
+    padding_idx: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``F.embedding(ids, W_hat, padding_idx)`` with W_hat the DKM of ``weight``; returns (rows, new centroids)."""
     if not supports(weight, centroids):
         raise ValueError(f"fused_embedding needs one LUT per tensor and >= 8,192 weights, got {tuple(weight.shape)}")
     new: list[torch.Tensor] = []
-    out = _FusedEmbedding.apply(ids, weight, centroids, _tau(tau, weight.device), int(iters), float(eps), dtype,
-                                padding_idx, new)
+    out = _FusedEmbedding.apply(
+        ids, weight, centroids, _tau(tau, weight.device), int(iters), float(eps), dtype, padding_idx, new
+    )
     return out, new[0]

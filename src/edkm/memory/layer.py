@@ -67,8 +67,9 @@ class Clustered:
         return Clustered(self.weight, w_hat, self.centroids, recompute, tables)
 
 
-def _autograd_recompute(groups: int, dtype: torch.dtype, tau: float | None, weight: torch.Tensor,
-                        c: torch.Tensor, *tau_t: torch.Tensor) -> torch.Tensor:
+def _autograd_recompute(
+    groups: int, dtype: torch.dtype, tau: float | None, weight: torch.Tensor, c: torch.Tensor, *tau_t: torch.Tensor
+) -> torch.Tensor:
     w16 = weight.detach() if weight.dtype == dtype else weight.detach().to(dtype).to(weight.dtype)
     x, cg = group_view(w16, c.reshape(groups, -1))
     w_hat = final_assignment(x, cg, tau if tau is not None else group_tau(tau_t[0]))
@@ -103,15 +104,23 @@ def cluster_weight(
     groups = centroids.shape[0] if centroids.dim() == 2 else 1
     if plan.fused or plan.auto:  # rounded to 16 bits here: "auto" is fused, whatever the rank
         tables: list[torch.Tensor] = []
-        w_hat, c = fused_dkm(weight, centroids, tau=tau, iters=iters, eps=eps, out_dtype=weight.dtype,
-                             dtype=dtype, tables=tables)
-        return Clustered(weight, w_hat, c.detach(), partial(fused_recompute, groups=groups, dtype=dtype,
-                                                             out_dtype=weight.dtype), tables)
+        w_hat, c = fused_dkm(
+            weight, centroids, tau=tau, iters=iters, eps=eps, out_dtype=weight.dtype, dtype=dtype, tables=tables
+        )
+        return Clustered(
+            weight,
+            w_hat,
+            c.detach(),
+            partial(fused_recompute, groups=groups, dtype=dtype, out_dtype=weight.dtype),
+            tables,
+        )
     w16 = weight if weight.dtype == dtype else cast_straight_through(weight, dtype)
     w_hat, c = dkm(w16, centroids, tau=tau, iters=iters, eps=eps, memory=str(plan))
     tau_float = None if torch.is_tensor(tau) else tau
     tables = [c.detach()] + ([] if tau_float is not None else [torch.as_tensor(tau).detach()])
-    return Clustered(weight, w_hat.to(weight.dtype), c.detach(), partial(_autograd_recompute, groups, dtype, tau_float), tables)
+    return Clustered(
+        weight, w_hat.to(weight.dtype), c.detach(), partial(_autograd_recompute, groups, dtype, tau_float), tables
+    )
 
 
 class _LinearRecompute(torch.autograd.Function):

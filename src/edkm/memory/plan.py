@@ -62,10 +62,15 @@ class MemoryPlan:
             return self, None
         dtype = agreed_sixteen_bit(weights)
         if self.auto:
-            return (MemoryPlan(fused=True), dtype) if dtype else (MemoryPlan(marshal=True, shard=rank_world()[1] > 1), None)
+            return (
+                (MemoryPlan(fused=True), dtype)
+                if dtype
+                else (MemoryPlan(marshal=True, shard=rank_world()[1] > 1), None)
+            )
         if dtype is None:
             raise ValueError(
-                f"memory mode {'unique' if self.unique else 'fused'!r} needs exact 16-bit weights (bf16/fp16, or {weights.dtype} "
+                f"memory mode {'unique' if self.unique else 'fused'!r} needs exact 16-bit weights "
+                f"(bf16/fp16, or {weights.dtype} "
                 "holding bf16 values such as w.to(torch.bfloat16).float()); round them first (palettize_ does)"
             )
         return self, dtype

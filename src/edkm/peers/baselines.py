@@ -30,11 +30,16 @@ def ptq_kmeans_(model: nn.Module, config: PalettizeConfig | None = None) -> nn.M
     return finalize_(palettize_(model, config))
 
 
-def rtn_uniform(weight: torch.Tensor, bits: int, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rtn_uniform(
+    weight: torch.Tensor, bits: int, group_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Uniform min-max levels per group: uint8 indices (G, n), fp32 min and scale (G, 1) of the levels."""
     rows = weight.detach().float().reshape(weight.shape[0], -1)
     if group_size is not None and rows.shape[1] % group_size:
-        raise ValueError(f"group_size {group_size} does not divide the {rows.shape[1]} input channels of a {tuple(weight.shape)} weight")
+        raise ValueError(
+            f"group_size {group_size} does not divide the {rows.shape[1]} input channels "
+            f"of a {tuple(weight.shape)} weight"
+        )
     groups = rows.reshape(-1, group_size or rows.shape[1])
     lo, hi = groups.min(dim=1, keepdim=True).values, groups.max(dim=1, keepdim=True).values
     step = ((hi - lo) / ((1 << bits) - 1)).clamp_min(1e-12)

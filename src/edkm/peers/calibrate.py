@@ -30,7 +30,9 @@ def run_batches(model: nn.Module, sequences: torch.Tensor, batch_size: int = 8) 
             model(chunk)
 
 
-def _collect(model: nn.Module, names: list[str], sequences: torch.Tensor, stat: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+def _collect(
+    model: nn.Module, names: list[str], sequences: torch.Tensor, stat: Callable[[torch.Tensor], torch.Tensor]
+) -> dict[str, torch.Tensor]:
     sums: dict[str, torch.Tensor] = {}
     count = {"n": 0}
 
@@ -40,6 +42,7 @@ def _collect(model: nn.Module, names: list[str], sequences: torch.Tensor, stat: 
             sums[name] = sums.get(name, 0) + stat(x)
             if name == names[0]:
                 count["n"] += x.shape[0]
+
         return fn
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
@@ -81,8 +84,12 @@ def block_of(name: str) -> str:
     return m.group(1) if m else name
 
 
-def quantize_layers_(model: nn.Module, config: PalettizeConfig, make_lut: Callable[[str, nn.Module, dict[str, torch.Tensor]], LUTWeight],
-                     stats: Callable[[nn.Module, list[str]], dict[str, torch.Tensor]] | None = None) -> nn.Module:
+def quantize_layers_(
+    model: nn.Module,
+    config: PalettizeConfig,
+    make_lut: Callable[[str, nn.Module, dict[str, torch.Tensor]], LUTWeight],
+    stats: Callable[[nn.Module, list[str]], dict[str, torch.Tensor]] | None = None,
+) -> nn.Module:
     """Replace every target layer by a LUT layer, one decoder block at a time.
 
     ``stats(model, names)`` computes the calibration statistic of a block's layers on the model as

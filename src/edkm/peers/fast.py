@@ -24,8 +24,9 @@ def calibration(data: PackedDataset, n: int = 32, seed: int = 0) -> torch.Tensor
     return data.input_ids[pick]
 
 
-def fast_peers(model: nn.Module, data: PackedDataset, plan: PalettizeConfig, ppl: Callable[[nn.Module], float],
-               out: Path) -> dict[str, Any]:
+def fast_peers(
+    model: nn.Module, data: PackedDataset, plan: PalettizeConfig, ppl: Callable[[nn.Module], float], out: Path
+) -> dict[str, Any]:
     """GPTQ (per channel, act-order) and Fisher-weighted k-means (one LUT per row) of copies of ``model``.
 
     Returns ``{gptq,squeeze}_{ppl,size_bytes,bpw}``; bpw = stored bits per weight of the ``plan.bits``
@@ -37,6 +38,11 @@ def fast_peers(model: nn.Module, data: PackedDataset, plan: PalettizeConfig, ppl
         peer = make(copy.deepcopy(model))
         path = out / f"{name}.edkm.safetensors"
         save_palettized(peer, path)
-        report.update({f"{name}_ppl": ppl(peer), f"{name}_size_bytes": path.stat().st_size,
-                       f"{name}_bpw": bits_per_weight(path)[str(plan.bits)]})
+        report.update(
+            {
+                f"{name}_ppl": ppl(peer),
+                f"{name}_size_bytes": path.stat().st_size,
+                f"{name}_bpw": bits_per_weight(path)[str(plan.bits)],
+            }
+        )
     return report

@@ -31,8 +31,15 @@ from edkm.peers.calibrate import input_hessians, quantize_layers_
 QuantizeColumn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, quantize_column: QuantizeColumn, *, block_size: int = 128,
-         damp: float = 0.01, act_order: bool = True) -> torch.Tensor:
+def gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    quantize_column: QuantizeColumn,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+) -> torch.Tensor:
     """The GPTQ sweep: ``quantize_column(w, j)`` rounds column ``j`` (original index) of the updated weight.
 
     Returns the quantized weight (fp32, ``weight``'s shape). Dead inputs (diag H = 0) are zeroed.
@@ -73,14 +80,18 @@ def uniform_grid(weight: torch.Tensor, bits: int, group_size: int | None) -> tup
     rows, cols = weight.shape
     size = rows * cols if group_size == 0 else (group_size or cols)
     if group_size and cols % group_size:
-        raise ValueError(f"group_size {group_size} does not divide the {cols} input columns of a {tuple(weight.shape)} weight")
+        raise ValueError(
+            f"group_size {group_size} does not divide the {cols} input columns of a {tuple(weight.shape)} weight"
+        )
     groups = weight.detach().float().reshape(-1, size)
     lo, hi = groups.min(1, keepdim=True).values, groups.max(1, keepdim=True).values
     step = ((hi - lo) / ((1 << bits) - 1)).clamp_min(1e-8)
     return lo.half(), step.half().clamp_min(torch.finfo(torch.float16).tiny)
 
 
-def gptq_uniform(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None, **kw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gptq_uniform(
+    weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None, **kw
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ onto a uniform grid: uint8 indices (G, n), fp16 ``lo`` and ``step`` (G, 1) for ``LUTWeight.from_uniform``.
 
     ``group_size``: input columns per scale (None = one per output channel, 0 = one per tensor).
@@ -123,14 +134,16 @@ def rtn_lut(weight: torch.Tensor, bits: int, group_size: int | None = None) -> L
     return LUTWeight.from_uniform(lo, step, idx.to(torch.uint8), weight.shape, bits, weight.dtype)
 
 
-def gptq_(model: nn.Module, sequences: torch.Tensor, config: PalettizeConfig, group_size: int | None = None,
-          **kw) -> nn.Module:
+def gptq_(
+    model: nn.Module, sequences: torch.Tensor, config: PalettizeConfig, group_size: int | None = None, **kw
+) -> nn.Module:
     """GPTQ every target linear layer of ``model`` in place (block by block, calibrated on ``sequences``).
 
     Layers GPTQ cannot see a Hessian for (embeddings, a tied output layer) get round-to-nearest per
     channel at their configured bits. ``group_size`` falls back to per channel where it does not
     divide a layer's input width.
     """
+
     def make_lut(name: str, module: nn.Module, stats: dict[str, torch.Tensor]) -> LUTWeight:
         bits = config.for_module(name).bits
         if name not in stats:

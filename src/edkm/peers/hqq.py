@@ -23,8 +23,17 @@ def hqq_lut(weight: torch.Tensor, bits: int, group_size: int | None) -> LUTWeigh
 
     rows, cols = weight.shape
     size = fit_group(cols, group_size) or cols
-    w_q, meta = Quantizer.quantize(weight.detach().float(), nbits=bits, channel_wise=True, group_size=size,
-                                   optimize=True, axis=1, bitpack=False, device="cpu", compute_dtype=torch.float32)
+    w_q, meta = Quantizer.quantize(
+        weight.detach().float(),
+        nbits=bits,
+        channel_wise=True,
+        group_size=size,
+        optimize=True,
+        axis=1,
+        bitpack=False,
+        device="cpu",
+        compute_dtype=torch.float32,
+    )
     scale, zero = meta["scale"].float().reshape(-1, 1), meta["zero"].float().reshape(-1, 1)
     lo, step = (-zero * scale).half(), scale.half()
     idx = w_q.reshape(lo.shape[0], -1).round().clamp(0, (1 << bits) - 1).to(torch.uint8)
@@ -33,6 +42,7 @@ def hqq_lut(weight: torch.Tensor, bits: int, group_size: int | None) -> LUTWeigh
 
 def hqq_(model: nn.Module, config: PalettizeConfig, group_size: int | None = 32) -> nn.Module:
     """HQQ every target linear layer in place; embeddings / layers above 4 bits get RTN per channel."""
+
     def make_lut(name: str, module: nn.Module, _stats: dict[str, torch.Tensor]) -> LUTWeight:
         bits = config.for_module(name).bits
         if not isinstance(module, nn.Linear) or bits > 4:

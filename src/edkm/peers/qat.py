@@ -44,7 +44,9 @@ def _decoder_linears(model: nn.Module, config: PalettizeConfig) -> set[str]:
     found = target_modules(model, config)
     for _, m in found:
         counts[id(m.weight)] = counts.get(id(m.weight), 0) + 1
-    return {n for n, m in found if type(m) is nn.Linear and counts[id(m.weight)] == 1 and config.for_module(n).bits <= 4}
+    return {
+        n for n, m in found if type(m) is nn.Linear and counts[id(m.weight)] == 1 and config.for_module(n).bits <= 4
+    }
 
 
 def prepare_qat_(model: nn.Module, config: PalettizeConfig, group_size: int | None = 32) -> nn.Module:
@@ -57,7 +59,11 @@ def prepare_qat_(model: nn.Module, config: PalettizeConfig, group_size: int | No
     if not names:
         raise ValueError("prepare_qat_ found no linear layer to fake-quantize")
     for base, fits in _base_configs(config.bits, group_size):
-        quantize_(model, QATConfig(base, step="prepare"), filter_fn=lambda m, n: n in names and type(m) is nn.Linear and fits(m))
+        quantize_(
+            model,
+            QATConfig(base, step="prepare"),
+            filter_fn=lambda m, n, fits=fits: n in names and type(m) is nn.Linear and fits(m),
+        )
     model.edkm_qat = (config, group_size)
     return model
 
@@ -70,7 +76,11 @@ def convert_qat_(model: nn.Module) -> nn.Module:
 
     config, group_size = model.edkm_qat
     for base, fits in _base_configs(config.bits, group_size):
-        quantize_(model, QATConfig(base, step="convert"), filter_fn=lambda m, n: isinstance(m, FakeQuantizedLinear) and fits(m))
+        quantize_(
+            model,
+            QATConfig(base, step="convert"),
+            filter_fn=lambda m, n, fits=fits: isinstance(m, FakeQuantizedLinear) and fits(m),
+        )
     return model
 
 
@@ -91,7 +101,9 @@ def qat_to_lut_(model: nn.Module) -> nn.Module:
         idx = (w.qdata.to(torch.int16) - qmin).to(torch.uint8).reshape(lo.shape[0], -1)
         plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         plain.bias = module.bias
-        set_submodule(model, name, LUTModule(plain, LUTWeight.from_uniform(lo, step, idx, w.shape, config.bits, torch.float32)))
+        set_submodule(
+            model, name, LUTModule(plain, LUTWeight.from_uniform(lo, step, idx, w.shape, config.bits, torch.float32))
+        )
     done: dict[int, LUTWeight] = {}
     for name, module in target_modules(model, config):
         if isinstance(module, LUTModule):

@@ -43,8 +43,9 @@ def _lloyd(x: torch.Tensor, f: torch.Tensor, c: torch.Tensor, iters: int) -> tup
     return c, err
 
 
-def weighted_kmeans(weight: torch.Tensor, fisher: torch.Tensor, k: int, *, groups: int | None = None,
-                    iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+def weighted_kmeans(
+    weight: torch.Tensor, fisher: torch.Tensor, k: int, *, groups: int | None = None, iters: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fisher-weighted k-means per group of rows (``groups``: None = one LUT per row, 1 = per tensor).
 
     Returns the fp16 LUT (G, k), sorted, and uint8 indices (G, n) of the nearest LUT entry. The better
@@ -58,7 +59,8 @@ def weighted_kmeans(weight: torch.Tensor, fisher: torch.Tensor, k: int, *, group
     targets = (torch.arange(k, dtype=torch.float64) + 0.5) / k * cum[:, -1:]
     starts = [
         torch.gather(order.values, 1, torch.searchsorted(cum, targets).clamp_max(x.shape[1] - 1)),
-        x.min(1, keepdim=True).values + (x.max(1, keepdim=True).values - x.min(1, keepdim=True).values)
+        x.min(1, keepdim=True).values
+        + (x.max(1, keepdim=True).values - x.min(1, keepdim=True).values)
         * torch.linspace(0, 1, k, dtype=torch.float64),
     ]
     results = [_lloyd(x, f, torch.sort(c, dim=1).values, iters) for c in starts]
@@ -75,8 +77,9 @@ def weighted_error(weight: torch.Tensor, fisher: torch.Tensor, lut: torch.Tensor
     return float((fisher.double().reshape(g, -1) * (weight.double().reshape(g, -1) - q).square()).sum())
 
 
-def squeeze_(model: nn.Module, sequences: torch.Tensor, config: PalettizeConfig, per_row: bool = True,
-             iters: int = 100) -> nn.Module:
+def squeeze_(
+    model: nn.Module, sequences: torch.Tensor, config: PalettizeConfig, per_row: bool = True, iters: int = 100
+) -> nn.Module:
     """Fisher-weighted k-means of every target layer in place (Fisher from the fp model on ``sequences``).
 
     Layers at more than 4 bits (the 8-bit tied embedding / output layer) get plain k-means, one LUT per

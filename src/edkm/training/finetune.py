@@ -24,8 +24,14 @@ from edkm.training.loop import TrainConfig, train
 
 
 def finetune(
-    model: nn.Module, data: PackedDataset, cfg: TrainConfig, checkpoint: Path, resume: bool,
-    teacher: nn.Module | None = None, distill: float = 0.0, bar: Any = None,
+    model: nn.Module,
+    data: PackedDataset,
+    cfg: TrainConfig,
+    checkpoint: Path,
+    resume: bool,
+    teacher: nn.Module | None = None,
+    distill: float = 0.0,
+    bar: Any = None,
     fsdp: bool = False,
 ) -> list[float]:
     """Fine-tune on next-token cross-entropy, mixed with ``distill`` x KL(teacher || model) per token.
@@ -35,8 +41,9 @@ def finetune(
     net: nn.Module = model
     if rank_world()[1] > 1 and not fsdp:  # under FSDP the model is sharded already (fsdp_)
         device = next(model.parameters()).device
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                                  broadcast_buffers=False)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
+        )
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = net(x).logits.float()
@@ -54,11 +61,24 @@ def finetune(
     if fsdp:  # sharded DCP checkpoints in a folder
         checkpointer = DCPCheckpointer()
         if resume and checkpointer.existing(checkpoint) is None and checkpoint.with_suffix(".pt").is_file():
-            raise ValueError(f"--resume --fsdp: {checkpoint.with_suffix('.pt')} was written without --fsdp; resume without it")
-        return train(loss_fn, model, inputs, targets, cfg, checkpoint, resume and checkpointer.existing(checkpoint) is not None,
-                     on_step, checkpointer)
+            raise ValueError(
+                f"--resume --fsdp: {checkpoint.with_suffix('.pt')} was written without --fsdp; resume without it"
+            )
+        return train(
+            loss_fn,
+            model,
+            inputs,
+            targets,
+            cfg,
+            checkpoint,
+            resume and checkpointer.existing(checkpoint) is not None,
+            on_step,
+            checkpointer,
+        )
     if resume and not checkpoint.is_file() and checkpoint.with_suffix(".dcp").exists():
-        raise ValueError(f"--resume: {checkpoint.with_suffix('.dcp')} is a sharded (--fsdp) checkpoint; resume with --fsdp")
+        raise ValueError(
+            f"--resume: {checkpoint.with_suffix('.dcp')} is a sharded (--fsdp) checkpoint; resume with --fsdp"
+        )
     return train(loss_fn, model, inputs, targets, cfg, checkpoint, resume and checkpoint.is_file(), on_step)
 
 

@@ -52,7 +52,6 @@ class TrainConfig:
     progress: bool = True
 
 
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -99,8 +98,13 @@ def clip_grad_norm_(params: Any, max_norm: float) -> float:
 
 
 def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, losses: list[float]) -> None:
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "losses": losses,
-             "rng": (torch.get_rng_state(), random.getstate())}
+    state = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "step": step,
+        "losses": losses,
+        "rng": (torch.get_rng_state(), random.getstate()),
+    }
     with atomic_path(path) as tmp:  # a crash leaves the previous checkpoint
         torch.save(state, tmp)
 
@@ -131,7 +135,9 @@ def train(
     """
     rank, size = rank_world()
     if cfg.batch_size % (size * cfg.grad_accum):
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by world size {size} x grad_accum {cfg.grad_accum}")
+        raise ValueError(
+            f"batch_size {cfg.batch_size} must be divisible by world size {size} x grad_accum {cfg.grad_accum}"
+        )
     opt = make_optimizer(model, cfg)
     path = Path(checkpoint) if checkpoint else None
     start, losses = restore(path, model, opt, checkpointer) if resume else (0, [])
@@ -166,7 +172,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def restore(path: Path | None, model: nn.Module, opt: torch.optim.Optimizer, checkpointer: Any) -> tuple[int, list[float]]:
+def restore(
+    path: Path | None, model: nn.Module, opt: torch.optim.Optimizer, checkpointer: Any
+) -> tuple[int, list[float]]:
     """(steps done, their losses) from the checkpoint at ``path``; model, optimizer and RNG state restored."""
     if checkpointer is not None:
         return checkpointer.load(path, model, opt)
@@ -183,9 +191,15 @@ def restore(path: Path | None, model: nn.Module, opt: torch.optim.Optimizer, che
     return state["step"], state["losses"]
 
 
-def train_step(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], model: nn.Module,
-               opt: torch.optim.Optimizer, inputs: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
-               step: int) -> tuple[float, int]:
+def train_step(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    step: int,
+) -> tuple[float, int]:
     """One optimizer step over the global batch of ``step``; (its mean token loss, its target tokens)."""
     rank, size = rank_world()
     per_rank = cfg.batch_size // size
