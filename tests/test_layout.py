@@ -41,8 +41,14 @@ def modules():
         yield ".".join(parts), path, ast.parse(path.read_text())
 
 
-def edkm_imports(name, path, tree):
-    """(imported module, line) of every edkm import in the module, wherever it sits."""
+def module_names():
+    return {name for name, _, _ in modules()}
+
+
+def edkm_imports(name, path, tree, known=None):
+    """(imported module, line) of every edkm import in the module, wherever it sits; ``from package import module``
+    counts as an import of that module."""
+    known = module_names() if known is None else known
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
@@ -51,7 +57,7 @@ def edkm_imports(name, path, tree):
                 base = ".".join(
                     package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
                 )
-            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
         elif isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         else:

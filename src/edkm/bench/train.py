@@ -181,18 +181,9 @@ def summarize(rows: list[dict], d: dict[str, int]) -> list[dict[str, Any]]:
     ]
 
 
-def run_train_benchmark(args: Any) -> dict[str, Any]:
-    """Run the rows, write JSON (+ Markdown, + README section); returns the result."""
-    # deferred: edkm.distributed.device imports torch; building the CLI parser imports this module (ROWS)
-    from edkm.distributed.device import resolve_device
-
-    wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
-    bad = [r for r in wanted if r not in ROWS]
-    if bad:
-        raise ValueError(f"unknown rows {bad}; valid: {', '.join(ROWS)}")
-    device, d = str(resolve_device(args.device)), model_dims(args)
-    params = sum(n for _, n, _ in weight_shapes(d))
-    start, rows = time.time(), []
+def run_rows(wanted: list[str], d: dict[str, int], args: Any, device: str, params: int) -> list[dict[str, Any]]:
+    """The wanted rows but coremltools, one after the other, each in its own process (a failed one says why)."""
+    rows: list[dict[str, Any]] = []
     for name in wanted:
         if name == "coremltools":
             continue
@@ -208,12 +199,12 @@ def run_train_benchmark(args: Any) -> dict[str, Any]:
         print(
             f"  {json.dumps({k: row.get(k) for k in ('peak_above_start_bytes', 'step_seconds', 'error')})}", flush=True
         )
-    if "edkm-M+U" not in wanted:
-        rows.append(computed_paper_row(d, args))
-    if "coremltools" in wanted:
-        print("row coremltools ...", flush=True)
-        rows += coreml_rows(d, args, next((r for r in rows if r["config"] == "plain" and r.get("measured")), None))
-    result = {
+    return rows
+
+
+def result_of(rows: list[dict], d: dict[str, int], args: Any, device: str, params: int, start: float) -> dict[str, Any]:
+    """The benchmark's result: the run, the model, the machine, the rows and the targets (``summarize``)."""
+    return {
         "command": "edkm bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "edkm bench train",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "wall_seconds": round(time.time() - start),
@@ -244,6 +235,27 @@ def run_train_benchmark(args: Any) -> dict[str, Any]:
             "Measured: every row with measured=true; rows with measured=false are computed and say from what.",
         ],
     }
+
+
+def run_train_benchmark(args: Any) -> dict[str, Any]:
+    """Run the rows, write JSON (+ Markdown, + README section); returns the result."""
+    # deferred: edkm.distributed.device imports torch; building the CLI parser imports this module (ROWS)
+    from edkm.distributed.device import resolve_device
+
+    wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    bad = [r for r in wanted if r not in ROWS]
+    if bad:
+        raise ValueError(f"unknown rows {bad}; valid: {', '.join(ROWS)}")
+    device, d = str(resolve_device(args.device)), model_dims(args)
+    params = sum(n for _, n, _ in weight_shapes(d))
+    start = time.time()
+    rows = run_rows(wanted, d, args, device, params)
+    if "edkm-M+U" not in wanted:
+        rows.append(computed_paper_row(d, args))
+    if "coremltools" in wanted:
+        print("row coremltools ...", flush=True)
+        rows += coreml_rows(d, args, next((r for r in rows if r["config"] == "plain" and r.get("measured")), None))
+    result = result_of(rows, d, args, device, params, start)
     write_result(result, Path(args.out), Path(args.readme) if args.readme else None)
     print(format_markdown(result))
     return result

@@ -72,10 +72,8 @@ def build_model(spec: dict[str, Any]) -> torch.nn.Module:
     return model
 
 
-def run_row(spec: dict[str, Any]) -> dict[str, Any]:
-    """Measure one configuration; returns its row."""
-    torch.set_num_threads(1)
-    device = torch.device(spec.get("device", "cpu"))
+def prepare_model(spec: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """The spec's model on ``device``: palettized (eDKM) and checkpointed as the spec says, in train mode."""
     model = build_model(spec).to(device)
     if spec["edkm"]:
         plan = PalettizeConfig(bits=spec["bits"], overrides={"embed_tokens|lm_head": {"bits": spec["embed_bits"]}})
@@ -87,10 +85,11 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    gen = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, spec["vocab"], (spec["batch"], spec["seq"] + 1), generator=gen).to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return model
+
+
+def training_step(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, sync) -> Any:
+    """One whole training step as a function of no arguments; it returns its phases' seconds."""
 
     def step() -> dict[str, float]:
         t0 = time.perf_counter()
@@ -107,15 +106,33 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
         t3 = time.perf_counter()
         return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0}
 
-    cuda = device.type == "cuda"
+    return step
+
+
+def memory_counters(cuda: bool) -> tuple[Any, Any, Any]:
+    """(reset the peak, current bytes, peak bytes): the CUDA caching allocator's, else the process's RSS."""
     if cuda:  # device memory: the CUDA caching allocator's counters
-        reset_peak_now, current, peak_now = (
+        return (
             torch.cuda.reset_peak_memory_stats,
             torch.cuda.memory_allocated,
             torch.cuda.max_memory_allocated,
         )
-    else:  # host memory: the process's resident set
-        reset_peak_now, current, peak_now = reset_peak, rss, peak
+    return reset_peak, rss, peak  # host memory: the process's resident set
+
+
+def run_row(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one configuration; returns its row."""
+    torch.set_num_threads(1)
+    device = torch.device(spec.get("device", "cpu"))
+    model = prepare_model(spec, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, spec["vocab"], (spec["batch"], spec["seq"] + 1), generator=gen).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    step = training_step(model, opt, tokens, sync)
+
+    cuda = device.type == "cuda"
+    reset_peak_now, current, peak_now = memory_counters(cuda)
     gc.collect()
     exact = reset_peak_now() is not False
     start = current()

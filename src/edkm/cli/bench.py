@@ -1,4 +1,4 @@
-"""``edkm bench NAME``: the benchmarks (memory, train, generate, sharded-dkm, plan-check); JSON results.
+"""``edkm bench NAME``: the benchmarks (memory, train, generate, sharded-dkm, plan-check, kernels); JSON results.
 
 Building the parsers imports nothing heavy: each benchmark's module loads when it runs.
 """
@@ -148,6 +148,25 @@ def add_plan_check_parser(bench_sub: Any) -> None:
     p.set_defaults(func=cmd_plan_check)
 
 
+def cmd_bench_kernels(args: Any) -> None:
+    from edkm.atomic import write_json, write_text  # deferred: torch and the native kernel's build
+    from edkm.bench.kernels import markdown, result, run
+
+    doc = result(run(tokens=args.tokens, cold_mib=args.cold_mib, rounds=args.rounds), args.tokens, args.cold_mib)
+    write_json(args.out, doc)
+    write_text(str(args.out).removesuffix(".json") + ".md", markdown(doc) + "\n")
+    print(markdown(doc))
+
+
+def add_kernels_parser(bench_sub: Any) -> None:
+    p = bench_sub.add_parser("kernels", help="native LUT GEMV vs dense fp32, per layer shape, one thread")
+    p.add_argument("--tokens", type=positive_int, default=1, help="tokens per call (1 = batch-1 decode)")
+    p.add_argument("--cold-mib", type=positive_int, default=1024, help="weight copies rotated in the cold regime")
+    p.add_argument("--rounds", type=positive_int, default=5, help="best of this many rounds")
+    p.add_argument("--out", default=BENCH_RUN_DIR + "/kernels.json", help="JSON (Markdown beside it)")
+    p.set_defaults(func=cmd_bench_kernels)
+
+
 def add_bench_parser(sub: Any) -> None:
     """Register ``edkm bench`` and its benchmarks."""
     bench = sub.add_parser("bench", help="benchmarks (results go to runs/bench/ unless --out says otherwise)")
@@ -157,3 +176,4 @@ def add_bench_parser(sub: Any) -> None:
     add_generate_parser(bench_sub)
     add_sharded_dkm_parser(bench_sub)
     add_plan_check_parser(bench_sub)
+    add_kernels_parser(bench_sub)

@@ -172,14 +172,8 @@ def dkm_coefficients(
     return out
 
 
-def estimate(model_spec: str | Any, opts: PlanOptions) -> dict[str, Any]:
-    """Per-GPU peak bytes of every mode (see the module docstring for how each part is obtained).
-
-    ``model_spec``: a preset name, a config.json / model folder, or a transformers config object.
-    """
-    config = load_config(model_spec) if isinstance(model_spec, str) else model_spec
-    if opts.gpus < 1 or opts.batch < 1 or opts.seq < 1:
-        raise ValueError(f"gpus, batch and seq must be >= 1, got {opts.gpus}, {opts.batch}, {opts.seq}")
+def _weights(config: Any, opts: PlanOptions) -> tuple[nn.Module, int, dict[int, tuple[int, int]], int]:
+    """(meta model, parameters, id(weight) -> (numel, k) of every clustered weight, largest decoder layer)."""
     meta = _model(config, config.num_hidden_layers)
     overrides = {"embed_tokens|lm_head": {"bits": opts.embed_bits}} if opts.embed_bits else {}
     pcfg = PalettizeConfig(bits=opts.bits, overrides=overrides)
@@ -188,6 +182,44 @@ def estimate(model_spec: str | Any, opts: PlanOptions) -> dict[str, Any]:
     for name, module in target_modules(meta, pcfg):
         clustered.setdefault(id(module.weight), (module.weight.numel(), pcfg.for_module(name).k))
     layer = max(sum(p.numel() for p in m.parameters()) for m in meta.model.layers)
+    return meta, params, clustered, layer
+
+
+def _mode_bytes(
+    mode: str,
+    clustered: dict[int, tuple[int, int]],
+    coeffs: dict[int, dict[str, tuple[float, float, float, float, float, float]]],
+    opts: PlanOptions,
+    dtype: torch.dtype,
+    w_hat: float,
+    live: float,
+) -> tuple[float, float]:
+    """(device, host) bytes ``mode`` holds for its clustered weights; fills ``coeffs`` (per k) as it goes."""
+    n, distinct_cap = opts.gpus, 1 << 16
+    device = host = 0.0
+    if mode == "sharded":  # each rank keeps its rows of every W_hat (GatheredLinear), fp32: the rounded copy too
+        device += w_hat / n + (0 if opts.mixed_precision else 4 * sum(v[0] for v in clustered.values()) * live / n)
+    if mode not in ("plain-ft", "sharded"):
+        for numel, k in clustered.values():
+            if k not in coeffs:
+                coeffs[k] = dkm_coefficients(MODES, k, opts.iters, n, dtype)
+            per_w, per_u, per_t, host_w, host_u, host_t = coeffs[k][mode]
+            device += (per_w * numel + per_u * min(numel, distinct_cap) + per_t) * live
+            host += (host_w * numel + host_u * min(numel, distinct_cap) + host_t) * live
+    elif mode == "sharded":  # saved pair tables (int64 pattern + fp64 count per distinct value) per weight
+        device += sum(16 * min(numel, distinct_cap) for numel, _ in clustered.values()) * live
+    return device, host
+
+
+def estimate(model_spec: str | Any, opts: PlanOptions) -> dict[str, Any]:
+    """Per-GPU peak bytes of every mode (see the module docstring for how each part is obtained).
+
+    ``model_spec``: a preset name, a config.json / model folder, or a transformers config object.
+    """
+    config = load_config(model_spec) if isinstance(model_spec, str) else model_spec
+    if opts.gpus < 1 or opts.batch < 1 or opts.seq < 1:
+        raise ValueError(f"gpus, batch and seq must be >= 1, got {opts.gpus}, {opts.batch}, {opts.seq}")
+    meta, params, clustered, layer = _weights(config, opts)
     L, n = config.num_hidden_layers, opts.gpus
     act_bytes = 2 if opts.mixed_precision else 4
     dtype = torch.bfloat16 if opts.mixed_precision else torch.float32
@@ -203,22 +235,10 @@ def estimate(model_spec: str | Any, opts: PlanOptions) -> dict[str, Any]:
     gathered = 2 * layer * act_bytes if n > 1 else 0
     live = 1 / L if opts.activation_checkpointing else 1.0  # share of clustered weights whose DKM state is held at once
     w_hat = sum(numel for numel, _ in clustered.values()) * act_bytes * live
-    distinct_cap = 1 << 16
     rows: list[dict[str, Any]] = []
     coeffs: dict[int, dict[str, tuple[float, float, float, float, float, float]]] = {}
     for mode in MODES:
-        device = host = 0.0
-        if mode == "sharded":  # each rank keeps its rows of every W_hat (GatheredLinear), fp32: the rounded copy too
-            device += w_hat / n + (0 if opts.mixed_precision else 4 * sum(v[0] for v in clustered.values()) * live / n)
-        if mode not in ("plain-ft", "sharded"):
-            for numel, k in clustered.values():
-                if k not in coeffs:
-                    coeffs[k] = dkm_coefficients(MODES, k, opts.iters, n, dtype)
-                per_w, per_u, per_t, host_w, host_u, host_t = coeffs[k][mode]
-                device += (per_w * numel + per_u * min(numel, distinct_cap) + per_t) * live
-                host += (host_w * numel + host_u * min(numel, distinct_cap) + host_t) * live
-        elif mode == "sharded":  # saved pair tables (int64 pattern + fp64 count per distinct value) per weight
-            device += sum(16 * min(numel, distinct_cap) for numel, _ in clustered.values()) * live
+        device, host = _mode_bytes(mode, clustered, coeffs, opts, dtype, w_hat, live)
         peak = states + gathered + max(grads, acts + logits_grad + largest_grad + device)
         rows.append(
             {"mode": mode, "peak_gib": peak / GiB, "host_gib": host / GiB, "fits": peak <= opts.gpu_memory_gib * GiB}

@@ -191,6 +191,36 @@ def check_gguf(path: str | Path) -> GGUFHeader:
 def _parse(path: Path, buf: Any, size: int) -> GGUFHeader:
     cur = _Cursor(buf, size)
     cur.skip(4)
+    version = _read_version(cur, path)
+    tensor_count, kv_count = cur.unpack("<QQ")
+    # every key/value takes >= 12 bytes and every tensor entry >= 24: absurd counts mean a corrupt header
+    if kv_count * 12 + tensor_count * 24 > size - cur.pos:
+        raise _Truncated(cur.pos + kv_count * 12 + tensor_count * 24)
+    wanted, alignment = _read_metadata(cur, path, kv_count)
+    data_bytes = _tensor_data_bytes(cur, path, tensor_count)
+    data_start = (cur.pos + alignment - 1) // alignment * alignment
+    if data_start + data_bytes > size:
+        raise GGUFError(
+            f"{path} is truncated: {size} bytes, the header describes {data_start + data_bytes}: "
+            "download or copy it again"
+        )
+    arch, name = (wanted[k] for k in (b"general.architecture", b"general.name"))
+    return GGUFHeader(
+        path,
+        version,
+        arch if isinstance(arch, str) else None,
+        name if isinstance(name, str) else None,
+        tensor_count,
+        kv_count,
+        alignment,
+        data_start,
+        data_bytes,
+        size,
+    )
+
+
+def _read_version(cur: _Cursor, path: Path) -> int:
+    """The format version after the magic; a big-endian or unsupported one is refused."""
     version = cur.unpack("<I")
     if version not in _VERSIONS:
         swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
@@ -203,11 +233,11 @@ def _parse(path: Path, buf: Any, size: int) -> GGUFHeader:
             f"{path} is GGUF version {version}, supported: {', '.join(map(str, _VERSIONS))}: "
             "convert it again with a current llama.cpp"
         )
-    tensor_count, kv_count = cur.unpack("<QQ")
-    # every key/value takes >= 12 bytes and every tensor entry >= 24: absurd counts mean a corrupt header
-    if kv_count * 12 + tensor_count * 24 > size - cur.pos:
-        raise _Truncated(cur.pos + kv_count * 12 + tensor_count * 24)
+    return version
 
+
+def _read_metadata(cur: _Cursor, path: Path, kv_count: int) -> tuple[dict[bytes, Any], int]:
+    """Walk the key/value table: (the `general.*` values kept, the checked data alignment)."""
     wanted = {b"general.architecture": None, b"general.name": None, b"general.alignment": None}
     for _ in range(kv_count):
         key = cur.string()
@@ -220,7 +250,11 @@ def _parse(path: Path, buf: Any, size: int) -> GGUFHeader:
     alignment = _DEFAULT_ALIGNMENT if alignment is None else alignment
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise GGUFError(f"{path} has a corrupt header (general.alignment = {alignment!r}): download or copy it again")
+    return wanted, alignment
 
+
+def _tensor_data_bytes(cur: _Cursor, path: Path, tensor_count: int) -> int:
+    """Walk the tensor table, checking every entry: the bytes the tensor data needs (end of the last tensor)."""
     sizes = _block_sizes()
     data_bytes = 0
     for _ in range(tensor_count):
@@ -248,26 +282,7 @@ def _parse(path: Path, buf: Any, size: int) -> GGUFHeader:
                 f"of {block}-element blocks): download or copy it again"
             )
         data_bytes = max(data_bytes, offset + elements // block * block_bytes)
-
-    data_start = (cur.pos + alignment - 1) // alignment * alignment
-    if data_start + data_bytes > size:
-        raise GGUFError(
-            f"{path} is truncated: {size} bytes, the header describes {data_start + data_bytes}: "
-            "download or copy it again"
-        )
-    arch, name = (wanted[k] for k in (b"general.architecture", b"general.name"))
-    return GGUFHeader(
-        path,
-        version,
-        arch if isinstance(arch, str) else None,
-        name if isinstance(name, str) else None,
-        tensor_count,
-        kv_count,
-        alignment,
-        data_start,
-        data_bytes,
-        size,
-    )
+    return data_bytes
 
 
 def _read_value(cur: _Cursor, value_type: int, path: Path, key: bytes, keep: bool) -> Any:
