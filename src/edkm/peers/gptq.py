@@ -26,7 +26,7 @@ from torch import nn
 
 from edkm.config import PalettizeConfig
 from edkm.layers.lut import LUTWeight, uniform_levels
-from edkm.peers.calibrate import input_hessians, quantize_layers_
+from edkm.peers.calibrate import BlockInputs, quantize_layers_
 
 QuantizeColumn = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -152,4 +152,4 @@ def gptq_(
         idx, lo, step = gptq_uniform(w, stats[name], bits, fit_group(w.shape[1], group_size), **kw)
         return LUTWeight.from_uniform(lo, step, idx, w.shape, bits, w.dtype)
 
-    return quantize_layers_(model, config, make_lut, lambda m, names: input_hessians(m, names, sequences))
+    return quantize_layers_(model, config, make_lut, BlockInputs(sequences).hessians)
