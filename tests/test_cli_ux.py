@@ -301,3 +301,21 @@ def test_run_folder_states(tmp_path):
     assert check_resume(tmp_path, {"plan": {"bits": 4}}, resume=False) == "fresh"  # starting over clears the old state
     assert not (tmp_path / "checkpoint_edkm.pt").exists()
     assert check_resume(tmp_path, {"plan": {"bits": 4}}, resume=True) == "fresh"  # nothing to resume
+
+
+def test_eval_text_replaces_the_test_split_and_teacher_original_trains_no_control(small_text, tmp_path):
+    out = tmp_path / "run"
+    res = run_cli("compress", "--text", str(small_text), "--out", str(out), *TINY, "--memory", "plain", "--quiet",
+                  "--teacher", "original", "--eval-text", str(small_text), "--eval-context", "16",
+                  "--eval-tokens", "200")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["eval_split"] == "small.txt: 200 tokens, windows of 16" and report["heldout_tokens"] == 199
+    assert report["fp_finetuned_ppl"] is None and not report["fp_losses"]  # the original model was the teacher
+
+
+def test_teacher_control_needs_the_control(capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--teacher", "control", "--no-fp-control", "--steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert "--teacher control needs the fp control" in err and len(err.splitlines()) == 1

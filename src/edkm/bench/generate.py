@@ -1,13 +1,14 @@
 """``edkm bench generate``: batch-1 generation from dense and packed models, each in its own process.
 
 Models: ``llama150m`` (LLaMA-style, hidden 1024, 8 layers, intermediate 2816, 16 heads, vocab 32000,
-untied head: 168 M parameters; random weights, seed 0) and ``stories260k`` (the bundled model). Each
+untied head: 168 M parameters; random weights, seed 0), ``stories260k`` (the bundled model) and ``smollm2``
+(SmolLM2-135M-Instruct, the real LLM: its shipped Q4_1 GGUF dequantized to fp32; tied 49,152 x 576 head). Each
 is saved dense (Hugging Face folder, fp32) and packed by our own code (``edkm.ptq_kmeans_``, i.e.
 ``palettize_`` + ``finalize_`` with zero training steps, then ``save_palettized``; one LUT per tensor).
 
 Configurations (:data:`CONFIGS`): dense fp32, dense bf16, packed 3 and 4 bits (every Linear and the
 embedding), packed 3 bits with an 8-bit embedding/head (``edkm compress``'s default), packed 3 bits
-without ``torch.compile`` (kernel ``eager``: the exact tiled kernel) and packed 3 bits with the
+with kernel ``eager`` (the exact tiled kernel: no native or compiled GEMV) and packed 3 bits with the
 approximate int8 kernel. Every configuration runs in a fresh interpreter with one thread
 (:mod:`.generate_child`); the models are prepared once in another one.
 
@@ -41,7 +42,7 @@ CONFIGS: dict[str, tuple[str, Any, int | None, str | None, dict[str, str]]] = {
     "packed3-eager": ("packed", 3, None, "eager", {}),
     "packed3-int8": ("packed", 3, None, "int8", {}),
 }
-MODELS = ("llama150m", "stories260k")
+MODELS = ("llama150m", "stories260k", "smollm2")  # smollm2: SmolLM2-135M-Instruct (bash scripts/setup.sh --smollm2)
 LLAMA150M = dict(
     hidden_size=1024,
     intermediate_size=2816,

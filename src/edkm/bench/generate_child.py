@@ -160,6 +160,11 @@ def prepare(spec: dict) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     if spec["model"] == "stories260k":
         dense_dir, model = BUNDLED_MODEL_DIR, load_causal_lm()[0]
+    elif spec["model"] == "smollm2":  # the real LLM: its GGUF dequantized, saved as a dense fp32 folder once
+        dense_dir = folder / "dense"
+        model = load_causal_lm("smollm2-135m")[0]
+        if not (dense_dir / "model.safetensors").is_file():
+            model.save_pretrained(dense_dir)
     else:
         # deferred: transformers is the hf extra (the kernel profile runs without it)
         from transformers import LlamaConfig, LlamaForCausalLM

@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from edkm.cli.options import add_device_argument, add_fsdp_arguments
@@ -42,6 +43,7 @@ FLAGS = {
     "fp_control": "--no-fp-control",
     "control_lr": "--control-lr",
     "distill": "--distill",
+    "eval": "--eval-text",
 }
 
 
@@ -95,8 +97,13 @@ def compress_config(args: argparse.Namespace, bundled_model_dir: Any, device: st
         if args.fsdp
         else None
     )
+    bundled = args.model is None or Path(args.model).resolve() == Path(bundled_model_dir).resolve()
+    teacher = args.teacher or ("control" if bundled and not args.no_fp_control else "original")
+    if teacher == "control" and args.no_fp_control:
+        raise ValueError("--teacher control needs the fp control: drop --no-fp-control, or use --teacher original")
     return CompressConfig(model=args.model, text=args.text, alpaca=args.alpaca, context=args.context, out=args.out,
-                          plan=plan, memory=args.memory, train=train, fp_control=not args.no_fp_control,
+                          eval_text=args.eval_text, eval_context=args.eval_context, eval_tokens=args.eval_tokens,
+                          plan=plan, memory=args.memory, train=train, fp_control=teacher == "control",
                           control_lr=args.control_lr, distill=args.distill, resume=args.resume,
                           keep_checkpoints=args.keep_checkpoints, device=device, fsdp=fsdp)  # fmt: skip
 
@@ -168,6 +175,31 @@ def add_compress_parser(sub: Any) -> None:
     p.add_argument("--context", type=positive_int, default=256, help="tokens per training sequence and eval window")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
     p.add_argument("--no-fp-control", action="store_true", help="skip the fine-tuned fp control (big models)")
+    p.add_argument(
+        "--teacher",
+        choices=["control", "original"],
+        default=None,
+        help="distillation teacher: the fine-tuned fp control, or the original model (no control is "
+        "trained); default: control for the bundled model, original for a given --model",
+    )
+    p.add_argument(
+        "--eval-text",
+        default=None,
+        help="score every model on this file instead of the test split (never trained on), e.g. WikiText-2 "
+        "test: edkm/assets/wikitext2/wiki.test.raw",
+    )
+    p.add_argument(
+        "--eval-context",
+        type=positive_int,
+        default=None,
+        help="tokens per window on --eval-text, each token scored once (default: --context; 2048 as GPTQ/AWQ report)",
+    )
+    p.add_argument(
+        "--eval-tokens",
+        type=positive_int,
+        default=None,
+        help="only the first N tokens of --eval-text (a fixed subset; default: all)",
+    )
     p.add_argument(
         "--distill",
         type=unit_weight,

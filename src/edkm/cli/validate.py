@@ -88,6 +88,7 @@ def check_compress(args: argparse.Namespace, bundled_model_dir: Path) -> None:
 
     check_file(args.text, "--text")
     check_file(args.alpaca, "--alpaca")
+    check_file(args.eval_text, "--eval-text")
     if args.alpaca:
         load_alpaca(args.alpaca)  # every record checked now, not after the model has loaded
 

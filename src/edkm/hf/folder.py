@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from edkm.atomic import atomic_path, file_mode
 from edkm.export.errors import FormatError
 from edkm.export.files import FOLDER_WEIGHTS, is_edkm_folder
 from edkm.hf import register
+from edkm.models.quiet import quiet_loading
 
 
 def save_folder(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None) -> Path:
@@ -49,22 +48,6 @@ def save_folder(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
-
-
-@contextmanager
-def quiet_loading() -> Iterator[None]:
-    """Without transformers' "Loading weights" progress bar (edkm's loaders print one line or nothing);
-    restored after."""
-    # deferred: transformers is the hf extra, loaded only when a Hugging Face model is loaded
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 def load_folder(path: str | os.PathLike) -> nn.Module:

@@ -22,7 +22,8 @@ from edkm.export.errors import FormatError
 from edkm.export.format import PackedFile, load_into, read_packed
 from edkm.export.validate import check_buffer_budget, check_layout
 from edkm.hf import register
-from edkm.hf.folder import load_folder, quiet_loading
+from edkm.hf.folder import load_folder
+from edkm.models.quiet import quiet_loading
 
 
 def load_palettized(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:

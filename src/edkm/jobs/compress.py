@@ -64,6 +64,9 @@ class CompressConfig:
     holdout: float = 0.2  # held-out fraction (text: last fraction by characters; alpaca: last records)
     test: float = 0.1  # of it, the last fraction is the test split (reported); the rest is validation (tuning)
     context: int = 256
+    eval_text: str | None = None  # score every model on this file instead of the test split (e.g. WikiText-2 test)
+    eval_context: int | None = None  # tokens per eval window on eval_text (None = context): 2048 as GPTQ/AWQ report
+    eval_tokens: int | None = None  # only the first N tokens of eval_text (a documented subset; None = all)
     out: str = "runs/default"
     plan: PalettizeConfig = field(default_factory=PalettizeConfig)
     memory: str = "auto"  # eDKM memory mode of palettize_ (changes no value: not a setting compared on --resume)
@@ -91,6 +94,7 @@ class CompressConfig:
             "fp_control": self.fp_control,
             "control_lr": self.control_lr,
             "distill": self.distill,
+            **({"eval": [resolve(self.eval_text), self.eval_context, self.eval_tokens]} if self.eval_text else {}),
         }
 
 
@@ -160,6 +164,15 @@ class Run:
             print(line, file=sys.stderr, flush=True)
 
 
+def evaluation_tokens(cfg: CompressConfig, tokenizer: Any, test: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(tokens every perplexity is measured on, window length): the test split of the training data, or
+    ``cfg.eval_text`` (never trained on; its first ``eval_tokens`` when set) in windows of ``eval_context``."""
+    if not cfg.eval_text:
+        return test, cfg.context
+    tokens = tokenize_text(tokenizer, load_text(cfg.eval_text))
+    return (tokens[: cfg.eval_tokens] if cfg.eval_tokens else tokens), cfg.eval_context or cfg.context
+
+
 def open_run(cfg: CompressConfig) -> Run:
     """The run folder's state after the --resume checks (settings compared, old state cleared on a fresh start)."""
     rank, size = rank_world()
@@ -189,7 +202,8 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     check_seq_len(cfg.context, model.config)
     data, _val, held = split_data(cfg, tokenizer)  # every number reported is on the test split
     batch_indices(0, len(data), cfg.train)  # a batch larger than the data fails here, before any baseline
-    run.ppl = lambda m: perplexity(m, held, context=cfg.context)
+    held, eval_context = evaluation_tokens(cfg, tokenizer, held)
+    run.ppl = lambda m: perplexity(m, held, context=eval_context)
     run.job = JobProgress(job_costs(cfg, held.numel()), enabled=cfg.train.progress and run.rank == 0)
     params = {id(p): p for p in model.parameters()}.values()
     fp_bytes = sum(p.numel() * 2 for p in params)
@@ -319,6 +333,13 @@ def export_and_evaluate(run: Run, model: nn.Module, tokenizer: Any, held: torch.
     }
 
 
+def eval_split(cfg: CompressConfig, held: torch.Tensor) -> str:
+    """What the report's perplexities are measured on."""
+    if not cfg.eval_text:
+        return f"test (last {cfg.test:g})"
+    return f"{Path(cfg.eval_text).name}: {held.numel():,} tokens, windows of {cfg.eval_context or cfg.context}"
+
+
 def finish_report(run: Run, measured: dict[str, Any], held: torch.Tensor, start: float) -> dict[str, Any]:
     """The report (same keys and order as ever), written with the model card; the run marked complete."""
     cfg, done = run.cfg, run.done
@@ -339,7 +360,7 @@ def finish_report(run: Run, measured: dict[str, Any], held: torch.Tensor, start:
         "rtn_size_bytes": done.get("rtn_size_bytes"),
         "kmeans_ptq_size_bytes": done.get("kmeans_ptq_size_bytes"),
         **{k: v for k, v in done.items() if k.startswith(("gptq", "squeeze"))},
-        "eval_split": f"test (last {cfg.test:g})",
+        "eval_split": eval_split(cfg, held),
         "steps": cfg.train.steps,
         "context": cfg.context,
         "heldout_tokens": int(held.numel()) - 1,

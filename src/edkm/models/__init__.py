@@ -16,12 +16,15 @@ from typing import Any
 import torch
 
 from edkm.models.gguf import load_gguf, resolve_gguf
+from edkm.models.quiet import quiet_loading
 
-__all__ = ["BUNDLED_MODEL_DIR", "BUNDLED_TEXT", "load_causal_lm"]
+__all__ = ["BUNDLED_MODEL_DIR", "BUNDLED_TEXT", "INSTRUCTION_DATA", "WIKITEXT2_TEST", "load_causal_lm"]
 
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_MODEL_DIR: Path = _ASSETS / "stories260K"
 BUNDLED_TEXT: Path = _ASSETS / "tinystories" / "tinystories_val.txt"
+INSTRUCTION_DATA: Path = _ASSETS / "instruction" / "instruction-data.json"  # 1,100 Alpaca-format records, Apache-2.0
+WIKITEXT2_TEST: Path = _ASSETS / "wikitext2" / "wiki.test.raw"  # evaluation only (CC BY-SA 3.0), see its PROVENANCE
 
 
 def _check_checkpoint_dir(path: Path) -> None:
@@ -55,7 +58,8 @@ def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.fl
     # deferred: transformers (the hf extra) loads only with a model, so importing this module stays light
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     return model, tokenizer

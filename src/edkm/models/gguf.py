@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from edkm.models.gguf_header import GGUF_PIP, GGUFError, check_gguf, starts_with_magic
+from edkm.models.quiet import quiet_loading
 
 __all__ = ["KNOWN_GGUF", "SMOLLM2", "GGUFError", "KnownGGUF", "check_gguf", "find_named", "load_gguf", "resolve_gguf"]
 
@@ -243,10 +244,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any
         kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
     arch = header.architecture or "unknown"
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=dtype, local_files_only=True, **kwargs
-        )
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        with quiet_loading():  # the dequantization bar too: edkm's loaders print one line or nothing
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=dtype, local_files_only=True, **kwargs
+            )
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     except Exception as error:  # transformers raises ValueError / NotImplementedError / KeyError / ... here
         supported = _supported_architectures()
         if supported is not None and not _is_supported(arch, supported):
