@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from edkm.cli.main import build_parser, main
 from edkm.models import BUNDLED_MODEL_DIR, BUNDLED_TEXT
@@ -319,3 +320,19 @@ def test_teacher_control_needs_the_control(capsys):
         main(["compress", "--teacher", "control", "--no-fp-control", "--steps", "1"])
     err = capsys.readouterr().err.strip()
     assert "--teacher control needs the fp control" in err and len(err.splitlines()) == 1
+
+
+def test_synthetic_data_is_the_models_own_cached_and_reused(small_text, tmp_path):
+    out = tmp_path / "run"
+    args = ("compress", "--text", str(small_text), "--out", str(out), *TINY, "--memory", "plain", "--quiet",
+            "--no-fp-control", "--synthetic", "8")  # fmt: skip
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    seqs = torch.load(out / "synthetic.pt", weights_only=True)
+    assert seqs.shape == (8, 33) and seqs.dtype == torch.int64
+    first = json.loads((out / "report.json").read_text())["losses"]
+    (out / "report.json").unlink()
+    (out / "progress.json").unlink()
+    assert run_cli(*args, "--resume").returncode == 0  # the cached sequences, not new ones
+    assert torch.equal(torch.load(out / "synthetic.pt", weights_only=True), seqs)
+    assert json.loads((out / "report.json").read_text())["losses"] == first

@@ -44,6 +44,7 @@ FLAGS = {
     "control_lr": "--control-lr",
     "distill": "--distill",
     "eval": "--eval-text",
+    "synthetic": "--synthetic",
 }
 
 
@@ -103,6 +104,7 @@ def compress_config(args: argparse.Namespace, bundled_model_dir: Any, device: st
         raise ValueError("--teacher control needs the fp control: drop --no-fp-control, or use --teacher original")
     return CompressConfig(model=args.model, text=args.text, alpaca=args.alpaca, context=args.context, out=args.out,
                           eval_text=args.eval_text, eval_context=args.eval_context, eval_tokens=args.eval_tokens,
+                          synthetic=args.synthetic,
                           plan=plan, memory=args.memory, train=train, fp_control=teacher == "control",
                           control_lr=args.control_lr, distill=args.distill, resume=args.resume,
                           keep_checkpoints=args.keep_checkpoints, device=device, fsdp=fsdp)  # fmt: skip
@@ -174,6 +176,26 @@ def add_compress_parser(sub: Any) -> None:
     p.add_argument("--control-lr", type=positive_float, default=5e-4, help="peak learning rate of the fp control")
     p.add_argument("--context", type=positive_int, default=256, help="tokens per training sequence and eval window")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
+    add_recipe_arguments(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (refused if its settings differ)")
+    p.add_argument(
+        "--keep-checkpoints", action="store_true", help="keep the training checkpoints when the run completes"
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch threads per process (default: OMP_NUM_THREADS, else 1 for weight files under 64 MiB, "
+        "else the cores / processes)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_device_argument(p)
+    add_fsdp_arguments(p)
+    p.set_defaults(func=cmd_compress)
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """The teacher, the distillation loss, synthetic data and the evaluation text of ``edkm compress``."""
     p.add_argument("--no-fp-control", action="store_true", help="skip the fine-tuned fp control (big models)")
     p.add_argument(
         "--teacher",
@@ -201,6 +223,13 @@ def add_compress_parser(sub: Any) -> None:
         help="only the first N tokens of --eval-text (a fixed subset; default: all)",
     )
     p.add_argument(
+        "--synthetic",
+        type=nonnegative_int,
+        default=0,
+        help="data-free distillation: train on N sequences the original model writes itself (LLM-QAT; seeded, "
+        "cached in --out as synthetic.pt); --text still gives the test split unless --eval-text",
+    )
+    p.add_argument(
         "--distill",
         type=unit_weight,
         default=1.0,
@@ -212,18 +241,3 @@ def add_compress_parser(sub: Any) -> None:
         default=50,
         help="steps between checkpoints in --out (0 = at the end)",
     )
-    p.add_argument("--resume", action="store_true", help="continue the run in --out (refused if its settings differ)")
-    p.add_argument(
-        "--keep-checkpoints", action="store_true", help="keep the training checkpoints when the run completes"
-    )
-    p.add_argument(
-        "--threads",
-        type=positive_int,
-        default=None,
-        help="torch threads per process (default: OMP_NUM_THREADS, else 1 for weight files under 64 MiB, "
-        "else the cores / processes)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    add_device_argument(p)
-    add_fsdp_arguments(p)
-    p.set_defaults(func=cmd_compress)

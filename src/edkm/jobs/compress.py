@@ -51,6 +51,7 @@ from edkm.peers.fast import fast_peers
 from edkm.ranks import rank_world
 from edkm.training.finetune import finetune, loss_label
 from edkm.training.loop import TrainConfig, batch_indices
+from edkm.training.synthetic import model_sequences
 from edkm.transform import clustered_fraction, finalize_, palettize_
 
 __all__ = ["CompressConfig", "compress", "job_costs"]
@@ -67,6 +68,7 @@ class CompressConfig:
     eval_text: str | None = None  # score every model on this file instead of the test split (e.g. WikiText-2 test)
     eval_context: int | None = None  # tokens per eval window on eval_text (None = context): 2048 as GPTQ/AWQ report
     eval_tokens: int | None = None  # only the first N tokens of eval_text (a documented subset; None = all)
+    synthetic: int = 0  # train on N sequences the original model writes (data-free, LLM-QAT); 0 = the text
     out: str = "runs/default"
     plan: PalettizeConfig = field(default_factory=PalettizeConfig)
     memory: str = "auto"  # eDKM memory mode of palettize_ (changes no value: not a setting compared on --resume)
@@ -95,6 +97,7 @@ class CompressConfig:
             "control_lr": self.control_lr,
             "distill": self.distill,
             **({"eval": [resolve(self.eval_text), self.eval_context, self.eval_tokens]} if self.eval_text else {}),
+            **({"synthetic": self.synthetic} if self.synthetic else {}),
         }
 
 
@@ -201,6 +204,9 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     model.to(cfg.device)  # before palettize_: the DKM state is created beside the weights
     check_seq_len(cfg.context, model.config)
     data, _val, held = split_data(cfg, tokenizer)  # every number reported is on the test split
+    if cfg.synthetic:  # data-free: the original model's own sequences (cached: a resumed run reuses them)
+        seqs = model_sequences(model, cfg.synthetic, cfg.context + 1, cfg.train.seed, run.out / "synthetic.pt")
+        data = PackedDataset(seqs, seqs.clone())
     batch_indices(0, len(data), cfg.train)  # a batch larger than the data fails here, before any baseline
     held, eval_context = evaluation_tokens(cfg, tokenizer, held)
     run.ppl = lambda m: perplexity(m, held, context=eval_context)
