@@ -108,22 +108,26 @@ def test_gptq_on_cached_block_inputs_equals_whole_model_passes(arch, tiny_causal
     """GPTQ calibrates block i on the outputs of the quantized blocks before it: cached block inputs (O(layers))
     give bit for bit the Hessians of a whole-model forward per block (O(layers^2))."""
     import copy
+    import importlib
     from types import SimpleNamespace
 
-    import edkm.peers.gptq as gptq_module
     from edkm.config import PalettizeConfig
     from edkm.layers.lut import LUTModule
     from edkm.peers import calibrate, gptq_
 
+    gptq_module = importlib.import_module("edkm.peers.gptq")  # the module (edkm.peers.gptq is also a function)
     base = tiny_causal_lm(arch)
     sequences = torch.randint(0, 128, (12, 16), generator=torch.Generator().manual_seed(0))
     plan = PalettizeConfig(bits=3, exclude=["lm_head"] if arch != "gpt2" else [])
     cached = gptq_(copy.deepcopy(base), sequences, plan)
-    whole_pass = SimpleNamespace(hessians=lambda m, names: calibrate.input_hessians(m, names, sequences))
+    calls = []
+    whole_pass = SimpleNamespace(
+        hessians=lambda m, names: calls.append(names) or calibrate.input_hessians(m, names, sequences)
+    )
     monkeypatch.setattr(gptq_module, "BlockInputs", lambda _sequences: whole_pass)  # the O(layers^2) reference
     whole = gptq_(copy.deepcopy(base), sequences, plan)
     luts = [(n, m.lut) for n, m in cached.named_modules() if isinstance(m, LUTModule)]
-    assert len(luts) >= 4
+    assert len(luts) >= 4 and len(calls) >= 2  # the reference ran, once per block
     for name, lut in luts:
         ref = whole.get_submodule(name).lut
         assert torch.equal(lut.indices, ref.indices) and torch.equal(lut.lut, ref.lut), name

@@ -120,6 +120,18 @@ class _Captured(Exception):
     """Raised by the hook that caught a block's inputs: the rest of the forward is not needed."""
 
 
+def without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A decoder layer's keyword arguments with its key/value cache dropped (a replayed layer must not append to the
+    cache of the forward it was caught in; transformers names it ``cache`` or ``past_key_values`` by version).
+
+    >>> class DynamicCache: ...
+    >>> without_cache({"cache": DynamicCache(), "use_cache": True, "position_ids": 1})
+    {'cache': None, 'use_cache': False, 'position_ids': 1}
+    """
+    out = {k: None if type(v).__name__.endswith("Cache") else v for k, v in kwargs.items()}
+    return {**out, "use_cache": False} if "use_cache" in out else out
+
+
 class BlockInputs:
     """GPTQ's calibration statistics block by block on cached inputs (O(layers) block forwards in all).
 
@@ -170,9 +182,7 @@ class BlockInputs:
         captured = []
 
         def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            # a replayed layer must not append to the key/value cache of the forward it was caught in
-            kwargs = {**kwargs, "past_key_values": None, "use_cache": False} if "past_key_values" in kwargs else kwargs
-            captured.append((args, kwargs))
+            captured.append((args, without_cache(kwargs)))
             raise _Captured
 
         handle = model.get_submodule(block).register_forward_pre_hook(grab, with_kwargs=True)
