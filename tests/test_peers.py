@@ -103,7 +103,7 @@ def test_hqq_layer_equals_the_library_dequantization():
     assert lut.lo.shape == (32, 1) and lut.lo.dtype == torch.float16
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_gptq_on_cached_block_inputs_equals_whole_model_passes(arch, tiny_causal_lm, monkeypatch):
     """GPTQ calibrates block i on the outputs of the quantized blocks before it: cached block inputs (O(layers))
     give bit for bit the Hessians of a whole-model forward per block (O(layers^2))."""
@@ -118,7 +118,7 @@ def test_gptq_on_cached_block_inputs_equals_whole_model_passes(arch, tiny_causal
     gptq_module = importlib.import_module("edkm.peers.gptq")  # the module (edkm.peers.gptq is also a function)
     base = tiny_causal_lm(arch)
     sequences = torch.randint(0, 128, (12, 16), generator=torch.Generator().manual_seed(0))
-    plan = PalettizeConfig(bits=3, exclude=["lm_head"] if arch != "gpt2" else [])
+    plan = PalettizeConfig(bits=3, exclude=["lm_head"])
     cached = gptq_(copy.deepcopy(base), sequences, plan)
     calls = []
     whole_pass = SimpleNamespace(
