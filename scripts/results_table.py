@@ -4,7 +4,7 @@
     python scripts/results_table.py --readme   # rewrite them between their markers in README.md and docs/*.md
                                                # (--docs is the same flag)
 
-The compress table is in README.md and docs/results.md, the memory table in docs/results.md; every
+The compress table is in README.md and docs/results.md, the memory and kernels tables in docs/results.md; every
 `<!-- NAME table -->` ... `<!-- /NAME table -->` section found is rewritten, files are written only
 when they change, so a second run changes nothing.
 """
@@ -50,6 +50,12 @@ def memory_table() -> str:
     return text[start : text.index("## Notes")].replace("## Targets", "Targets:").strip()
 
 
+def kernels_table() -> str:
+    """The native GEMV benchmark (benchmarks/results/kernels.md, written by `edkm bench kernels`)."""
+    path = RESULTS / "kernels.md"
+    return path.read_text().strip() if path.is_file() else "(run `edkm bench kernels`)"
+
+
 def rewrite_sections(tables: dict[str, str]) -> list[Path]:
     """Replace every `<!-- NAME table -->` section of README.md and docs/*.md; returns the files changed."""
     found, changed = set(), []
@@ -75,7 +81,8 @@ def rewrite_sections(tables: dict[str, str]) -> list[Path]:
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
     if which in ("--readme", "--docs"):
-        for path in rewrite_sections({"compress": compress_table(), "memory": memory_table()}):
+        tables = {"compress": compress_table(), "memory": memory_table(), "kernels": kernels_table()}
+        for path in rewrite_sections(tables):
             print(f"rewrote {path.relative_to(ROOT)}", file=sys.stderr)
         sys.exit()
     if which in ("all", "compress"):
