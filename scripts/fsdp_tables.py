@@ -9,10 +9,10 @@ Files are written only when they change, so a second run changes nothing.
 """
 
 import json
-import re
 import sys
 from pathlib import Path
 
+from doc_sections import rewrite_sections  # scripts/doc_sections.py: one writer for the three scripts
 from edkm.bench.plan_check import table as validation_table
 from edkm.bench.sharded_dkm import markdown as fsdp_dkm_table
 
@@ -53,28 +53,6 @@ def tables() -> dict[str, str]:
         "plan validation": validation_table(json.loads((RESULTS / "plan_validation.json").read_text())["rows"]),
         "plan llama-7b": plan_table(),
     }
-
-
-def rewrite_sections(tables: dict[str, str]) -> list[Path]:
-    """Replace every `<!-- NAME table -->` section of README.md and docs/*.md; returns the files changed."""
-    found, changed = set(), []
-    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        text = new = path.read_text()
-        for name, table in tables.items():
-            begin, end = f"<!-- {name} table -->", f"<!-- /{name} table -->"
-            section = re.compile(
-                f"^{re.escape(begin)}$.*?^{re.escape(end)}$", re.DOTALL | re.MULTILINE
-            )  # markers on lines of their own
-            if section.search(new):
-                found.add(name)
-                body = begin + "\n" + table + "\n" + end
-                new = section.sub(lambda _, body=body: body, new)  # a function: the table is not a template
-        if new != text:
-            path.write_text(new)
-            changed.append(path)
-    if missing := sorted(set(tables) - found):
-        sys.exit(f"no <!-- NAME table --> section for {missing} in README.md or docs/*.md")
-    return changed
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ when they change, so a second run changes nothing.
 """
 
 import json
-import re
 import sys
 from pathlib import Path
+
+from doc_sections import rewrite_sections  # scripts/doc_sections.py: one writer for the three scripts
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -54,28 +55,6 @@ def kernels_table() -> str:
     """The native GEMV benchmark (benchmarks/results/kernels.md, written by `edkm bench kernels`)."""
     path = RESULTS / "kernels.md"
     return path.read_text().strip() if path.is_file() else "(run `edkm bench kernels`)"
-
-
-def rewrite_sections(tables: dict[str, str]) -> list[Path]:
-    """Replace every `<!-- NAME table -->` section of README.md and docs/*.md; returns the files changed."""
-    found, changed = set(), []
-    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        text = new = path.read_text()
-        for name, table in tables.items():
-            begin, end = f"<!-- {name} table -->", f"<!-- /{name} table -->"
-            section = re.compile(
-                f"^{re.escape(begin)}$.*?^{re.escape(end)}$", re.DOTALL | re.MULTILINE
-            )  # markers on lines of their own
-            if section.search(new):
-                found.add(name)
-                body = begin + "\n" + table + "\n" + end
-                new = section.sub(lambda _, body=body: body, new)  # a function: the table is not a template
-        if new != text:
-            path.write_text(new)
-            changed.append(path)
-    if missing := sorted(set(tables) - found):
-        sys.exit(f"no <!-- NAME table --> section for {missing} in README.md or docs/*.md")
-    return changed
 
 
 if __name__ == "__main__":
