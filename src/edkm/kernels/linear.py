@@ -153,11 +153,7 @@ def lut_linear(
             raise ValueError("the int8 kernel needs its re-gridded weight (LUTWeight.set_kernel('int8') builds it)")
         return int8.linear(x, bias)
     if kernel in ("auto", "native") and 0 < tokens <= NATIVE_MAX_TOKENS and x.dtype == dtype:
-        views = (
-            views
-            if views is not None and views.packed is not None
-            else KernelViews.of(lut, indices, shape, dtype, True)
-        )
+        views = views or KernelViews.of(lut, indices, shape, dtype, True)  # LUTWeight caches them, packed
         if views.packed is not None:
             return native.linear(x, views.packed, bias)
         if kernel == "native":
