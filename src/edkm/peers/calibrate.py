@@ -36,8 +36,9 @@ def run_batches(model: nn.Module, sequences: torch.Tensor, batch_size: int = 8) 
 
 
 def _collect(
-    model: nn.Module, names: list[str], sequences: torch.Tensor, stat: Callable[[torch.Tensor], torch.Tensor]
+    model: nn.Module, names: list[str], run: Callable[[], object], stat: Callable[[torch.Tensor], torch.Tensor]
 ) -> dict[str, torch.Tensor]:
+    """Mean of ``stat`` over the input rows of each named layer while ``run()`` feeds the model."""
     sums: dict[str, torch.Tensor] = {}
     count = {"n": 0}
 
@@ -52,16 +53,21 @@ def _collect(
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
-        run_batches(model.eval(), sequences)
+        run()
     finally:
         for h in handles:
             h.remove()
     return {n: s / count["n"] for n, s in sums.items()}
 
 
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    return x.double().T @ x.double()
+
+
 def input_hessians(model: nn.Module, names: list[str], sequences: torch.Tensor) -> dict[str, torch.Tensor]:
     """GPTQ's H = 2 X^T X / N (fp64) for each named linear layer, from one pass over ``sequences``."""
-    return {n: 2 * h for n, h in _collect(model, names, sequences, lambda x: x.double().T @ x.double()).items()}
+    run = lambda: run_batches(model.eval(), sequences)  # noqa: E731
+    return {n: 2 * h for n, h in _collect(model, names, run, _gram).items()}
 
 
 def fisher_diagonal(model: nn.Module, sequences: torch.Tensor, batch_size: int = 4) -> dict[int, torch.Tensor]:
@@ -149,24 +155,8 @@ class BlockInputs:
         if block == names[0] or any(block_of(n) != block for n in names):  # not a decoder block: a whole pass
             return input_hessians(model, names, self.sequences)
         self._advance(model, block)
-        sums: dict[str, torch.Tensor] = {}
-        count = {"n": 0}
-
-        def hook(name: str):
-            def fn(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-                x = args[0].detach().float().reshape(-1, args[0].shape[-1]).double()
-                sums[name] = sums.get(name, 0) + x.T @ x
-                count["n"] += x.shape[0] if name == names[0] else 0
-
-            return fn
-
-        handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-        try:
-            self._run(model.get_submodule(block))
-        finally:
-            for h in handles:
-                h.remove()
-        return {n: 2 * (s / count["n"]) for n, s in sums.items()}
+        run = lambda: self._run(model.get_submodule(block))  # noqa: E731
+        return {n: 2 * h for n, h in _collect(model, names, run, _gram).items()}
 
     def _advance(self, model: nn.Module, block: str) -> None:
         """Cache the inputs of ``block``: captured from the model for the first block, else the outputs of the
