@@ -5,17 +5,18 @@ tokens for ``greedy`` steps, then samples from its full next-token distribution;
 run, which reads the cached file instead) trains on the same sequences. Nothing of the evaluation text is seen.
 
 Example:
-    >>> import torch
-    >>> model = torch.nn.Sequential(torch.nn.Embedding(11, 4), torch.nn.Linear(4, 11))
-    >>> logits_of = lambda ids: model(ids)
-    >>> seqs = sample_sequences(logits_of, vocab=11, n=3, length=6, seed=0, batch=2)
-    >>> seqs.shape, torch.equal(seqs, sample_sequences(logits_of, vocab=11, n=3, length=6, seed=0, batch=2))
-    (torch.Size([3, 6]), True)
+    >>> import tempfile, torch, transformers
+    >>> cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                                num_attention_heads=2, num_key_value_heads=1)
+    >>> model = transformers.LlamaForCausalLM(cfg)
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> seqs = model_sequences(model, n=3, length=8, seed=0, cache=folder / "a.pt", batch=2)
+    >>> seqs.shape, torch.equal(seqs, model_sequences(model, n=3, length=8, seed=0, cache=folder / "b.pt", batch=2))
+    (torch.Size([3, 8]), True)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,25 +24,6 @@ import torch
 from edkm.atomic import atomic_path
 
 GREEDY_STEPS = 3  # LLM-QAT: the first few tokens greedily, then sampling, for diverse but fluent text
-
-
-@torch.no_grad()
-def sample_sequences(logits_of: Callable[[torch.Tensor], torch.Tensor], vocab: int, n: int, length: int, seed: int,
-                     batch: int = 16, greedy: int = GREEDY_STEPS) -> torch.Tensor:  # fmt: skip
-    """``n`` sequences of ``length`` tokens (int64, (n, length)); ``logits_of(ids)`` -> (B, T, vocab) logits."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for start in range(0, n, batch):
-        ids = torch.randint(0, vocab, (min(batch, n - start), 1), generator=gen)
-        for step in range(1, length):
-            logits = logits_of(ids)[:, -1, :vocab].float()
-            if step <= greedy:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
-            ids = torch.cat([ids, nxt], dim=1)
-        out.append(ids)
-    return torch.cat(out)
 
 
 def model_sequences(
