@@ -50,7 +50,7 @@ def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.fl
     Raises ``FileNotFoundError`` when the directory, its ``config.json`` or its weights are missing, and
     ``ValueError`` when ``path`` is a file.
     """
-    gguf = None if path is None else resolve_gguf(Path(path).expanduser() if Path(str(path)).exists() else path)
+    gguf = None if path is None else resolve_gguf(path)  # a .gguf file, a folder with one, or a known name
     if gguf is not None:
         return load_gguf(gguf, dtype)
     directory = BUNDLED_MODEL_DIR if path is None else Path(path).expanduser()
