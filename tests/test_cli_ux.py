@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -252,6 +253,22 @@ def test_eval_and_generate_find_the_model_in_a_run_folder(run, capsys):
     assert capsys.readouterr().out.startswith("Once upon a time")
 
 
+def test_bench_zeroshot_scores_every_model_of_the_run_and_resumes(run, tmp_path, capsys):
+    out, _ = run
+    result = tmp_path / "zeroshot.json"
+    argv = ["bench", "zeroshot", str(out), "--tasks", "piqa,winogrande", "--limit", "3", "--out", str(result)]
+    main(argv)
+    doc = json.loads(result.read_text())
+    models = doc["models"]
+    assert list(models)[0] == "original" and list(models)[-1] == "edkm"
+    assert {"rtn", "kmeans", "gptq", "squeeze"} <= set(models)
+    assert all(m["tasks"]["piqa"]["n"] == 3 and 0 <= m["average"] <= 1 for m in models.values())
+    assert models["edkm"]["bits_per_weight"]["3"] > 3 and "bits_per_weight" not in models["original"]
+    capsys.readouterr()
+    main(argv)  # everything is there: nothing rescored
+    assert capsys.readouterr().out == "" and json.loads(result.read_text()) == doc
+
+
 def test_packed_model_without_tokenizer_needs_tokenizer_flag(run, tmp_path, capsys):
     out, _ = run
     import edkm
@@ -336,3 +353,19 @@ def test_synthetic_data_is_the_models_own_cached_and_reused(small_text, tmp_path
     assert run_cli(*args, "--resume").returncode == 0  # the cached sequences, not new ones
     assert torch.equal(torch.load(out / "synthetic.pt", weights_only=True), seqs)
     assert json.loads((out / "report.json").read_text())["losses"] == first
+
+
+def test_warm_start_defaults_to_activation_aware_for_a_given_model_and_is_a_resume_setting(tmp_path):
+    from edkm.cli.compress import compress_config
+
+    def cfg(*argv):
+        return compress_config(build_parser().parse_args(["compress", *argv]), BUNDLED_MODEL_DIR, "cpu")
+
+    assert cfg().warm_start == "kmeans" and "warm_start" not in cfg().settings()  # the committed bundled results
+    given = cfg("--model", str(BUNDLED_MODEL_DIR.resolve()) + "/")
+    assert given.warm_start == "kmeans"  # the bundled folder, named by its path, is still the bundled model
+    other = tmp_path / "m"
+    shutil.copytree(BUNDLED_MODEL_DIR, other)
+    assert cfg("--model", str(other)).settings()["warm_start"] == "activation"
+    assert cfg("--model", str(other), "--warm-start", "kmeans").warm_start == "kmeans"
+    assert cfg("--model", "smollm2-135m").settings()["model"] == "smollm2-135m"  # a name stays a name

@@ -1,5 +1,7 @@
 """Post-training peers: GPTQ, Fisher-weighted k-means (SqueezeLLM-style), on small layers and the bundled model."""
 
+import copy
+
 import pytest
 import torch
 
@@ -131,3 +133,46 @@ def test_gptq_on_cached_block_inputs_equals_whole_model_passes(arch, tiny_causal
     for name, lut in luts:
         ref = whole.get_submodule(name).lut
         assert torch.equal(lut.indices, ref.indices) and torch.equal(lut.lut, ref.lut), name
+
+
+def test_importance_weighted_kmeans_equals_kmeans_of_repeated_values():
+    """Integer importance = multiplicity: weighting a value by n is k-means of the value written n times."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 40).to(torch.bfloat16)
+    reps = torch.randint(0, 4, (1, 40))  # per column, zeros included: those values do not count
+    repeated = torch.cat([w[:, j].repeat(int(reps[0, j])) for j in range(40)])
+    for groups in (1, 3):
+        weighted = kmeans1d(w, 4, groups=groups, importance=reps.float())
+        plain = torch.stack([kmeans1d(torch.cat([g[:, j].repeat(int(reps[0, j])) for j in range(40)]), 4)[0]
+                             for g in w.reshape(groups, -1, 40)])  # fmt: skip
+        torch.testing.assert_close(weighted, plain, rtol=1e-6, atol=1e-7)
+    assert repeated.numel() == int(reps.sum()) * 6
+    with pytest.raises(ValueError, match="non-negative"):
+        kmeans1d(w, 4, importance=-torch.ones(1, 40))
+
+
+def test_activation_aware_warm_start_keeps_the_weight_a_large_activation_multiplies():
+    """A "super weight": one large weight on the input column with large activations. Plain per-tensor k-means
+    clips it; activation-aware k-means (warm_start_ / ptq_kmeans_ with input_importance) keeps a centroid for it,
+    and the layer's output error drops (0.62 -> 0.15 here)."""
+    import edkm
+    from edkm.peers.calibrate import input_importance
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(1024, 256, bias=False)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.05)
+        layer.weight[7, 3] = 0.8
+    x = torch.randn(64, 1024)
+    x[:, 3] *= 100.0  # the massive activation channel
+    imp = input_importance(torch.nn.Sequential(layer), x)
+    torch.testing.assert_close(imp["0"], x.double().square().mean(0).float().unsqueeze(0))
+    cfg = edkm.PalettizeConfig(bits=3)
+    errors, top = {}, {}
+    for name, importance in (("plain", None), ("activation", imp)):
+        model = edkm.ptq_kmeans_(copy.deepcopy(torch.nn.Sequential(layer)), cfg, importance)
+        with torch.no_grad():
+            errors[name] = float((model(x) - layer(x)).norm() / layer(x).norm())
+        top[name] = float(model[0].lut.lut.max())
+    assert top["plain"] < 0.4 < 0.7 < top["activation"], top  # the 0.8 weight clipped / kept
+    assert errors["activation"] < errors["plain"] / 3, errors

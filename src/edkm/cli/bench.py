@@ -1,4 +1,5 @@
-"""``edkm bench NAME``: the benchmarks (memory, train, generate, sharded-dkm, plan-check, kernels); JSON results.
+"""``edkm bench NAME``: the benchmarks (memory, train, generate, sharded-dkm, plan-check, kernels,
+zeroshot); JSON results.
 
 Building the parsers imports nothing heavy: each benchmark's module loads when it runs.
 """
@@ -10,6 +11,7 @@ from typing import Any
 
 from edkm.bench.generate import CONFIGS, MODELS
 from edkm.bench.train import DEFAULT_ROWS, ROWS
+from edkm.bench.zeroshot import FIELD_TASKS
 from edkm.cli.options import BENCH_RUN_DIR
 from edkm.cli.validate import bits, nonnegative_int, positive_float, positive_int
 
@@ -167,6 +169,23 @@ def add_kernels_parser(bench_sub: Any) -> None:
     p.set_defaults(func=cmd_bench_kernels)
 
 
+def cmd_bench_zeroshot(args: Any) -> None:
+    from edkm.bench.zeroshot import run_zeroshot_benchmark  # deferred: torch and transformers
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    run_zeroshot_benchmark(args.run, tasks, args.data_dir, args.limit, args.out)
+
+
+def add_zeroshot_parser(bench_sub: Any) -> None:
+    p = bench_sub.add_parser("zeroshot", help="zero-shot accuracy of every model in an edkm compress run folder")
+    p.add_argument("run", help="run folder of edkm compress (--out)")
+    p.add_argument("--tasks", default=",".join(FIELD_TASKS), help="comma-separated tasks (see edkm eval --tasks)")
+    p.add_argument("--data-dir", default=None, help="full task files, e.g. ../shared/data (default: bundled subsets)")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N items of each task (default: all)")
+    p.add_argument("--out", default=BENCH_RUN_DIR + "/zeroshot.json", help="JSON result; resumes a stopped run")
+    p.set_defaults(func=cmd_bench_zeroshot)
+
+
 def add_bench_parser(sub: Any) -> None:
     """Register ``edkm bench`` and its benchmarks."""
     bench = sub.add_parser("bench", help="benchmarks (results go to runs/bench/ unless --out says otherwise)")
@@ -177,3 +196,4 @@ def add_bench_parser(sub: Any) -> None:
     add_sharded_dkm_parser(bench_sub)
     add_plan_check_parser(bench_sub)
     add_kernels_parser(bench_sub)
+    add_zeroshot_parser(bench_sub)

@@ -100,13 +100,14 @@ def compress_config(args: argparse.Namespace, bundled_model_dir: Any, device: st
     )
     bundled = args.model is None or Path(args.model).resolve() == Path(bundled_model_dir).resolve()
     teacher = args.teacher or ("control" if bundled and not args.no_fp_control else "original")
+    warm_start = args.warm_start or ("kmeans" if bundled else "activation")
     if teacher == "control" and args.no_fp_control:
         raise ValueError("--teacher control needs the fp control: drop --no-fp-control, or use --teacher original")
     return CompressConfig(model=args.model, text=args.text, alpaca=args.alpaca, context=args.context, out=args.out,
                           eval_text=args.eval_text, eval_context=args.eval_context, eval_tokens=args.eval_tokens,
                           synthetic=args.synthetic,
                           plan=plan, memory=args.memory, train=train, fp_control=teacher == "control",
-                          control_lr=args.control_lr, distill=args.distill, resume=args.resume,
+                          control_lr=args.control_lr, distill=args.distill, warm_start=warm_start, resume=args.resume,
                           keep_checkpoints=args.keep_checkpoints, device=device, fsdp=fsdp)  # fmt: skip
 
 
@@ -122,7 +123,9 @@ def format_report(r: dict[str, Any]) -> str:
         *[
             (f"{label} ({r[key + '_bpw']:.2f} bits/weight)", r[key + "_ppl"], r[key + "_size_bytes"], "file")
             for key, label in (
+                ("kmeans_aw", f"activation-aware k-means {b}-bit per tensor (post-training, eDKM's warm start)"),
                 ("gptq", f"GPTQ {b}-bit per channel"),
+                ("gptq_g128", f"GPTQ {b}-bit g128"),
                 ("squeeze", f"Fisher-weighted k-means {b}-bit per row"),
             )
             if r.get(key + "_ppl")
@@ -203,6 +206,14 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="distillation teacher: the fine-tuned fp control, or the original model (no control is "
         "trained); default: control for the bundled model, original for a given --model",
+    )
+    p.add_argument(
+        "--warm-start",
+        choices=["kmeans", "activation"],
+        default=None,
+        help="eDKM's first centroids: k-means of the values, or activation-aware k-means (each weight's error "
+        "weighted by its input's mean square on 32 training sequences; keeps the few large weights real LLMs "
+        "depend on); default: kmeans for the bundled model, activation for a given --model",
     )
     p.add_argument(
         "--eval-text",

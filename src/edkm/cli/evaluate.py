@@ -11,31 +11,6 @@ from edkm.cli.options import add_device_argument
 from edkm.cli.validate import check_eval, fraction, nonnegative_float, positive_int, top_p
 
 
-def load_any(path: str, tokenizer: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) from a run folder, a packed ``.safetensors`` file or an HF folder.
-
-    A packed file takes the tokenizer beside it or ``--tokenizer`` (:func:`edkm.jobs.runfolder.tokenizer_folder`).
-    """
-    # deferred: transformers and torch load only when a command runs
-    from transformers import AutoTokenizer
-
-    from edkm.hf.load import load_palettized
-    from edkm.jobs.runfolder import locate, tokenizer_folder
-    from edkm.models import load_causal_lm
-    from edkm.models.gguf import resolve_gguf
-
-    gguf = resolve_gguf(path)
-    if gguf is not None:  # a .gguf file, a folder with one, or a known name: dequantized by transformers
-        return load_causal_lm(gguf)
-    p, weights = locate(path)
-    tok_dir = tokenizer_folder(p, tokenizer)
-    if weights is not None:
-        model = load_palettized(p).eval()
-        return model, AutoTokenizer.from_pretrained(tok_dir or (p if p.is_dir() else p.parent), local_files_only=True)
-    model, tok = load_causal_lm(p)
-    return model, AutoTokenizer.from_pretrained(tok_dir, local_files_only=True) if tok_dir else tok
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
     check_eval(args)
     # deferred: torch and transformers load only when the command runs
@@ -43,12 +18,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from edkm.distributed.device import resolve_device
     from edkm.eval.perplexity import perplexity
     from edkm.eval.zeroshot import TASKS, evaluate_tasks
+    from edkm.jobs.runfolder import load_model
 
     tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else []
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"--tasks: unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
-    model, tok = load_any(args.model, args.tokenizer)
+    model, tok = load_model(args.model, args.tokenizer)
     model.to(resolve_device(args.device))
     result: dict[str, Any] = {}
     if args.text:
@@ -66,8 +42,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from edkm.distributed.device import resolve_device
     from edkm.eval.generate import generate_text
+    from edkm.jobs.runfolder import load_model
 
-    model, tok = load_any(args.model, args.tokenizer)
+    model, tok = load_model(args.model, args.tokenizer)
     model.to(resolve_device(args.device))
     torch.manual_seed(args.seed)
     sampling = (

@@ -19,8 +19,13 @@ import torch
 from edkm.cluster.sixteen import SIXTEEN_BIT, count16
 
 
-def _distinct(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distinct values (float64, ascending) and counts (float64) of a 1-D tensor."""
+def _distinct(x: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct values (float64, ascending) and counts (float64) of a 1-D tensor; with ``weight`` (one
+    non-negative number per element) the counts are the summed weights of each value."""
+    if weight is not None:
+        values, inverse = torch.unique(x.float(), sorted=True, return_inverse=True)
+        counts = torch.zeros(values.numel(), dtype=torch.float64).index_add_(0, inverse, weight.double())
+        return values.double(), counts
     try:
         values, counts = count16(x, x.dtype if x.dtype in SIXTEEN_BIT else None)
     except ValueError:  # not 16-bit: fall back to a sort
@@ -47,8 +52,10 @@ def _lloyd(u: torch.Tensor, s0: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor
     return c, sse
 
 
-def _kmeans1d_single(x: torch.Tensor, k: int, max_iters: int) -> torch.Tensor:
-    u, n = _distinct(x.reshape(-1))
+def _kmeans1d_single(x: torch.Tensor, k: int, max_iters: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    u, n = _distinct(x.reshape(-1), weight)
+    if weight is not None:  # values of zero weight cannot pull a centroid
+        u, n = u[n > 0], n[n > 0]
     if u.numel() <= k:  # fewer distinct values than centroids: every value is a centroid
         return torch.cat([u, u[-1:].expand(k - u.numel())]).float()
     s0, s1, s2 = n.cumsum(0), (n * u).cumsum(0), (n * u * u).cumsum(0)
@@ -92,19 +99,41 @@ def _kmeans1d_rows(x: torch.Tensor, k: int, max_iters: int) -> torch.Tensor:
     return best_c.float()
 
 
-def kmeans1d(weights: torch.Tensor, k: int, *, groups: int = 1, max_iters: int = 300) -> torch.Tensor:
+def kmeans1d(
+    weights: torch.Tensor,
+    k: int,
+    *,
+    groups: int = 1,
+    max_iters: int = 300,
+    importance: torch.Tensor | None = None,
+) -> torch.Tensor:
     """k-means of the scalar values of ``weights``, split into ``groups`` equal row-major groups.
 
     Returns sorted fp32 centroids of shape (groups, k). The best of two initialisations
     (equal-mass quantiles, uniform over the range) by within-cluster squared error is kept.
     Groups of up to 65,536 weights are solved together (sorted rows, batched Lloyd steps), in
     batches of about 4 M weights; a group with at most k distinct values gets those values.
+
+    ``importance`` (non-negative, broadcastable to ``weights``, e.g. the (1, in) mean squared input of a
+    linear layer's columns) weights each value's squared error: activation-aware k-means, which keeps a
+    centroid for the few large weights that multiply large activations (the "super weights" of real LLMs)
+    where plain k-means of the values clips them.
+
+    >>> import torch, edkm
+    >>> w = torch.tensor([[0.0, 0.1, 0.2, 5.0]]).to(torch.bfloat16)
+    >>> edkm.kmeans1d(w, 2, importance=torch.tensor([[1.0, 1.0, 1.0, 0.0]])).tolist()  # 5.0 does not count
+    [[0.050048828125, 0.2001953125]]
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if weights.numel() == 0 or weights.numel() % groups:
         raise ValueError(f"{weights.numel()} weights cannot be split into {groups} non-empty equal groups")
     rows = weights.detach().cpu().reshape(groups, -1)
+    if importance is not None:
+        imp = importance.detach().cpu().double().expand(weights.shape).reshape(groups, -1)
+        if imp.min() < 0:
+            raise ValueError("kmeans1d: importance must be non-negative")
+        return torch.stack([_kmeans1d_single(r, k, max_iters, i) for r, i in zip(rows, imp)]).to(weights.device)
     if rows.shape[1] > 1 << 16:  # few large groups: distinct values and counts, one group at a time
         return torch.stack([_kmeans1d_single(row, k, max_iters) for row in rows]).to(weights.device)
     out = torch.empty(groups, k)

@@ -47,12 +47,13 @@ from edkm.jobs.runstate import check_resume, prune_checkpoints
 from edkm.jobs.runtime import run_environment
 from edkm.models import BUNDLED_TEXT, load_causal_lm
 from edkm.peers.baselines import ptq_kmeans_, rtn_
-from edkm.peers.fast import fast_peers
+from edkm.peers.calibrate import input_importance
+from edkm.peers.fast import calibration, fast_peers
 from edkm.ranks import rank_world
 from edkm.training.finetune import finetune, loss_label
 from edkm.training.loop import TrainConfig, batch_indices
 from edkm.training.synthetic import model_sequences
-from edkm.transform import clustered_fraction, finalize_, palettize_
+from edkm.transform import clustered_fraction, finalize_, palettize_, warm_start_
 
 __all__ = ["CompressConfig", "compress", "job_costs"]
 
@@ -76,6 +77,7 @@ class CompressConfig:
     fp_control: bool = True  # also fine-tune without clustering for the same steps
     control_lr: float | None = 5e-4  # peak lr of the fp control (None = train.lr); its best measured, see README
     distill: float = 1.0  # weight of KL(teacher || model) in the eDKM loss (0 = plain cross-entropy)
+    warm_start: str = "kmeans"  # eDKM's first centroids: "kmeans" of the values, or "activation"-aware k-means
     resume: bool = False
     keep_checkpoints: bool = False  # keep the training checkpoints of a finished run
     device: str = "cpu"  # model, data and DKM state live here ("cuda", "cuda:1", ...)
@@ -85,7 +87,7 @@ class CompressConfig:
         """What decides the result (compared on --resume): paths resolved, no output/progress knobs."""
         resolve = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
         return {
-            "model": resolve(self.model),
+            "model": resolve(self.model) if self.model and Path(self.model).exists() else self.model,  # or a name
             "text": resolve(self.text),
             "alpaca": resolve(self.alpaca),
             "holdout": self.holdout,
@@ -98,6 +100,7 @@ class CompressConfig:
             "distill": self.distill,
             **({"eval": [resolve(self.eval_text), self.eval_context, self.eval_tokens]} if self.eval_text else {}),
             **({"synthetic": self.synthetic} if self.synthetic else {}),
+            **({"warm_start": self.warm_start} if self.warm_start != "kmeans" else {}),
         }
 
 
@@ -127,10 +130,11 @@ def split_data(cfg: CompressConfig, tokenizer: Any) -> tuple[PackedDataset, torc
 def job_costs(cfg: CompressConfig, heldout_tokens: int) -> dict[str, float]:
     """Estimated cost of each phase in training tokens (only the ratios matter: the ETA rescales
     them by the measured pace). Measured on the bundled model at one thread: scoring a token costs
-    ~0.25 of training on it, an eDKM step ~2x an fp step, k-means baselines ~0.4 of one evaluation."""
+    ~0.25 of training on it, an eDKM step ~2x an fp step, k-means baselines ~0.4 of one evaluation; the
+    baselines are one fp and six packed evaluations plus their calibration."""
     step, evaluation = cfg.train.batch_size * cfg.context, 0.25 * heldout_tokens
     return {
-        "baselines": 3.4 * evaluation,
+        "baselines": 6.0 * evaluation,
         "fp control": cfg.train.steps * step if cfg.fp_control else 0.0,
         "eDKM": 2.0 * cfg.train.steps * step,
         "export": 0.05 * evaluation,
@@ -237,8 +241,8 @@ def baselines(run: Run, model: nn.Module, data: PackedDataset) -> None:
     if "rtn_ppl" in run.done or run.rank != 0:
         run.job.skip("baselines", "restored from progress.json" if run.rank == 0 else "rank 0 only")
         return
-    detail = "fp, RTN, post-training k-means, GPTQ and Fisher-weighted k-means perplexity"
-    with run.job.phase("baselines", total=6, unit="eval", detail=detail) as bar:
+    detail = "fp, RTN, post-training k-means (plain and activation-aware), GPTQ and Fisher-weighted k-means ppl"
+    with run.job.phase("baselines", total=9, unit="eval", detail=detail) as bar:
         fp_ppl = run.ppl(model)
         bar.update(note=f"fp32 original ppl {fp_ppl:.3f}")
         rtn = rtn_(copy.deepcopy(model), cfg.plan)
@@ -257,8 +261,8 @@ def baselines(run: Run, model: nn.Module, data: PackedDataset) -> None:
             kmeans_ptq_ppl=km_ppl,
             kmeans_ptq_size_bytes=km_size,
         )
-        run.record(**fast_peers(model, data, cfg.plan, run.ppl, run.out))
-        bar.update(note="GPTQ and Fisher-weighted k-means done")
+        note = lambda name, ppl: bar.update(note=f"{name} {bits}-bit ppl {ppl:.3f}")  # noqa: E731
+        run.record(**fast_peers(model, data, cfg.plan, run.ppl, run.out, note))
 
 
 def fp_control(run: Run, model: nn.Module, data: PackedDataset) -> nn.Module | None:
@@ -290,7 +294,10 @@ def fp_control(run: Run, model: nn.Module, data: PackedDataset) -> nn.Module | N
 def train_edkm(run: Run, model: nn.Module, data: PackedDataset, teacher: nn.Module | None) -> tuple[list[float], str]:
     """Fine-tune ``model`` with clustering (in place, finalized on every rank under FSDP); (losses, loss name)."""
     cfg = run.cfg
+    importance = input_importance(model, calibration(data)) if cfg.warm_start == "activation" else None
     palettize_(model, cfg.plan, memory=cfg.memory)
+    if importance is not None:  # on a resumed run the checkpoint's centroids replace these
+        warm_start_(model, importance)
     if cfg.fsdp:
         fsdp_(model, cfg.fsdp)
     loss_name = loss_label(cfg.distill if teacher is not None else 0.0)
@@ -365,7 +372,7 @@ def finish_report(run: Run, measured: dict[str, Any], held: torch.Tensor, start:
         "fp_size_bytes": measured["fp_bytes"],
         "rtn_size_bytes": done.get("rtn_size_bytes"),
         "kmeans_ptq_size_bytes": done.get("kmeans_ptq_size_bytes"),
-        **{k: v for k, v in done.items() if k.startswith(("gptq", "squeeze"))},
+        **{k: v for k, v in done.items() if k.startswith(("gptq", "squeeze", "kmeans_aw"))},
         "eval_split": eval_split(cfg, held),
         "steps": cfg.train.steps,
         "context": cfg.context,

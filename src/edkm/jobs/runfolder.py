@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from edkm.export.files import FOLDER_WEIGHTS, PACKED_FILE, TOKENIZER_CONFIG, is_edkm_folder
 
@@ -70,4 +70,29 @@ def tokenizer_folder(source: Path, tokenizer: str | os.PathLike | None = None) -
     return None
 
 
-__all__ = ["Located", "locate", "locate_packed", "tokenizer_folder"]
+def load_model(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a run folder, a packed ``.safetensors`` file or an HF folder.
+
+    A packed file takes the tokenizer beside it or ``--tokenizer`` (:func:`tokenizer_folder`); a ``.gguf`` file, a
+    folder with one or a known name (``smollm2-135m``) is dequantized by transformers.
+    """
+    # deferred: transformers and torch load only when a command runs
+    from transformers import AutoTokenizer
+
+    from edkm.hf.load import load_palettized
+    from edkm.models import load_causal_lm
+    from edkm.models.gguf import resolve_gguf
+
+    gguf = resolve_gguf(str(path))
+    if gguf is not None:  # a .gguf file, a folder with one, or a known name: dequantized by transformers
+        return load_causal_lm(gguf)
+    p, weights = locate(path)
+    tok_dir = tokenizer_folder(p, tokenizer)
+    if weights is not None:
+        model = load_palettized(p).eval()
+        return model, AutoTokenizer.from_pretrained(tok_dir or (p if p.is_dir() else p.parent), local_files_only=True)
+    model, tok = load_causal_lm(p)
+    return model, AutoTokenizer.from_pretrained(tok_dir, local_files_only=True) if tok_dir else tok
+
+
+__all__ = ["Located", "load_model", "locate", "locate_packed", "tokenizer_folder"]

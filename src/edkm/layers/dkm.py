@@ -92,9 +92,10 @@ class ClusteredWeight(nn.Module):
         self.progress = float(progress)
 
     @torch.no_grad()
-    def initialize(self, w16: torch.Tensor) -> None:
-        """First-step hard k-means on the 16-bit weights."""
-        c = kmeans1d(w16, self.spec.k, groups=self.groups)
+    def initialize(self, w16: torch.Tensor, importance: torch.Tensor | None = None) -> None:
+        """First-step hard k-means on the 16-bit weights (activation-aware with ``importance``: see
+        :func:`edkm.cluster.kmeans.kmeans1d`; :func:`edkm.transform.warm_start_` supplies it)."""
+        c = kmeans1d(w16, self.spec.k, groups=self.groups, importance=importance)
         self.centroids.copy_(c)
         self.scale.copy_(tau_scale(c))
         self.initialized.fill_(True)

@@ -1,6 +1,7 @@
 """Post-training baselines users compare train-time clustering with.
 
-* ``ptq_kmeans_``: 1-D k-means LUTs of the 16-bit weights, no fine-tuning.
+* ``ptq_kmeans_``: 1-D k-means LUTs of the 16-bit weights, no fine-tuning (activation-aware given the mean
+  squared inputs of the layers).
 * ``rtn_``: round-to-nearest uniform (asymmetric min-max) quantisation per output channel or per
   group of ``group_size`` consecutive input weights (the GPTQ/AWQ "g128" convention). It computes
   with a LUT of the levels min + scale * j like any clustered model; on disk it keeps only the
@@ -16,18 +17,24 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
 from edkm.config import PalettizeConfig
 from edkm.layers.base import rows_first_weight, set_submodule
 from edkm.layers.lut import LUTModule, LUTWeight
-from edkm.transform import finalize_, palettize_, weight_plans
+from edkm.transform import finalize_, palettize_, warm_start_, weight_plans
 
 
-def ptq_kmeans_(model: nn.Module, config: PalettizeConfig | None = None) -> nn.Module:
-    """Post-training k-means palettization (the train-time path with zero training steps)."""
-    return finalize_(palettize_(model, config))
+def ptq_kmeans_(
+    model: nn.Module, config: PalettizeConfig | None = None, importance: Mapping[str, torch.Tensor] | None = None
+) -> nn.Module:
+    """Post-training k-means palettization (the train-time path with zero training steps); activation-aware
+    with ``importance`` (:func:`edkm.peers.calibrate.input_importance`, see :func:`edkm.transform.warm_start_`)."""
+    model = palettize_(model, config)
+    return finalize_(warm_start_(model, importance) if importance is not None else model)
 
 
 def rtn_uniform(

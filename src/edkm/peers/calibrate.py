@@ -1,6 +1,8 @@
 """Calibration statistics for post-training peers, from training-split sequences.
 
 * :func:`input_hessians`: H = 2/N sum x x^T of the inputs of chosen linear layers (GPTQ);
+* :func:`input_importance`: the mean squared input of each column of chosen linear layers (activation-aware
+  k-means: the warm start of eDKM on a real LLM);
 * :func:`fisher_diagonal`: sum of squared gradients of the next-token loss per weight (SqueezeLLM).
 * :func:`quantize_layers_`: swap layers for LUT layers block by block, so that each block is
   calibrated on the outputs of the blocks already quantized (GPTQ's sequential order);
@@ -68,6 +70,24 @@ def input_hessians(model: nn.Module, names: list[str], sequences: torch.Tensor) 
     """GPTQ's H = 2 X^T X / N (fp64) for each named linear layer, from one pass over ``sequences``."""
     run = lambda: run_batches(model.eval(), sequences)  # noqa: E731
     return {n: 2 * h for n, h in _collect(model, names, run, _gram).items()}
+
+
+def input_importance(
+    model: nn.Module, sequences: torch.Tensor, names: list[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Mean squared input of each column, shape (1, in), of the named linear layers (default: every
+    ``nn.Linear``), from one pass over ``sequences``: the weights of activation-aware k-means
+    (:func:`edkm.transform.warm_start_`).
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Embedding(8, 4), torch.nn.Linear(4, 2))
+    >>> input_importance(model, torch.arange(8).reshape(2, 4))["1"].shape
+    torch.Size([1, 4])
+    """
+    names = names or [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    run = lambda: run_batches(model.eval(), sequences)  # noqa: E731
+    stats = _collect(model, names, run, lambda x: x.double().square().sum(0))
+    return {n: s.float().unsqueeze(0) for n, s in stats.items()}
 
 
 def fisher_diagonal(model: nn.Module, sequences: torch.Tensor, batch_size: int = 4) -> dict[int, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The fast post-training peers of the main job (``edkm compress``): GPTQ and SqueezeLLM-style k-means."""
+"""The fast post-training peers of ``edkm compress``: GPTQ, SqueezeLLM-style and activation-aware k-means."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from torch import nn
 from edkm.config import PalettizeConfig
 from edkm.data.text import PackedDataset
 from edkm.export import save_palettized
+from edkm.peers.baselines import ptq_kmeans_
+from edkm.peers.calibrate import input_importance
 from edkm.peers.gptq import gptq_
 from edkm.peers.measure import bits_per_weight
 from edkm.peers.squeeze import squeeze_
@@ -25,16 +27,29 @@ def calibration(data: PackedDataset, n: int = 32, seed: int = 0) -> torch.Tensor
 
 
 def fast_peers(
-    model: nn.Module, data: PackedDataset, plan: PalettizeConfig, ppl: Callable[[nn.Module], float], out: Path
+    model: nn.Module,
+    data: PackedDataset,
+    plan: PalettizeConfig,
+    ppl: Callable[[nn.Module], float],
+    out: Path,
+    done: Callable[[str, float], None] = lambda _name, _ppl: None,
 ) -> dict[str, Any]:
-    """GPTQ (per channel, act-order) and Fisher-weighted k-means (one LUT per row) of copies of ``model``.
+    """GPTQ (per channel and g128, act-order), Fisher-weighted k-means (one LUT per row) and activation-aware
+    k-means (one LUT per tensor, eDKM's warm start) of copies of ``model``.
 
-    Returns ``{gptq,squeeze}_{ppl,size_bytes,bpw}``; bpw = stored bits per weight of the ``plan.bits``
+    ``done(name, ppl)`` is called after each. Returns ``{kmeans_aw,gptq,gptq_g128,squeeze}_{ppl,size_bytes,bpw}``;
+    bpw = stored bits per weight of the ``plan.bits``
     layers (indices + scales / LUTs), read from the saved file.
     """
     calib = calibration(data)
     report: dict[str, Any] = {}
-    for name, make in (("gptq", lambda m: gptq_(m, calib, plan)), ("squeeze", lambda m: squeeze_(m, calib, plan))):
+    makers = {
+        "kmeans_aw": lambda m: ptq_kmeans_(m, plan, input_importance(m, calib)),
+        "gptq": lambda m: gptq_(m, calib, plan),
+        "gptq_g128": lambda m: gptq_(m, calib, plan, group_size=128),
+        "squeeze": lambda m: squeeze_(m, calib, plan),
+    }
+    for name, make in makers.items():
         peer = make(copy.deepcopy(model))
         path = out / f"{name}.edkm.safetensors"
         save_palettized(peer, path)
@@ -45,4 +60,5 @@ def fast_peers(
                 f"{name}_bpw": bits_per_weight(path)[str(plan.bits)],
             }
         )
+        done(name, report[f"{name}_ppl"])
     return report
