@@ -85,3 +85,18 @@ def test_tiny_run_measures_plain_and_edkm(tmp_path):
     assert rows["edkm-auto"]["peak_above_start_bytes"] > 0 and rows["edkm-auto"]["tokens_per_second"] > 0
     assert rows["edkm-auto"]["profile_top_ops"]
     assert [t["check"] for t in result["targets"]]
+
+
+def test_a_real_model_gives_its_own_dims_and_weights(tmp_path):
+    from edkm.models import BUNDLED_MODEL_DIR
+
+    args = types.SimpleNamespace(model=str(BUNDLED_MODEL_DIR), batch=2, seq=32)
+    d = model_dims(args)
+    assert (d["hidden"], d["intermediate"], d["layers"], d["vocab"]) == (64, 172, 5, 512)
+    out = tmp_path / "train.json"
+    main(["bench", "train", "--model", str(BUNDLED_MODEL_DIR), "--seq", "16", "--steps", "1", "--rows",
+          "plain,edkm-auto", "--out", str(out), "--device", "cpu"])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert str(BUNDLED_MODEL_DIR) in result["model"]["arch"]
+    assert all(r["measured"] for r in result["rows"] if r["config"] in ("plain", "edkm-auto"))
+    assert {r["config"]: r for r in result["rows"]}["plain"]["parameters"] < 300_000  # stories260K, not a random 7B

@@ -37,7 +37,20 @@ TARGETS = {"peak": 1.10, "step": 1.5}  # eDKM auto vs plain fine-tuning
 
 
 def model_dims(args: Any) -> dict[str, int]:
-    """The model's dimensions (LLaMA rules for the defaults)."""
+    """The model's dimensions (LLaMA rules for the defaults; a real ``--model``'s own config)."""
+    if getattr(args, "model", None):
+        from edkm.jobs.size import load_config  # deferred: transformers
+
+        cfg = load_config(args.model)
+        return {
+            "hidden": cfg.hidden_size,
+            "intermediate": cfg.intermediate_size,
+            "heads": cfg.num_attention_heads,
+            "layers": cfg.num_hidden_layers,
+            "vocab": cfg.vocab_size,
+            "batch": args.batch,
+            "seq": args.seq,
+        }
     inter = args.intermediate or 256 * -(-int(8 * args.hidden / 3) // 256)
     return {
         "hidden": args.hidden,
@@ -82,6 +95,7 @@ def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
 def spec_for(row: str, d: dict[str, int], args: Any, device: str) -> dict[str, Any]:
     spec = {
         **d,
+        "model": getattr(args, "model", None),
         "bits": args.bits,
         "embed_bits": args.embed_bits,
         "steps": args.steps,
@@ -211,8 +225,9 @@ def result_of(rows: list[dict], d: dict[str, int], args: Any, device: str, param
         "model": {
             **d,
             "clustered_weights": params,
-            "arch": "transformers LlamaForCausalLM, untied head, fp32 master "
-            "weights holding bf16 values (random, seeded)",
+            "arch": f"{args.model} (its own weights, fp32)"
+            if getattr(args, "model", None)
+            else "transformers LlamaForCausalLM, untied head, fp32 master weights holding bf16 values (random, seeded)",
         },
         "bits": args.bits,
         "embed_bits": args.embed_bits,

@@ -1,10 +1,10 @@
 """One row of ``edkm bench train`` in its own process: ``python -m edkm.bench.train_step SPEC_JSON OUT``.
 
 Builds a LLaMA-architecture model (``transformers.LlamaForCausalLM``, random weights rounded to
-bf16 and kept as fp32 master weights, untied head), optionally palettizes it (eDKM) and turns on
-activation checkpointing of the decoder layers, then runs whole training steps: forward, next-token
-cross-entropy, backward, ``AdamW.step()``, ``zero_grad()``. One warm-up step (k-means init and
-optimizer state creation included), then ``steps`` timed steps.
+bf16 and kept as fp32 master weights, untied head; or a real model given by ``--model``), optionally
+palettizes it (eDKM) and turns on activation checkpointing of the decoder layers, then runs whole training
+steps: forward, next-token cross-entropy, backward, ``AdamW.step()``, ``zero_grad()``. One warm-up step
+(k-means init and optimizer state creation included), then ``steps`` timed steps.
 
 Memory: the process's resident set is read from /proc; ``start`` is taken after the model is
 built, before the first step; the peak (``VmHWM``) is reset with ``/proc/self/clear_refs`` before
@@ -50,9 +50,15 @@ def peak() -> int:
 
 
 def build_model(spec: dict[str, Any]) -> torch.nn.Module:
-    """LLaMA of the spec's dimensions, fp32 weights holding bf16 values (seeded)."""
+    """The spec's real model (``spec["model"]``: a folder, a .gguf file or a known name) in fp32, or a LLaMA of
+    the spec's dimensions, fp32 weights holding bf16 values (seeded)."""
     # deferred: transformers is the hf extra, loaded only when the model is built
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    if spec.get("model"):
+        from edkm.models import load_causal_lm
+
+        return load_causal_lm(spec["model"])[0]
 
     cfg = LlamaConfig(
         hidden_size=spec["hidden"],

@@ -95,6 +95,12 @@ def cmd_bench_train(args: Any) -> None:
 def add_train_parser(bench_sub: Any) -> None:
     """``edkm bench train`` (parser only; no torch import)."""
     p = bench_sub.add_parser("train", help="whole training steps: plain fine-tuning vs eDKM vs coremltools")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a real model (HF folder, .gguf file or smollm2-135m) instead of random LLaMA weights; its config "
+        "replaces --hidden/--intermediate/--heads/--layers/--vocab",
+    )
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--intermediate", type=int, default=None, help="default: LLaMA's rule (11008 at hidden 4096)")
     p.add_argument("--heads", type=int, default=None, help="default: hidden / 128")
