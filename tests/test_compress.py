@@ -76,8 +76,16 @@ def test_report_fields_and_eval_reproduces_exactly(single, small_text, capsys):
         "gptq_bpw",
         "squeeze_ppl",
         "squeeze_bpw",
+        "gptq_g128_ppl",
+        "kmeans_aw_ppl",
+        "kmeans_aw_bpw",
     ):
         assert report[key] is not None, key
+    phases = report["phases"]
+    assert list(phases) == ["baselines", "fp control", "eDKM", "export", "evaluation"]
+    assert all(
+        p["seconds"] >= 0 and p.get("peak_rss_bytes", p.get("process_peak_rss_bytes")) > 0 for p in phases.values()
+    )
     assert report["bits"] == 3 and report["steps"] == 4 and len(report["losses"]) == 4
     assert report["size_bytes"] < report["fp_size_bytes"] / 2
     assert 3 < report["gptq_bpw"] < 4 and 3 < report["squeeze_bpw"] < 5  # scales / per-row LUTs counted

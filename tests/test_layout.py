@@ -30,6 +30,7 @@ ORDER = [
     "cluster",
     "ranks",
     "atomic",
+    "rss",
 ]
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 60
 

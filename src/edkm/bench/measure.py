@@ -23,35 +23,7 @@ import time
 from typing import Any
 
 from edkm.bench.configs import CONFIGS, PROJECTIONS, REPO_ROOT, BenchOptions, GiB, Log
-
-
-def proc_kib(path: str, name: str) -> int | None:
-    """The kiB value on line ``name:`` of a /proc file such as /proc/self/status (None if missing)."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (``VmHWM``; ``ru_maxrss`` where /proc is missing)."""
-    kib = proc_kib("/proc/self/status", "VmHWM")
-    if kib is None:
-        # deferred: resource is POSIX-only, and the CLI parser imports this module on every platform
-        import resource
-
-        ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return ru if sys.platform == "darwin" else ru * 1024
-    return kib * 1024
-
-
-def rss_bytes() -> int | None:
-    kib = proc_kib("/proc/self/status", "VmRSS")
-    return None if kib is None else kib * 1024
+from edkm.rss import peak_rss_bytes, proc_kib, rss_bytes  # noqa: F401 (the benchmarks import them from here)
 
 
 def _loadavg() -> float | None:

@@ -27,14 +27,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from edkm.atomic import write_json
-from edkm.bench.measure import peak_rss_bytes, rss_bytes
 from edkm.distributed.sharded import local_rows, sharded_dkm
 from edkm.memory.fused import fused_dkm
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # "5": reset VmHWM to the current RSS
-        f.write("5")
+from edkm.rss import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 
 def _one(
@@ -45,7 +40,7 @@ def _one(
     w = (w0 if mode == "gathered" else w0[start:end]).clone().requires_grad_()
     grad = torch.ones(w.shape)  # stands in for dL/dW_hat
     dist.barrier()
-    _reset_peak()
+    reset_peak_rss()
     before = rss_bytes() or 0
     t0, cpu0 = time.perf_counter(), time.process_time()
     if mode == "gathered":

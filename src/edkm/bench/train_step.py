@@ -26,27 +26,13 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from edkm.atomic import write_json
-from edkm.bench.measure import proc_kib
 from edkm.config import PalettizeConfig
+from edkm.rss import peak_rss_bytes, reset_peak_rss, rss_bytes
 from edkm.transform import palettize_
 
 
-def reset_peak() -> bool:
-    """Reset this process's ``VmHWM`` to its current RSS (Linux); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def rss() -> int:
-    return (proc_kib("/proc/self/status", "VmRSS") or 0) * 1024
-
-
-def peak() -> int:
-    return (proc_kib("/proc/self/status", "VmHWM") or 0) * 1024
+    return rss_bytes() or 0
 
 
 def build_model(spec: dict[str, Any]) -> torch.nn.Module:
@@ -123,7 +109,7 @@ def memory_counters(cuda: bool) -> tuple[Any, Any, Any]:
             torch.cuda.memory_allocated,
             torch.cuda.max_memory_allocated,
         )
-    return reset_peak, rss, peak  # host memory: the process's resident set
+    return reset_peak_rss, rss, peak_rss_bytes  # host memory: the process's resident set
 
 
 def run_row(spec: dict[str, Any]) -> dict[str, Any]:

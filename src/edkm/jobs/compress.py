@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -39,17 +38,16 @@ from edkm.eval.generate import generate_text
 from edkm.eval.perplexity import perplexity
 from edkm.export import save_palettized
 from edkm.export.card import model_card
-from edkm.export.files import FOLDER_WEIGHTS, PROGRESS_FILE, REPORT_FILE
+from edkm.export.files import FOLDER_WEIGHTS, REPORT_FILE
 from edkm.hf.folder import save_folder, write_model_card
 from edkm.hf.load import load_palettized
 from edkm.jobs.progress import JobProgress
-from edkm.jobs.runstate import check_resume, prune_checkpoints
+from edkm.jobs.runstate import Run, open_run, prune_checkpoints
 from edkm.jobs.runtime import run_environment
 from edkm.models import BUNDLED_TEXT, load_causal_lm
 from edkm.peers.baselines import ptq_kmeans_, rtn_
 from edkm.peers.calibrate import input_importance
 from edkm.peers.fast import calibration, fast_peers
-from edkm.ranks import rank_world
 from edkm.training.finetune import finetune, loss_label
 from edkm.training.loop import TrainConfig, batch_indices
 from edkm.training.synthetic import model_sequences
@@ -147,30 +145,6 @@ def _file_size(model: nn.Module, path: Path) -> int:
     return path.stat().st_size
 
 
-@dataclass
-class Run:
-    """One invocation of the job: where it writes, which rank it is, what earlier invocations finished."""
-
-    cfg: CompressConfig
-    out: Path
-    rank: int
-    size: int
-    state: str  # "fresh", "resume" or "complete" (edkm.jobs.runstate.check_resume)
-    done: dict[str, Any]  # results of finished phases (progress.json)
-    job: Any = None  # JobProgress, once the model and data are known
-    ppl: Any = None  # perplexity on the test split, once the data are known
-
-    def record(self, **values: Any) -> None:
-        """Keep phase results in progress.json (rank 0), so a resumed run skips the phase."""
-        self.done.update(values)
-        if self.rank == 0:
-            write_json(self.out / PROGRESS_FILE, self.done)
-
-    def say(self, line: str) -> None:
-        if self.rank == 0:  # even with --quiet
-            print(line, file=sys.stderr, flush=True)
-
-
 def evaluation_tokens(cfg: CompressConfig, tokenizer: Any, test: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(tokens every perplexity is measured on, window length): the test split of the training data, or
     ``cfg.eval_text`` (never trained on; its first ``eval_tokens`` when set) in windows of ``eval_context``."""
@@ -178,17 +152,6 @@ def evaluation_tokens(cfg: CompressConfig, tokenizer: Any, test: torch.Tensor) -
         return test, cfg.context
     tokens = tokenize_text(tokenizer, load_text(cfg.eval_text))
     return (tokens[: cfg.eval_tokens] if cfg.eval_tokens else tokens), cfg.eval_context or cfg.context
-
-
-def open_run(cfg: CompressConfig) -> Run:
-    """The run folder's state after the --resume checks (settings compared, old state cleared on a fresh start)."""
-    rank, size = rank_world()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = check_resume(out, cfg.settings(), cfg.resume, write=rank == 0)
-    progress = out / PROGRESS_FILE
-    done = json.loads(progress.read_text()) if state == "resume" and progress.is_file() else {}
-    return Run(cfg, out, rank, size, state, done)
 
 
 def compress(cfg: CompressConfig) -> dict[str, Any]:
@@ -223,11 +186,14 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         f"x {run.size} process(es)"
     )
     baselines(run, model, data)
+    run.keep_phase_times()
     teacher = fp_control(run, model, data)
     losses, loss_name = train_edkm(run, model, data, teacher)
+    run.keep_phase_times()
     report: dict[str, Any] = {}
     if run.rank == 0:
         report = export_and_evaluate(run, model, tokenizer, held)
+        run.keep_phase_times()
         report.update(losses=losses, loss=loss_name, fp_bytes=fp_bytes)
         report = finish_report(run, report, held, start)
     if run.size > 1:
@@ -379,6 +345,7 @@ def finish_report(run: Run, measured: dict[str, Any], held: torch.Tensor, start:
         "heldout_tokens": int(held.numel()) - 1,
         "world_size": run.size,
         "seconds": round(time.perf_counter() - start, 1),  # this invocation (a resumed run counts from the resume)
+        "phases": done.get("phases", {}),  # wall seconds and peak RSS of each phase (Run.keep_phase_times)
         "train": asdict(cfg.train),
         "distill": cfg.distill,
         "control_lr": cfg.control_lr,

@@ -3,7 +3,8 @@ not a terminal) per phase, and the ETA of the whole job, not only of the current
 
 The job's phases get estimated costs up front (any unit, e.g. seconds on a reference machine);
 the overall ETA is the elapsed time scaled by the estimated cost still ahead over the cost done,
-so it corrects itself for a faster or slower machine as soon as work is measured.
+so it corrects itself for a faster or slower machine as soon as work is measured. ``measured`` holds each
+finished phase's wall seconds and peak resident memory.
 
 Example:
     >>> import io
@@ -24,6 +25,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
 from tqdm.auto import tqdm
+
+from edkm.rss import peak_rss_bytes, reset_peak_rss
 
 LINE_EVERY_S = 30.0  # a plain progress line at most this often when stderr is not a terminal
 
@@ -88,6 +91,7 @@ class JobProgress:
         self.is_tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.start = time.perf_counter()
         self.finished: set[str] = set()
+        self.measured: dict[str, dict[str, float]] = {}  # phase -> wall seconds and this process's peak RSS
 
     def print(self, line: str) -> None:
         if self.enabled:
@@ -110,12 +114,17 @@ class JobProgress:
         index = list(self.costs).index(name) + 1
         self.print(f"[{index}/{len(self.costs)}] {name} ({total} {unit}s{', ' + detail if detail else ''})")
         bar = PhaseBar(self, index, name, total, unit)
+        exact_peak = reset_peak_rss()  # the phase's own peak (Linux), else the process's so far
         t0 = time.perf_counter()
         try:
             yield bar
         finally:
             bar.close()
         self.finished.add(name)
+        self.measured[name] = {
+            "seconds": round(time.perf_counter() - t0, 1),
+            ("peak_rss_bytes" if exact_peak else "process_peak_rss_bytes"): peak_rss_bytes(),
+        }
         elapsed = time.perf_counter() - self.start
         left = f", about {clock(self.eta())} left" if len(self.finished) < len(self.costs) else ""
         self.print(f"{bar.label} done in {clock(time.perf_counter() - t0)} (job: {clock(elapsed)} so far{left})")

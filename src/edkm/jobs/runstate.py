@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edkm.atomic import write_json
 from edkm.export.files import CHECKPOINTS, PROGRESS_FILE, REPORT_FILE, SETTINGS_FILE
+from edkm.ranks import rank_world
 
 NOT_COMPARED = {"plan.memory", "memory", "train.progress", "train.checkpoint_every", "plan.format_version"}
 
@@ -121,4 +124,44 @@ def remove(path: Path) -> int:
     return 0
 
 
-__all__ = ["ResumeMismatch", "check_resume", "first_difference", "is_complete", "prune_checkpoints"]
+@dataclass
+class Run:
+    """One invocation of the job: where it writes, which rank it is, what earlier invocations finished."""
+
+    cfg: Any  # the job's config (CompressConfig): its out, resume and settings()
+    out: Path
+    rank: int
+    size: int
+    state: str  # "fresh", "resume" or "complete" (edkm.jobs.runstate.check_resume)
+    done: dict[str, Any]  # results of finished phases (progress.json)
+    job: Any = None  # JobProgress, once the model and data are known
+    ppl: Any = None  # perplexity on the test split, once the data are known
+
+    def record(self, **values: Any) -> None:
+        """Keep phase results in progress.json (rank 0), so a resumed run skips the phase."""
+        self.done.update(values)
+        if self.rank == 0:
+            write_json(self.out / PROGRESS_FILE, self.done)
+
+    def keep_phase_times(self) -> None:
+        """Keep the wall seconds and peak RSS of the phases run so far in progress.json (a phase that resumed
+        keeps the figures of its last invocation; one restored whole keeps its first)."""
+        self.record(phases={**self.done.get("phases", {}), **self.job.measured})
+
+    def say(self, line: str) -> None:
+        if self.rank == 0:  # even with --quiet
+            print(line, file=sys.stderr, flush=True)
+
+
+def open_run(cfg: Any) -> Run:
+    """The run folder's state after the --resume checks (settings compared, old state cleared on a fresh start)."""
+    rank, size = rank_world()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = check_resume(out, cfg.settings(), cfg.resume, write=rank == 0)
+    progress = out / PROGRESS_FILE
+    done = json.loads(progress.read_text()) if state == "resume" and progress.is_file() else {}
+    return Run(cfg, out, rank, size, state, done)
+
+
+__all__ = ["ResumeMismatch", "Run", "check_resume", "first_difference", "is_complete", "open_run", "prune_checkpoints"]
