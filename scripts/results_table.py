@@ -3,6 +3,8 @@
     python scripts/results_table.py            # print them (benchmarks/results/compress_*.json, memory.md)
     python scripts/results_table.py --readme   # rewrite them between their markers in README.md and docs/*.md
                                                # (--docs is the same flag)
+    python scripts/results_table.py --collect runs/smollm2-135m smollm2_3bit
+        # benchmarks/results/smollm2_3bit.json from a finished run folder (report.json + zeroshot.json)
 
 The compress table is in README.md and docs/results.md, the memory and kernels tables in docs/results.md; every
 `<!-- NAME table -->` ... `<!-- /NAME table -->` section found is rewritten, files are written only
@@ -41,6 +43,67 @@ def compress_table() -> str:
     return "\n".join(rows)
 
 
+SMOLLM2_ROWS = (  # (key in report / zeroshot.json, label)
+    ("original", "fp32 original (the Q4_1 GGUF, dequantized)"),
+    ("rtn", "RTN per channel"),
+    ("kmeans", "k-means per tensor"),
+    ("kmeans_aw", "activation-aware k-means per tensor (eDKM's warm start)"),
+    ("gptq", "GPTQ per channel"),
+    ("gptq_g128", "GPTQ g128"),
+    ("squeeze", "SqueezeLLM-style (Fisher-weighted k-means per row)"),
+    ("edkm", "**eDKM** per tensor, fine-tuned (packed, reloaded)"),
+)
+PPL_KEYS = {"original": "fp_ppl", "rtn": "rtn_ppl", "kmeans": "kmeans_ptq_ppl", "edkm": "edkm_ppl"}
+TASK_ORDER = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
+
+
+def collect(run: Path, out: Path) -> None:
+    """benchmarks/results/<name>.json from a finished run folder: its report and its zero-shot scores."""
+    result = {"run": str(run), "report": json.loads((run / "report.json").read_text())}
+    zeroshot = run / "zeroshot.json"
+    result["zeroshot"] = json.loads(zeroshot.read_text()) if zeroshot.is_file() else None
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _bits(entry: dict | None) -> str:
+    """Bits per weight of the decoder layers / of every clustered weight, read from the saved file."""
+    if not entry or "bits_per_weight" not in entry:
+        return "32 (fp32)"
+    bpw = entry["bits_per_weight"]
+    widths = [b for b in bpw if b.isdigit()]
+    total = sum(bpw[b] * bpw["weights"][b] for b in widths) / sum(bpw["weights"][b] for b in widths)
+    return f"{bpw[min(widths, key=int)]:.2f} / {total:.2f}"
+
+
+def _task(scores: dict) -> str:
+    value = scores["acc_norm"] if scores.get("acc_norm") is not None else scores["acc"]
+    stderr = scores.get("acc_norm_stderr") or scores.get("acc_stderr")
+    return f"{100 * value:.1f}" + (f" ± {100 * stderr:.1f}" if stderr else "")
+
+
+def smollm2_table() -> str:
+    """SmolLM2-135M-Instruct: WikiText-2 perplexity and zero-shot accuracy of every method, per bit width."""
+    paths = sorted(RESULTS.glob("smollm2_*bit.json"))
+    if not paths:
+        return "(run `bash scripts/run.sh --model smollm2-135m`, then `python scripts/results_table.py --collect`)"
+    head = "| bits | method | bits/weight (decoder / all) | WikiText-2 ppl | " + " | ".join(TASK_ORDER) + " | avg |"
+    rows = [head, "| --- | --- | ---: | ---: | " + "---: | " * len(TASK_ORDER) + "---: |"]
+    for path in paths:
+        result = json.loads(path.read_text())
+        r, zs = result["report"], (result.get("zeroshot") or {}).get("models", {})
+        embed = next(iter(r["plan"]["overrides"].values()), {}).get("bits", r["bits"])
+        for key, label in SMOLLM2_ROWS:
+            ppl = r.get(PPL_KEYS.get(key, key + "_ppl"))
+            if ppl is None:
+                continue
+            entry = zs.get(key)
+            tasks = [_task(entry["tasks"][t]) if entry and t in entry["tasks"] else "-" for t in TASK_ORDER]
+            avg = f"{100 * entry['average']:.1f}" if entry else "-"
+            bits = "-" if key == "original" else f"{r['bits']} / {embed}"
+            rows.append(f"| {bits} | {label} | {_bits(entry)} | {ppl:,.2f} | " + " | ".join(tasks) + f" | {avg} |")
+    return "\n".join(rows)
+
+
 def memory_table() -> str:
     """The measured table and the target checks of memory.md (without its header and notes)."""
     path = RESULTS / "memory.md"
@@ -59,12 +122,22 @@ def kernels_table() -> str:
 
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if which == "--collect":  # --collect RUN_FOLDER NAME: benchmarks/results/NAME.json from a finished run
+        collect(Path(sys.argv[2]), RESULTS / f"{sys.argv[3]}.json")
+        sys.exit()
     if which in ("--readme", "--docs"):
-        tables = {"compress": compress_table(), "memory": memory_table(), "kernels": kernels_table()}
+        tables = {
+            "compress": compress_table(),
+            "smollm2": smollm2_table(),
+            "memory": memory_table(),
+            "kernels": kernels_table(),
+        }
         for path in rewrite_sections(tables):
             print(f"rewrote {path.relative_to(ROOT)}", file=sys.stderr)
         sys.exit()
     if which in ("all", "compress"):
         print(compress_table())
+    if which in ("all", "smollm2"):
+        print(smollm2_table())
     if which in ("all", "memory"):
         print(memory_table())

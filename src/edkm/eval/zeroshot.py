@@ -97,10 +97,11 @@ def evaluate_task(
     batch_size: int = 16,
     add_bos: bool | None = None,
 ) -> dict[str, Any]:
-    """``{"acc", "acc_norm", "acc_bytes", "acc_stderr", "n"}`` of one task.
+    """``{"acc", "acc_norm", "acc_bytes", "acc_stderr", "acc_norm_stderr", "n"}`` of one task.
 
     ``acc_norm`` / ``acc_bytes`` divide scores by the choice's characters / UTF-8 bytes (None for
-    WinoGrande); ``acc_stderr`` is lm-eval's sample standard error of the mean (None if n == 1).
+    WinoGrande); ``acc_stderr`` / ``acc_norm_stderr`` are lm-eval's sample standard errors of the mean (None if
+    n == 1).
     """
     spec = _get_task(task)
     docs = load_task(task, data_dir, limit)
@@ -115,17 +116,24 @@ def evaluate_task(
             texts = spec.norm_texts(doc)
             hits_norm.append(float(_argmax([s / len(t) for s, t in zip(scores, texts)]) == doc.label))
             hits_bytes.append(float(_argmax([s / len(t.encode()) for s, t in zip(scores, texts)]) == doc.label))
-    n = len(hits)
-    acc = sum(hits) / n
-    stderr = math.sqrt(sum((h - acc) ** 2 for h in hits) / (n - 1) / n) if n > 1 else None
-    normed = spec.norm_texts is not None
+    n, normed = len(hits), spec.norm_texts is not None
     return {
-        "acc": acc,
+        "acc": sum(hits) / n,
         "acc_norm": sum(hits_norm) / n if normed else None,
         "acc_bytes": sum(hits_bytes) / n if normed else None,
-        "acc_stderr": stderr,
+        "acc_stderr": _stderr(hits),
+        "acc_norm_stderr": _stderr(hits_norm) if normed else None,
         "n": n,
     }
+
+
+def _stderr(hits: list[float]) -> float | None:
+    """lm-eval's sample standard error of the mean (None if fewer than 2)."""
+    n = len(hits)
+    if n < 2:
+        return None
+    mean = sum(hits) / n
+    return math.sqrt(sum((h - mean) ** 2 for h in hits) / (n - 1) / n)
 
 
 def evaluate_tasks(
@@ -137,7 +145,7 @@ def evaluate_tasks(
     batch_size: int = 16,
     add_bos: bool | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """``{task: {"acc", "acc_norm", "acc_bytes", "acc_stderr", "n"}}`` for each task (see ``evaluate_task``)."""
+    """``{task: {"acc", "acc_norm", "acc_bytes", "acc_stderr", "acc_norm_stderr", "n"}}`` (``evaluate_task``)."""
     for t in tasks:
         _get_task(t)
     return {t: evaluate_task(model, tokenizer, t, data_dir, limit, batch_size, add_bos) for t in tasks}
