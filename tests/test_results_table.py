@@ -1,0 +1,47 @@
+"""scripts/results_table.py: the SmolLM2 table from a collected run (report + zero-shot scores)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _script():
+    sys.path.insert(0, str(SCRIPTS))  # results_table imports its sibling doc_sections
+    try:
+        spec = importlib.util.spec_from_file_location("results_table", SCRIPTS / "results_table.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+
+def test_collect_and_smollm2_table(tmp_path, monkeypatch):
+    table = _script()
+    run = tmp_path / "run"
+    run.mkdir()
+    report = {"bits": 3, "plan": {"overrides": {"embed_tokens|lm_head": {"bits": 8}}}, "fp_ppl": 19.26,
+              "rtn_ppl": 7911.4, "kmeans_ptq_ppl": 469764.1, "edkm_ppl": 30.5, "gptq_ppl": 495.0}  # fmt: skip
+    task = {"acc": 0.5, "acc_norm": 0.6, "acc_norm_stderr": 0.049, "acc_stderr": 0.05, "n": 100}
+    bpw = {"3": 3.0, "8": 8.0, "weights": {"3": 300, "8": 100}}
+    models = {
+        "original": {"tasks": {"piqa": task}, "average": 0.6},
+        "edkm": {"tasks": {"piqa": task, "winogrande": {**task, "acc_norm": None}}, "average": 0.55,
+                 "bits_per_weight": bpw},
+    }  # fmt: skip
+    (run / "report.json").write_text(json.dumps(report))
+    (run / "zeroshot.json").write_text(json.dumps({"protocol": {}, "models": models}))
+    monkeypatch.setattr(table, "RESULTS", tmp_path)
+    table.collect(run, tmp_path / "smollm2_3bit.json")
+    lines = table.smollm2_table().splitlines()
+    rows = {line.split(" | ")[1]: line for line in lines[2:]}
+    assert "19.26" in rows["fp32 original (the Q4_1 GGUF, dequantized)"]
+    assert "66.9" in rows["published, lm-eval (full sets, third-party)"]
+    edkm = rows["**eDKM** per tensor, fine-tuned (packed, reloaded)"]
+    assert "3.00 / 4.25" in edkm and "60.0 ± 4.9" in edkm and "50.0 ± 5.0" in edkm and "| 55.0 |" in edkm
+    assert "469,764.10" in rows["k-means per tensor"] and "GPTQ g128" not in rows  # rows without a figure left out
