@@ -48,7 +48,8 @@ class PhaseBar:
     def __init__(self, job: JobProgress, index: int, name: str, total: int, unit: str) -> None:
         self.job, self.name, self.total, self.unit = job, name, max(1, total), unit
         self.label = f"[{index}/{len(job.costs)}] {name}"
-        self.done, self.last_line = 0, time.perf_counter()
+        self.done, self.start = 0, time.perf_counter()
+        self.last_line = self.start
         self.bar: Any = None
         if job.enabled and job.is_tty:
             self.bar = tqdm(
@@ -58,7 +59,11 @@ class PhaseBar:
     def update(self, n: int = 1, note: str | None = None, **values: Any) -> None:
         """Count ``n`` units done; ``values`` (e.g. ``loss_ce=2.31``) show beside the bar."""
         self.done += n
-        fields = {**values, "job ETA": clock(self.job.eta(self.name, self.done / self.total))}
+        fields = {
+            **values,
+            "phase": clock(time.perf_counter() - self.start),
+            "job ETA": clock(self.job.eta(self.name, self.done / self.total)),
+        }
         if self.bar is not None:
             if note:
                 self.bar.write(f"{self.label}: {note}", file=self.job.stream)
