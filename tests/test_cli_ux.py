@@ -133,7 +133,8 @@ def test_job_eta_scales_the_cost_ahead_by_the_pace_so_far():
         bar.update(loss_ce="2.0")  # not a terminal: a line at most every 30 s, and at the end
         bar.update(loss_ce="1.9")
     lines = job.stream.getvalue().splitlines()
-    assert lines[0] == "[2/2] b (2 steps)" and lines[1].startswith("[2/2] b: 2/2 steps (loss_ce 1.9, phase 0:00, job ETA")
+    assert lines[0] == "[2/2] b (2 steps)"
+    assert lines[1].startswith("[2/2] b: 2/2 steps (loss_ce 1.9, phase 0:00, job ETA")
     assert len(lines) == 3 and lines[2].startswith("[2/2] b done in")
 
 

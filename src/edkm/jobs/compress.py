@@ -127,12 +127,16 @@ def split_data(cfg: CompressConfig, tokenizer: Any) -> tuple[PackedDataset, torc
 
 def job_costs(cfg: CompressConfig, heldout_tokens: int) -> dict[str, float]:
     """Estimated cost of each phase in training tokens (only the ratios matter: the ETA rescales
-    them by the measured pace). Measured on the bundled model at one thread: scoring a token costs
-    ~0.25 of training on it, an eDKM step ~2x an fp step, k-means baselines ~0.4 of one evaluation; the
-    baselines are one fp and six packed evaluations plus their calibration."""
-    step, evaluation = cfg.train.batch_size * cfg.context, 0.25 * heldout_tokens
+    them by the measured pace). Fitted to the phase times of the SmolLM2-135M 3-bit run (2 threads;
+    benchmarks/results/smollm2_3bit.json): scoring a token costs ~0.43 of training on it without
+    clustering, an eDKM step ~2x an fp step; the baselines are one fp and six packed evaluations plus
+    the calibrated peers (GPTQ twice, Fisher and activation-aware k-means), ~17.5 per calibration token
+    (32 sequences of the training context). Before this fit (6 evaluations, calibration not counted) the
+    ETA after the baselines said 2:51 h for what took 23 min."""
+    step, evaluation = cfg.train.batch_size * cfg.context, 0.43 * heldout_tokens
+    calibration_tokens = 32 * cfg.context  # edkm.peers.fast.calibration
     return {
-        "baselines": 6.0 * evaluation,
+        "baselines": 7.0 * evaluation + 17.5 * calibration_tokens,
         "fp control": cfg.train.steps * step if cfg.fp_control else 0.0,
         "eDKM": 2.0 * cfg.train.steps * step,
         "export": 0.05 * evaluation,
