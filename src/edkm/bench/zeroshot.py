@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from edkm.atomic import write_json
-from edkm.export.files import SETTINGS_FILE
-from edkm.models import BUNDLED_MODEL_DIR
 
 BASELINES = ("rtn", "kmeans", "kmeans_aw", "gptq", "gptq_g128", "squeeze")
 FIELD_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")  # the LLM-QAT / GPTQ-era set
@@ -37,6 +35,10 @@ def average(tasks: dict[str, dict[str, Any]]) -> float:
 
 def run_models(run: Path) -> list[tuple[str, str, str | None]]:
     """(name, what to load, tokenizer folder) of every model in the run folder, original first."""
+    # deferred: the CLI parser imports this module (FIELD_TASKS), and edkm.export imports torch
+    from edkm.export.files import SETTINGS_FILE
+    from edkm.models import BUNDLED_MODEL_DIR
+
     settings = json.loads((run / SETTINGS_FILE).read_text())
     original = settings.get("model") or str(BUNDLED_MODEL_DIR)  # a folder, a file or a known name (smollm2-135m)
     models: list[tuple[str, str, str | None]] = [("original", original, None)]
