@@ -129,15 +129,13 @@ def warm_start_(model: nn.Module, importance: Mapping[str, torch.Tensor]) -> nn.
     >>> bool(model[0].clusterer.initialized)
     True
     """
-    done: set[int] = set()
-    for _name, module in clustered_modules(model):
-        cw = module.clusterer
-        if id(cw) in done:
-            continue
-        names = [n for n, m in clustered_modules(model) if m.clusterer is cw]
-        found = [importance[n] for n in names if n in importance]
+    tied: dict[int, list[tuple[str, DKMModule]]] = {}  # clusterer -> its modules, in model order
+    for name, module in clustered_modules(model):
+        tied.setdefault(id(module.clusterer), []).append((name, module))
+    for modules in tied.values():
+        module, cw = modules[0][1], modules[0][1].clusterer
+        found = [importance[n] for n, _ in modules if n in importance]
         cw.initialize(module.rows_first(module.weight).detach().to(cw.cluster_dtype), found[0] if found else None)
-        done.add(id(cw))
     return model
 
 

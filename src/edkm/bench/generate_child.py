@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from edkm.bench.generate import LLAMA150M
-from edkm.bench.measure import peak_rss_bytes, rss_bytes
 from edkm.config import PalettizeConfig
 from edkm.export import save_palettized
 from edkm.hf.load import load_palettized
@@ -36,6 +35,7 @@ from edkm.layers import lut
 from edkm.layers.lut import LUTWeight, set_lut_kernel
 from edkm.models import BUNDLED_MODEL_DIR, load_causal_lm
 from edkm.peers.baselines import ptq_kmeans_
+from edkm.rss import peak_rss_bytes, rss_bytes
 
 
 def tensor_bytes(model: Any) -> dict[str, int]:

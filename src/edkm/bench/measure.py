@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from edkm.bench.configs import CONFIGS, PROJECTIONS, REPO_ROOT, BenchOptions, GiB, Log
-from edkm.rss import peak_rss_bytes, proc_kib, rss_bytes  # noqa: F401 (the benchmarks import them from here)
+from edkm.rss import peak_rss_bytes, proc_kib, rss_bytes
 
 
 def _loadavg() -> float | None:

@@ -50,9 +50,9 @@ from typing import Any
 from edkm.bench.configs import CONFIGS, BenchOptions, GiB, Log, command_line, options_from_args
 from edkm.bench.coreml import measure_coremltools
 from edkm.bench.distributed import measure_config, measure_sharded
-from edkm.bench.measure import proc_kib
 from edkm.bench.render import format_table, write_outputs
 from edkm.bench.report import error_row, log_row, summarize
+from edkm.rss import proc_kib
 
 
 def _machine() -> str:

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from edkm.atomic import write_json
-from edkm.bench.measure import peak_rss_bytes, rss_bytes
 from edkm.config import PalettizeConfig
 from edkm.jobs.plan import PlanOptions, estimate
+from edkm.rss import peak_rss_bytes, rss_bytes
 from edkm.transform import palettize_
 
 CONFIGS = {

@@ -120,19 +120,19 @@ class JobProgress:
         self.print(f"[{index}/{len(self.costs)}] {name} ({total} {unit}s{', ' + detail if detail else ''})")
         bar = PhaseBar(self, index, name, total, unit)
         exact_peak = reset_peak_rss()  # the phase's own peak (Linux), else the process's so far
-        t0 = time.perf_counter()
         try:
             yield bar
         finally:
             bar.close()
         self.finished.add(name)
+        seconds = time.perf_counter() - bar.start
         self.measured[name] = {
-            "seconds": round(time.perf_counter() - t0, 1),
+            "seconds": round(seconds, 1),
             ("peak_rss_bytes" if exact_peak else "process_peak_rss_bytes"): peak_rss_bytes(),
         }
         elapsed = time.perf_counter() - self.start
         left = f", about {clock(self.eta())} left" if len(self.finished) < len(self.costs) else ""
-        self.print(f"{bar.label} done in {clock(time.perf_counter() - t0)} (job: {clock(elapsed)} so far{left})")
+        self.print(f"{bar.label} done in {clock(seconds)} (job: {clock(elapsed)} so far{left})")
 
     def skip(self, name: str, reason: str) -> None:
         """Mark a phase done without work (e.g. restored by --resume)."""
