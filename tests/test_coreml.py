@@ -140,6 +140,47 @@ def test_every_architecture_exports_bit_exact(arch, tiny_causal_lm, tmp_path):
         assert conv["weight"].shape == (32, 96) and conv["lut"].shape == (1, 24, 8, 1)  # 96 output channels / 4
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_sliced_index_search_equals_coremltools(groups):
+    from coremltools.optimize._utils import find_indices_for_lut
+
+    from edkm.coreml.convert import sliced_index_search
+
+    lut = np.sort(np.random.default_rng(0).normal(size=(groups, 1, 8, 1)), axis=2)
+    weights = np.random.default_rng(1).normal(size=(12, 5))
+    assert np.array_equal(
+        sliced_index_search(find_indices_for_lut, budget=50)(weights, lut), find_indices_for_lut(weights, lut)
+    )
+
+
+def test_a_wide_8bit_tied_head_exports_within_the_search_budget(tiny_causal_lm, tmp_path, monkeypatch):
+    """SmolLM2's 49,152 x 576 tied head at 8 bits made coremltools allocate 27 GiB: the search now goes in slices."""
+    from coremltools.optimize import _utils as optimize_utils
+
+    from edkm.config import EMBEDDING_LAYERS
+    from edkm.coreml import convert, export_coreml
+
+    model = tiny_causal_lm("llama")
+    model.resize_token_embeddings(2048)  # 2,048 x 32 weights x 256 LUT entries = 16.8 M comparisons unsliced
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2's
+    edkm.ptq_kmeans_(model, edkm.PalettizeConfig(bits=3, overrides={EMBEDDING_LAYERS: {"bits": 8}}))
+    seen, search = [], optimize_utils.find_indices_for_lut
+    monkeypatch.setattr(
+        optimize_utils,
+        "find_indices_for_lut",
+        lambda w, lut, *a: seen.append(w.size * lut.shape[-2]) or search(w, lut, *a),
+    )
+    monkeypatch.setattr(convert, "SEARCH_ELEMENTS", 1 << 20)
+    report = verify_mlpackage(export_coreml(model, tmp_path / "wide.mlpackage", length=8), model)
+    assert report["ok"], report["problems"]
+    assert (
+        report["index_bits"] == {8: 1, 3: 14}
+        and report["clustered_tensors"] == 15
+        and max(seen) <= 1 << 20
+        and len(seen) > 16
+    )
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

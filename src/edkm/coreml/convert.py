@@ -11,9 +11,12 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,17 +34,54 @@ def import_coremltools() -> Any:
     return coremltools
 
 
+SEARCH_ELEMENTS = 1 << 24  # weights x LUT entries compared at once by the sliced nearest-entry search
+
+
+def sliced_index_search(search: Callable[..., np.ndarray], budget: int = SEARCH_ELEMENTS) -> Callable[..., np.ndarray]:
+    """coremltools' ``find_indices_for_lut`` run on slices of the weight's first axis: the same indices, bounded memory.
+
+    coremltools compares every weight with every LUT entry at once (weight.size x 2^b temporaries: 27 GiB for
+    SmolLM2's 49,152 x 576 tied head at 8 bits) and takes no option to bound it; slicing along the output axis, in
+    whole LUT groups, leaves each weight's nearest entry unchanged.
+
+    >>> nearest = lambda w, lut, axis=None: abs(w[..., None] - lut.reshape(len(lut), 1, -1)).argmin(-1)
+    >>> w, lut = np.array([[0.1, 0.9], [0.5, 0.1]]), np.array([0.1, 0.5, 0.9]).reshape(1, 1, 3, 1)
+    >>> sliced_index_search(nearest, budget=1)(w, lut).tolist()  # one row at a time
+    [[0, 2], [1, 0]]
+    """
+
+    def search_slices(data: np.ndarray, lut: np.ndarray, vector_axis: int | None = None) -> np.ndarray:
+        if lut.shape[-1] > 1 or data.ndim == 0:  # vector LUTs: not ours, coremltools' own search
+            return search(data, lut, vector_axis)
+        grouped = lut.shape[0] > 1
+        per_lut = data.shape[0] // lut.shape[0] if grouped else 1  # rows of axis 0 that share one LUT
+        rows = -(-max(1, budget // max(1, data[0].size * lut.shape[-2])) // per_lut) * per_lut
+        return np.concatenate(
+            [
+                search(data[r : r + rows], lut[r // per_lut : (r + rows) // per_lut] if grouped else lut, vector_axis)
+                for r in range(0, data.shape[0], rows)
+            ]
+        )
+
+    return search_slices
+
+
 def _convert(traced: torch.jit.ScriptModule, ct: Any, target: str, inputs: list, states: list) -> Any:
+    # deferred with coremltools: the module whose search the converter calls
+    from coremltools.optimize import _utils as optimize_utils
+
     deployment = ct.target.iOS18 if target == "ios18" or states else ct.target.iOS16
-    return ct.convert(
-        traced,
-        inputs=inputs,
-        states=states or None,
-        outputs=[ct.TensorType(name="logits")],
-        minimum_deployment_target=deployment,
-        convert_to="mlprogram",
-        skip_model_load=True,
-    )
+    search = sliced_index_search(optimize_utils.find_indices_for_lut, SEARCH_ELEMENTS)
+    with mock.patch.object(optimize_utils, "find_indices_for_lut", search):
+        return ct.convert(
+            traced,
+            inputs=inputs,
+            states=states or None,
+            outputs=[ct.TensorType(name="logits")],
+            minimum_deployment_target=deployment,
+            convert_to="mlprogram",
+            skip_model_load=True,
+        )
 
 
 def write_package(mlmodel: Any, path: Path) -> None:
