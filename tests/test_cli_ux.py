@@ -370,3 +370,16 @@ def test_warm_start_defaults_to_activation_aware_for_a_given_model_and_is_a_resu
     assert cfg("--model", str(other)).settings()["warm_start"] == "activation"
     assert cfg("--model", str(other), "--warm-start", "kmeans").warm_start == "kmeans"
     assert cfg("--model", "smollm2-135m").settings()["model"] == "smollm2-135m"  # a name stays a name
+
+
+def test_group_size_groups_the_decoder_layers_and_leaves_the_8bit_embedding_one_lut():
+    from edkm.cli.compress import compress_config
+
+    def plan(*argv):
+        return compress_config(build_parser().parse_args(["compress", *argv]), BUNDLED_MODEL_DIR, "cpu").plan
+
+    grouped = plan("--group-size", "4")
+    assert grouped.for_module("model.layers.0.mlp.up_proj").group_size == 4
+    assert grouped.for_module("model.embed_tokens").group_size is None
+    assert grouped.for_module("lm_head").bits == 8 and grouped.for_module("lm_head").group_size is None
+    assert plan("--group-size", "4", "--embed-bits", "0").for_module("model.embed_tokens").group_size == 4

@@ -37,6 +37,7 @@ def results(tmp_path_factory):
             "rtn",
             "gptq",
             "squeeze_tensor",
+            "coreml_skm_rows",
             "qat_g",
             "edkm",
             "edkm_rows",
@@ -60,7 +61,8 @@ def results(tmp_path_factory):
 def test_compare_json_rows_and_targets(results):
     report = json.loads((results / "compare_3bit.json").read_text())
     rows = {r["method"]: r for r in report["rows"]}
-    assert set(rows) == {"fp", "rtn", "gptq", "squeeze_tensor", "qat_g", "edkm", "edkm_rows"}
+    assert set(rows) == {"fp", "rtn", "gptq", "squeeze_tensor", "coreml_skm_rows", "qat_g", "edkm", "edkm_rows"}
+    assert 3.0 < rows["coreml_skm_rows"]["bpw"] < rows["rtn"]["bpw"]  # 8 fp16 entries per 16 rows of 64
     assert rows["squeeze_tensor"]["bpw"] < 3.1 < rows["rtn"]["bpw"]  # one LUT per tensor vs fp16 scale + zero per row
     assert (
         rows["edkm"]["bpw"] < 3.1 and len(rows["edkm"]["test_ppls"]) == 2 and rows["edkm"]["test_ppl_std"] is not None

@@ -86,7 +86,10 @@ def compress_config(args: argparse.Namespace, bundled_model_dir: Any, device: st
     from edkm.jobs.size import load_config, meta_model, palettized_size
     from edkm.training.loop import TrainConfig
 
-    overrides = {EMBEDDING_LAYERS: {"bits": args.embed_bits}} if args.embed_bits else {}
+    # the embedding/head at --embed-bits keep one LUT per tensor: a --group-size is for the decoder's layers
+    # (at 8 bits a 256-entry LUT per 16 rows of a 576-wide embedding would cost 0.44 bits per weight)
+    embed = {"bits": args.embed_bits, **({"group_size": None} if args.group_size else {})}
+    overrides = {EMBEDDING_LAYERS: embed} if args.embed_bits else {}
     plan = PalettizeConfig(bits=args.bits, group_size=args.group_size, tau=args.tau, tau_end=args.tau_end,
                            iters=args.iters, overrides=overrides)  # fmt: skip
     if args.group_size:  # must divide every clustered layer's rows: checked on the config's shapes, as `edkm size` does
@@ -161,7 +164,10 @@ def add_compress_parser(sub: Any) -> None:
     p.add_argument("--out", default="runs/default", help="run folder: report, packed model, checkpoints")
     p.add_argument("--bits", type=bits, default=3, help="bits per clustered weight (LUT of 2^bits entries)")
     p.add_argument(
-        "--embed-bits", type=bits_or_zero, default=8, help="bits of embedding and output layer (0 = same as --bits)"
+        "--embed-bits",
+        type=bits_or_zero,
+        default=8,
+        help="bits of embedding and output layer, one LUT per tensor (0 = same as --bits and --group-size)",
     )
     p.add_argument(
         "--group-size", type=positive_int, default=None, help="output channels per LUT (default: one LUT per tensor)"

@@ -245,7 +245,7 @@ def compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[int,
     return results
 
 
-PTQ_FIELDS = ("group_size", "gptq_damps", "calib", "embed_bits", "model", "text", "context")
+PTQ_FIELDS = ("group_size", "gptq_damps", "calib", "embed_bits", "lut_rows", "model", "text", "context")
 
 
 def _reusable(row: dict[str, Any], old: dict[str, Any], cfg: CompareConfig) -> bool:

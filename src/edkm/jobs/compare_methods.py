@@ -76,6 +76,20 @@ def _hqq(r: Any, plan: Any, group: bool) -> Any:
     return hqq_(copy.deepcopy(r.model), plan, r.cfg.group_size if group else None)
 
 
+def _coreml(r: Any, plan: Any, sensitive: bool, grouped: bool) -> Any:
+    # deferred: the builders import torch; importing this module stays light (module docstring)
+    from edkm.peers.coreml_palettizers import coreml_kmeans_, coreml_skm_
+
+    rows = r.cfg.lut_rows if grouped else None
+    if sensitive:
+        return coreml_skm_(copy.deepcopy(r.model), r.calib, plan, rows)
+    return coreml_kmeans_(copy.deepcopy(r.model), plan, rows)
+
+
+def _rows(cfg: Any) -> str:
+    return f"LUT per {cfg.lut_rows} output channels"
+
+
 def format_knob(value: Any) -> str:
     """A knob value as the log and the table show it (a tuple knob as its parts).
 
@@ -152,6 +166,26 @@ METHODS: dict[str, Method] = {
             "squeeze_tensor",
             lambda c, b: f"Fisher-weighted k-means {b}-bit per tensor",
             lambda r, p, v, s: _squeeze(r, p, False),
+        ),
+        Method(
+            "coreml_kmeans",
+            lambda c, b: f"coremltools PostTrainingPalettizer {b}-bit per tensor",
+            lambda r, p, v, s: _coreml(r, p, False, False),
+        ),
+        Method(
+            "coreml_kmeans_rows",
+            lambda c, b: f"coremltools PostTrainingPalettizer {b}-bit, {_rows(c)}",
+            lambda r, p, v, s: _coreml(r, p, False, True),
+        ),
+        Method(
+            "coreml_skm",
+            lambda c, b: f"coremltools SKMPalettizer {b}-bit per tensor",
+            lambda r, p, v, s: _coreml(r, p, True, False),
+        ),
+        Method(
+            "coreml_skm_rows",
+            lambda c, b: f"coremltools SKMPalettizer {b}-bit, {_rows(c)}",
+            lambda r, p, v, s: _coreml(r, p, True, True),
         ),
         Method("awq_g", lambda c, b: f"AWQ-style scaling + RTN {b}-bit {_g(c)}", lambda r, p, v, s: _awq(r, p)),
         Method("hqq", lambda c, b: f"HQQ {b}-bit per channel", lambda r, p, v, s: _hqq(r, p, False)),

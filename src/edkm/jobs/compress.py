@@ -125,18 +125,25 @@ def split_data(cfg: CompressConfig, tokenizer: Any) -> tuple[PackedDataset, torc
     return train_set, tokenize_text(tokenizer, val_text), tokenize_text(tokenizer, test_text)
 
 
+def baseline_shares(evaluation: float, calibration_tokens: float) -> list[float]:
+    """The cost of each of the baselines phase's 9 units, in :func:`job_costs`' units: the fp evaluation, RTN
+    built and scored, k-means built and scored, then the calibrated peers (activation-aware k-means, GPTQ per
+    channel and g128, Fisher-weighted k-means), each calibrated on ``calibration_tokens`` and scored. Fitted to the
+    SmolLM2-135M 4-bit run (2 threads): 0.6, 1.6, 1.0 and 1.0 of a calibration token for the calibrations, where a
+    scored token costs 0.43 (an evaluation took ~57 s, the peers 34 s, 108 s, 64 s and 66 s besides theirs)."""
+    e, c = evaluation, calibration_tokens
+    return [e, 0.02 * e, e, 0.1 * e, e, e + 0.6 * c, e + 1.6 * c, e + 1.0 * c, e + 1.0 * c]
+
+
 def job_costs(cfg: CompressConfig, heldout_tokens: int) -> dict[str, float]:
     """Estimated cost of each phase in training tokens (only the ratios matter: the ETA rescales
-    them by the measured pace). Fitted to the phase times of the SmolLM2-135M 3-bit run (2 threads;
-    benchmarks/results/smollm2_3bit.json): scoring a token costs ~0.43 of training on it without
-    clustering, an eDKM step ~2x an fp step; the baselines are one fp and six packed evaluations plus
-    the calibrated peers (GPTQ twice, Fisher and activation-aware k-means), ~17.5 per calibration token
-    (32 sequences of the training context). Before this fit (6 evaluations, calibration not counted) the
-    ETA after the baselines said 2:51 h for what took 23 min."""
+    them by the measured pace). Fitted to the phase times of the SmolLM2-135M runs (2 threads;
+    benchmarks/results/smollm2_*bit.json): scoring a token costs ~0.43 of training on it without
+    clustering, an eDKM step ~EDKM_STEPx an fp step; the baselines as :func:`baseline_shares`. Before the first fit
+    (6 evaluations, calibration not counted) the ETA after the baselines said 2:51 h for what took 23 min."""
     step, evaluation = cfg.train.batch_size * cfg.context, 0.43 * heldout_tokens
-    calibration_tokens = 32 * cfg.context  # edkm.peers.fast.calibration
     return {
-        "baselines": 7.0 * evaluation + 17.5 * calibration_tokens,
+        "baselines": sum(baseline_shares(evaluation, 32 * cfg.context)),  # 32 sequences: edkm.peers.fast.calibration
         "fp control": cfg.train.steps * step if cfg.fp_control else 0.0,
         "eDKM": 2.0 * cfg.train.steps * step,
         "export": 0.05 * evaluation,
@@ -189,7 +196,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         f"{cfg.context} tokens, {held.numel():,} held-out tokens, {torch.get_num_threads()} torch thread(s) "
         f"x {run.size} process(es)"
     )
-    baselines(run, model, data)
+    baselines(run, model, data, held.numel())
     run.keep_phase_times()
     teacher = fp_control(run, model, data)
     losses, loss_name = train_edkm(run, model, data, teacher)
@@ -205,14 +212,15 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     return report
 
 
-def baselines(run: Run, model: nn.Module, data: PackedDataset) -> None:
+def baselines(run: Run, model: nn.Module, data: PackedDataset, held_tokens: int) -> None:
     """fp, RTN, post-training k-means, GPTQ and Fisher-weighted k-means perplexity (rank 0; once per run folder)."""
     cfg, bits = run.cfg, run.cfg.plan.bits
     if "rtn_ppl" in run.done or run.rank != 0:
         run.job.skip("baselines", "restored from progress.json" if run.rank == 0 else "rank 0 only")
         return
     detail = "fp, RTN, post-training k-means (plain and activation-aware), GPTQ and Fisher-weighted k-means ppl"
-    with run.job.phase("baselines", total=9, unit="eval", detail=detail) as bar:
+    shares = baseline_shares(0.43 * held_tokens, 32 * cfg.context)
+    with run.job.phase("baselines", total=9, unit="eval", detail=detail, shares=shares) as bar:
         fp_ppl = run.ppl(model)
         bar.update(note=f"fp32 original ppl {fp_ppl:.3f}")
         rtn = rtn_(copy.deepcopy(model), cfg.plan)

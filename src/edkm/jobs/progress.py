@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TextIO
 
 from tqdm.auto import tqdm
@@ -45,8 +45,13 @@ def clock(seconds: float) -> str:
 class PhaseBar:
     """The progress of one phase: ``update`` after each unit of work (with loss or a note)."""
 
-    def __init__(self, job: JobProgress, index: int, name: str, total: int, unit: str) -> None:
+    def __init__(
+        self, job: JobProgress, index: int, name: str, total: int, unit: str, shares: Sequence[float] | None = None
+    ) -> None:
         self.job, self.name, self.total, self.unit = job, name, max(1, total), unit
+        if shares is not None and len(shares) != total:
+            raise ValueError(f"{len(shares)} shares for the {total} {unit}s of phase {name!r}")
+        self.shares = list(shares) if shares is not None and sum(shares) > 0 else None
         self.label = f"[{index}/{len(job.costs)}] {name}"
         self.done, self.start = 0, time.perf_counter()
         self.last_line = self.start
@@ -62,7 +67,7 @@ class PhaseBar:
         fields = {
             **values,
             "phase": clock(time.perf_counter() - self.start),
-            "job ETA": clock(self.job.eta(self.name, self.done / self.total)),
+            "job ETA": clock(self.job.eta(self.name, self.fraction())),
         }
         if self.bar is not None:
             if note:
@@ -79,6 +84,18 @@ class PhaseBar:
             self.job.print(
                 f"{self.label}: {self.done}/{self.total} {self.unit}s{': ' + note if note else ''} ({shown})"
             )
+
+    def fraction(self) -> float:
+        """The share of the phase's cost done: units done over all, each unit weighted by its share if given.
+
+        >>> bar = PhaseBar(JobProgress({"p": 1.0}, enabled=False), 1, "p", 3, "eval", shares=[1, 0, 3])
+        >>> bar.done = 2
+        >>> bar.fraction()
+        0.25
+        """
+        if self.shares is None:
+            return self.done / self.total
+        return sum(self.shares[: self.done]) / sum(self.shares)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -112,13 +129,18 @@ class JobProgress:
         return elapsed * (total - done) / done if done > 0 else 0.0
 
     @contextlib.contextmanager
-    def phase(self, name: str, total: int, unit: str = "step", detail: str = "") -> Iterator[PhaseBar]:
-        """A phase of ``total`` units; prints its start and, at the end, its time and the job's."""
+    def phase(
+        self, name: str, total: int, unit: str = "step", detail: str = "", shares: Sequence[float] | None = None
+    ) -> Iterator[PhaseBar]:
+        """A phase of ``total`` units; prints its start and, at the end, its time and the job's.
+
+        ``shares``: the relative cost of each unit, where units differ (the ETA counts a unit done by its share).
+        """
         if name not in self.costs:
             raise ValueError(f"unknown phase {name!r}; phases: {', '.join(self.costs)}")
         index = list(self.costs).index(name) + 1
         self.print(f"[{index}/{len(self.costs)}] {name} ({total} {unit}s{', ' + detail if detail else ''})")
-        bar = PhaseBar(self, index, name, total, unit)
+        bar = PhaseBar(self, index, name, total, unit, shares)
         exact_peak = reset_peak_rss()  # the phase's own peak (Linux), else the process's so far
         try:
             yield bar
