@@ -85,7 +85,7 @@ def _task(scores: dict) -> str:
 
 def smollm2_table() -> str:
     """SmolLM2-135M-Instruct: WikiText-2 perplexity and zero-shot accuracy of every method, per bit width."""
-    paths = sorted(RESULTS.glob("smollm2_*bit.json"))
+    paths = sorted(RESULTS.glob("smollm2_[0-9]*bit*.json"))  # smollm2_3bit.json, smollm2_3bit_g16.json, ...
     if not paths:
         return "(run `bash scripts/run.sh --model smollm2-135m`, then `python scripts/results_table.py --collect`)"
     head = "| bits | method | bits/weight (decoder / all) | WikiText-2 ppl | " + " | ".join(TASK_ORDER) + " | avg |"
@@ -94,7 +94,10 @@ def smollm2_table() -> str:
         result = json.loads(path.read_text())
         r, zs = result["report"], (result.get("zeroshot") or {}).get("models", {})
         embed = next(iter(r["plan"]["overrides"].values()), {}).get("bits", r["bits"])
+        rows_per_lut = r["plan"].get("group_size")  # --group-size: the LUT rows of k-means and eDKM
         for key, label in SMOLLM2_ROWS:
+            if rows_per_lut:
+                label = label.replace("per tensor", f"per {rows_per_lut} rows")
             ppl = r.get(PPL_KEYS.get(key, key + "_ppl"))
             if ppl is None:
                 continue

@@ -63,6 +63,18 @@ def test_perplexity_equals_brute_force(model, n, context, batch_size):
     assert got == pytest.approx(brute_force_ppl(model, tokens, context), rel=1e-6)
 
 
+def test_perplexity_batches_at_most_batch_tokens_and_scores_the_same(model):
+    tokens = torch.randint(0, model.config.vocab_size, (129,), generator=torch.Generator().manual_seed(1))
+    seen = []
+    handle = model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].numel()))
+    try:
+        capped = perplexity(model, tokens, context=16, batch_size=8, batch_tokens=32)
+    finally:
+        handle.remove()
+    assert max(seen) == 32 and len(seen) == 4  # 8 windows of 16 tokens, 2 per forward
+    assert capped == pytest.approx(perplexity(model, tokens, context=16, batch_size=8), rel=1e-9)
+
+
 def test_perplexity_uniform_model_is_vocab_size():
     model = tiny_llama(257)
     with torch.no_grad():

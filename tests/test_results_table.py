@@ -45,3 +45,10 @@ def test_collect_and_smollm2_table(tmp_path, monkeypatch):
     edkm = rows["**eDKM** per tensor, fine-tuned (packed, reloaded)"]
     assert "3.00 / 4.25" in edkm and "60.0 ± 4.9" in edkm and "50.0 ± 5.0" in edkm and "| 55.0 |" in edkm
     assert "469,764.10" in rows["k-means per tensor"] and "GPTQ g128" not in rows  # rows without a figure left out
+    grouped = {**report, "plan": {**report["plan"], "group_size": 16}}
+    (run / "report.json").write_text(json.dumps(grouped))
+    table.collect(run, tmp_path / "smollm2_3bit_g16.json")
+    (tmp_path / "smollm2_pipeline.json").write_text("{}")  # not a results table
+    labels = [line.split(" | ")[1] for line in table.smollm2_table().splitlines()[2:]]
+    assert "**eDKM** per 16 rows, fine-tuned (packed, reloaded)" in labels and "k-means per 16 rows" in labels
+    assert labels.count("k-means per tensor") == 1

@@ -46,6 +46,8 @@ def model_dims(args: Any) -> dict[str, int]:
             "hidden": cfg.hidden_size,
             "intermediate": cfg.intermediate_size,
             "heads": cfg.num_attention_heads,
+            "kv_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            "tied": int(bool(getattr(cfg, "tie_word_embeddings", False))),
             "layers": cfg.num_hidden_layers,
             "vocab": cfg.vocab_size,
             "batch": args.batch,
@@ -63,14 +65,19 @@ def model_dims(args: Any) -> dict[str, int]:
     }
 
 
-def weight_shapes(d: dict[str, int]) -> list[tuple[str, int, int]]:
-    """(name, weights, bits-kind) of every clustered tensor: 'linear' or 'embed'."""
+def weight_shapes(d: dict[str, int]) -> list[tuple[str, int, str]]:
+    """(name, weights, bits-kind) of every clustered tensor: 'linear' or 'embed' (a tied head is the embedding's).
+
+    >>> d = dict(hidden=576, intermediate=1536, vocab=49152, layers=30, heads=9, kv_heads=3, tied=1)
+    >>> sum(n for _, n, _ in weight_shapes(d))  # SmolLM2-135M's 134,515,008 parameters less its 61 norm vectors
+    134479872
+    """
     h, i, v = d["hidden"], d["intermediate"], d["vocab"]
-    per_layer = [(name, h * h) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    kv = h * d.get("kv_heads", d["heads"]) // d["heads"]  # grouped-query attention: k/v project to fewer heads
+    per_layer = [("q_proj", h * h), ("k_proj", h * kv), ("v_proj", h * kv), ("o_proj", h * h)]
     per_layer += [(name, h * i) for name in ("gate_proj", "up_proj", "down_proj")]
-    return [("embed_tokens", v * h, "embed"), ("lm_head", v * h, "embed")] + [
-        (f"layers.{n}.{name}", size, "linear") for n in range(d["layers"]) for name, size in per_layer
-    ]
+    embed = [("embed_tokens", v * h, "embed")] + ([] if d.get("tied") else [("lm_head", v * h, "embed")])
+    return embed + [(f"layers.{n}.{name}", size, "linear") for n in range(d["layers"]) for name, size in per_layer]
 
 
 def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:

@@ -70,8 +70,14 @@ def token_nll(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Te
     return nll.masked_fill(targets < 0, 0.0)
 
 
-def perplexity(model: torch.nn.Module, tokens: torch.Tensor, context: int = 256, batch_size: int = 8) -> float:
+def perplexity(
+    model: torch.nn.Module, tokens: torch.Tensor, context: int = 256, batch_size: int = 8, batch_tokens: int = 4096
+) -> float:
     """exp(mean NLL) of every token of a 1-D stream but the first (see the module docstring).
+
+    Windows go through the model ``batch_size`` at a time, fewer where that would pass ``batch_tokens`` tokens:
+    the logits of a batch are batch x context x vocabulary floats (8 windows of 2048 tokens of SmolLM2's 49,152-token
+    vocabulary: 3.2 GB, twice with the log-softmax).
 
     Runs under ``torch.inference_mode`` with the model in eval mode, restoring each module's
     train/eval flag afterwards. ``context`` must fit the model's ``max_position_embeddings``.
@@ -100,7 +106,7 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, context: int = 256,
     with eval_mode(model), torch.inference_mode():
         if n_full:
             windows = tokens[: n_full * context + 1].unfold(0, context + 1, context)  # [n_full, context + 1]
-            for batch in windows.split(batch_size):
+            for batch in windows.split(max(1, min(batch_size, batch_tokens // context))):
                 total += token_nll(model, batch[:, :-1], batch[:, 1:]).double().sum()
         if n_pred > n_full * context:
             tail = tokens[n_full * context :].unsqueeze(0)

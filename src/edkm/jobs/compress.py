@@ -139,13 +139,14 @@ def job_costs(cfg: CompressConfig, heldout_tokens: int) -> dict[str, float]:
     """Estimated cost of each phase in training tokens (only the ratios matter: the ETA rescales
     them by the measured pace). Fitted to the phase times of the SmolLM2-135M runs (2 threads;
     benchmarks/results/smollm2_*bit.json): scoring a token costs ~0.43 of training on it without
-    clustering, an eDKM step ~EDKM_STEPx an fp step; the baselines as :func:`baseline_shares`. Before the first fit
+    clustering, an eDKM token ~1.7 (12.5 and 10.4 ms per token at 3 and 4 bits, a scored token ~3 ms); the
+    baselines as :func:`baseline_shares`. Before the first fit
     (6 evaluations, calibration not counted) the ETA after the baselines said 2:51 h for what took 23 min."""
     step, evaluation = cfg.train.batch_size * cfg.context, 0.43 * heldout_tokens
     return {
         "baselines": sum(baseline_shares(evaluation, 32 * cfg.context)),  # 32 sequences: edkm.peers.fast.calibration
         "fp control": cfg.train.steps * step if cfg.fp_control else 0.0,
-        "eDKM": 2.0 * cfg.train.steps * step,
+        "eDKM": 1.7 * cfg.train.steps * step,
         "export": 0.05 * evaluation,
         "evaluation": 1.1 * evaluation,
     }
