@@ -69,6 +69,21 @@ def test_ios18_grouped_luts_bit_exact(grouped, ios18):
     assert np.array_equal(op["weight"], decode(q.lut, q.indices, q.shape, torch.float16).numpy())
 
 
+def test_lut_ops_are_decoded_as_coremltools_materializes_them(ios18):
+    ct = pytest.importorskip("coremltools")
+    from coremltools.converters.mil.frontend.milproto.load import load as load_program
+
+    from edkm.coreml.verify import WEIGHTS_DIR, decoded_weight
+
+    package = ios18[1]
+    spec = ct.utils.load_spec(str(package))
+    program = load_program(spec, spec.specificationVersion, str(package / WEIGHTS_DIR))
+    ops = [op for op in program.functions["main"].operations if op.op_type == "constexpr_lut_to_dense"]
+    assert len(ops) == 36 and any(op.lut.val.shape[0] > 1 for op in ops)  # grouped LUTs among them
+    for op in ops:
+        assert np.array_equal(decoded_weight(op), op.materialized_val_inference()), op.name
+
+
 def test_verification_catches_a_changed_weight(grouped, ios18):
     changed = edkm.load_palettized(grouped[0])
     changed.model.layers[2].mlp.up_proj.lut.indices[0, 0] ^= 1

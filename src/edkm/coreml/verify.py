@@ -46,7 +46,7 @@ def lut_ops(path: str | os.PathLike) -> list[dict[str, Any]]:
     def walk(block: Any) -> None:
         for op in block.operations:
             if op.op_type == "constexpr_lut_to_dense":
-                weight, lut = np.asarray(op.materialized_val_inference()), np.asarray(op.lut.val)
+                weight, lut = decoded_weight(op), np.asarray(op.lut.val)
                 if op.indices.shape == weight.shape:  # iOS 18: one uint<b> index per weight
                     bits = int(types.builtin_to_string(op.indices.dtype).removeprefix("uint"))
                 else:  # iOS 16: indices packed into uint8 bytes, b = log2(LUT entries)
@@ -62,6 +62,17 @@ def lut_ops(path: str | os.PathLike) -> list[dict[str, Any]]:
     for function in program.functions.values():
         walk(function)
     return found
+
+
+def decoded_weight(op: Any) -> np.ndarray:
+    """The dense weight of a ``constexpr_lut_to_dense`` op. iOS 18 scalar LUTs ([groups per axis..., k, 1]) are
+    decoded here, by indexing: coremltools' ``materialized_val_inference`` first repeats the LUT to the weight's shape
+    times its k entries (14.5 GB for SmolLM2's 49,152 x 576 head at 8 bits). Other forms: coremltools' own."""
+    indices, lut = np.asarray(op.indices.val), np.asarray(op.lut.val)
+    if lut.ndim != indices.ndim + 2 or lut.shape[-1] != 1:  # iOS 16 (packed indices, one LUT) or vector LUTs
+        return np.asarray(op.materialized_val_inference())
+    groups = np.ix_(*(np.arange(n) // (n // g) for n, g in zip(indices.shape, lut.shape[:-2])))
+    return lut[..., 0][(*groups, indices)]
 
 
 def _our_tensors(model: nn.Module) -> list[tuple[str, LUTModule]]:
