@@ -53,6 +53,7 @@ SMOLLM2_ROWS = (  # (key in report / zeroshot.json, label)
     ("squeeze", "SqueezeLLM-style (Fisher-weighted k-means per row)"),
     ("edkm", "**eDKM** per tensor, fine-tuned (packed, reloaded)"),
 )
+GROUPED_ROWS = ("kmeans", "kmeans_aw", "edkm")  # the rows --group-size changes (RTN, GPTQ, per-row k-means: not)
 PPL_KEYS = {"original": "fp_ppl", "rtn": "rtn_ppl", "kmeans": "kmeans_ptq_ppl", "edkm": "edkm_ppl"}
 TASK_ORDER = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
 # SmolLM2-135M-Instruct under lm-eval (third-party, full sets; PIQA / ARC / HellaSwag acc_norm), for the original's row
@@ -96,6 +97,8 @@ def smollm2_table() -> str:
         embed = next(iter(r["plan"]["overrides"].values()), {}).get("bits", r["bits"])
         rows_per_lut = r["plan"].get("group_size")  # --group-size: the LUT rows of k-means and eDKM
         for key, label in SMOLLM2_ROWS:
+            if rows_per_lut and key not in GROUPED_ROWS:  # the same as in the per-tensor run of these bits
+                continue
             if rows_per_lut:
                 label = label.replace("per tensor", f"per {rows_per_lut} rows")
             ppl = r.get(PPL_KEYS.get(key, key + "_ppl"))

@@ -51,4 +51,4 @@ def test_collect_and_smollm2_table(tmp_path, monkeypatch):
     (tmp_path / "smollm2_pipeline.json").write_text("{}")  # not a results table
     labels = [line.split(" | ")[1] for line in table.smollm2_table().splitlines()[2:]]
     assert "**eDKM** per 16 rows, fine-tuned (packed, reloaded)" in labels and "k-means per 16 rows" in labels
-    assert labels.count("k-means per tensor") == 1
+    assert labels.count("k-means per tensor") == 1 and labels.count("GPTQ per channel") == 1  # not repeated

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edkm.cluster import hard_assign, kmeans1d
+from edkm.cluster import hard_assign
 from edkm.config import PalettizeConfig
 from edkm.layers.lut import LUT_DTYPE, LUTWeight
 from edkm.peers.calibrate import fisher_diagonal, quantize_layers_
@@ -91,9 +91,10 @@ def squeeze_(
 
     def make_lut(name: str, module: nn.Module, _stats: dict[str, torch.Tensor]) -> LUTWeight:
         w, bits = module.weight, config.for_module(name).bits
-        if bits > 4:  # kmeans1d on distinct values: seconds (100 weighted passes over 28 M weights took minutes)
-            idx, lut = hard_assign(w, kmeans1d(w, 1 << bits).to(LUT_DTYPE).float())
-            lut = lut.to(LUT_DTYPE)
+        if bits > 4:  # the same k-means on the distinct values, weighted by their counts: seconds, not minutes
+            values, counts = torch.unique(w.detach().float().reshape(1, -1), return_counts=True)
+            lut, _ = weighted_kmeans(values[None], counts[None].double(), 1 << bits, groups=1, iters=iters)
+            idx, _ = hard_assign(w, lut.float())
         else:
             lut, idx = weighted_kmeans(w, fisher[id(w)], 1 << bits, groups=None if per_row else 1, iters=iters)
         return LUTWeight(lut, idx, w.shape, bits, w.dtype)
