@@ -102,12 +102,24 @@ def coreml_kmeans_(model: nn.Module, config: PalettizeConfig, rows: int | None =
 def coreml_skm_(
     model: nn.Module, sequences: torch.Tensor, config: PalettizeConfig, rows: int | None = None
 ) -> nn.Module:
-    """coremltools ``SKMPalettizer`` in place, its Fisher sensitivities from the next-token loss on ``sequences``."""
+    """coremltools ``SKMPalettizer`` in place, its Fisher sensitivities from the next-token loss on ``sequences``.
+
+    Layers at more than 4 bits (the 8-bit embedding / output layer) get coremltools' ``PostTrainingPalettizer``
+    k-means instead: SKM's weighted k-means of SmolLM2's 28 M-weight embedding into 256 entries exhausts memory in the
+    library (``std::bad_alloc`` with 24 GiB), and SqueezeLLM leaves those layers unquantized anyway.
+    """
     # deferred: coremltools is the coreml extra, loaded only when its palettizers run
-    from coremltools.optimize.torch.palettization import SKMPalettizer, SKMPalettizerConfig
+    from coremltools.optimize.torch.palettization import (
+        PostTrainingPalettizer,
+        PostTrainingPalettizerConfig,
+        SKMPalettizer,
+        SKMPalettizerConfig,
+    )
 
     _quiet_coremltools()
-    settings = {**coreml_config(model, config, rows), "calibration_nsamples": len(sequences)}
+    names = coreml_config(model, config, rows)["module_name_configs"]
+    narrow = {n: c for n, c in names.items() if c["n_bits"] <= 4}
+    settings = {"module_name_configs": narrow, "calibration_nsamples": len(sequences)}
     skm = SKMPalettizer(model, SKMPalettizerConfig.from_dict(settings))
 
     def loss(m: nn.Module, chunk: torch.Tensor) -> torch.Tensor:
@@ -116,6 +128,10 @@ def coreml_skm_(
 
     with torch.enable_grad():
         compressed = skm.compress(dataloader=list(sequences), loss_fn=loss, inplace=False)
+    wide = {"module_name_configs": {n: c for n, c in names.items() if c["n_bits"] > 4}}
+    if wide["module_name_configs"]:  # the 8-bit embedding/head: PostTrainingPalettizer (see the docstring)
+        ptp = PostTrainingPalettizer(compressed, PostTrainingPalettizerConfig.from_dict(wide))
+        compressed = ptp.compress(inplace=True)
     return _to_lut_layers(model, compressed, config, rows)
 
 
