@@ -115,6 +115,25 @@ def smollm2_table() -> str:
     return "\n".join(rows)
 
 
+def coreml_peers_table() -> str:
+    """coremltools' post-training palettizers on SmolLM2 (benchmarks/coreml_peers.py)."""
+    paths = sorted(RESULTS.glob("smollm2_coreml_peers_*bit.json"))
+    if not paths:
+        return "(run `python benchmarks/coreml_peers.py`)"
+    rows = [
+        "| bits | method | bits/weight (decoder / all) | WikiText-2 ppl | built in |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for path in paths:
+        result = json.loads(path.read_text())
+        for row in result["rows"].values():
+            bits = _bits({"bits_per_weight": row["bits_per_weight"]})
+            rows.append(
+                f"| {result['bits']} / 8 | {row['label']} | {bits} | {row['ppl']:,.2f} | {row['build_seconds']:.0f} s |"
+            )
+    return "\n".join(rows)
+
+
 def memory_table() -> str:
     """The measured table and the target checks of memory.md (without its header and notes)."""
     path = RESULTS / "memory.md"
@@ -140,6 +159,7 @@ if __name__ == "__main__":
         tables = {
             "compress": compress_table(),
             "smollm2": smollm2_table(),
+            "coreml peers": coreml_peers_table(),
             "memory": memory_table(),
             "kernels": kernels_table(),
         }
