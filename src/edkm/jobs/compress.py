@@ -125,26 +125,30 @@ def split_data(cfg: CompressConfig, tokenizer: Any) -> tuple[PackedDataset, torc
     return train_set, tokenize_text(tokenizer, val_text), tokenize_text(tokenizer, test_text)
 
 
-def baseline_shares(evaluation: float, calibration_tokens: float) -> list[float]:
+SCORED_TOKEN = 0.43  # cost of scoring a held-out token, in training tokens without clustering (job_costs)
+
+
+def baseline_shares(cfg: CompressConfig, heldout_tokens: int) -> list[float]:
     """The cost of each of the baselines phase's 9 units, in :func:`job_costs`' units: the fp evaluation, RTN
     built and scored, k-means built and scored, then the calibrated peers (activation-aware k-means, GPTQ per
-    channel and g128, Fisher-weighted k-means), each calibrated on ``calibration_tokens`` and scored. Fitted to the
-    SmolLM2-135M 4-bit run (2 threads): 0.6, 1.6, 1.0 and 1.0 of a calibration token for the calibrations, where a
-    scored token costs 0.43 (an evaluation took ~57 s, the peers 34 s, 108 s, 64 s and 66 s besides theirs)."""
-    e, c = evaluation, calibration_tokens
+    channel and g128, Fisher-weighted k-means), each calibrated on 32 training sequences
+    (:func:`edkm.peers.fast.calibration`) and scored. Fitted to the SmolLM2-135M 4-bit run (2 threads): 0.6, 1.6,
+    1.0 and 1.0 of a calibration token for the calibrations, where a scored token costs ``SCORED_TOKEN`` (an
+    evaluation took ~57 s, the peers 34 s, 108 s, 64 s and 66 s besides theirs)."""
+    e, c = SCORED_TOKEN * heldout_tokens, 32 * cfg.context
     return [e, 0.02 * e, e, 0.1 * e, e, e + 0.6 * c, e + 1.6 * c, e + 1.0 * c, e + 1.0 * c]
 
 
 def job_costs(cfg: CompressConfig, heldout_tokens: int) -> dict[str, float]:
     """Estimated cost of each phase in training tokens (only the ratios matter: the ETA rescales
     them by the measured pace). Fitted to the phase times of the SmolLM2-135M runs (2 threads;
-    benchmarks/results/smollm2_*bit.json): scoring a token costs ~0.43 of training on it without
+    benchmarks/results/smollm2_*bit.json): scoring a token costs ``SCORED_TOKEN`` (0.43) of training on it without
     clustering, an eDKM token ~1.7 (12.5 and 10.4 ms per token at 3 and 4 bits, a scored token ~3 ms); the
     baselines as :func:`baseline_shares`. Before the first fit
     (6 evaluations, calibration not counted) the ETA after the baselines said 2:51 h for what took 23 min."""
-    step, evaluation = cfg.train.batch_size * cfg.context, 0.43 * heldout_tokens
+    step, evaluation = cfg.train.batch_size * cfg.context, SCORED_TOKEN * heldout_tokens
     return {
-        "baselines": sum(baseline_shares(evaluation, 32 * cfg.context)),  # 32 sequences: edkm.peers.fast.calibration
+        "baselines": sum(baseline_shares(cfg, heldout_tokens)),
         "fp control": cfg.train.steps * step if cfg.fp_control else 0.0,
         "eDKM": 1.7 * cfg.train.steps * step,
         "export": 0.05 * evaluation,
@@ -220,8 +224,9 @@ def baselines(run: Run, model: nn.Module, data: PackedDataset, held_tokens: int)
         run.job.skip("baselines", "restored from progress.json" if run.rank == 0 else "rank 0 only")
         return
     detail = "fp, RTN, post-training k-means (plain and activation-aware), GPTQ and Fisher-weighted k-means ppl"
-    shares = baseline_shares(0.43 * held_tokens, 32 * cfg.context)
-    with run.job.phase("baselines", total=9, unit="eval", detail=detail, shares=shares) as bar:
+    with run.job.phase(
+        "baselines", total=9, unit="eval", detail=detail, shares=baseline_shares(cfg, held_tokens)
+    ) as bar:
         fp_ppl = run.ppl(model)
         bar.update(note=f"fp32 original ppl {fp_ppl:.3f}")
         rtn = rtn_(copy.deepcopy(model), cfg.plan)

@@ -55,19 +55,23 @@ def lut_of_clustered(weight: torch.Tensor, bits: int, group_rows: int | None = N
     return LUTWeight(torch.stack(luts).to(LUT_DTYPE), torch.stack(indices), weight.shape, bits, weight.dtype)
 
 
-def coreml_config(model: nn.Module, config: PalettizeConfig, rows: int | None, **extra: Any) -> dict[str, Any]:
-    """coremltools' config dict (``module_name_configs``) for the layers ``config`` targets: their bits, per tensor,
-    or per group of ``rows`` output channels where ``rows`` divides a layer's rows (the embedding/head: per tensor)."""
+def lut_rows(bits: int, out: int, rows: int | None) -> int | None:
+    """Output channels per LUT of a ``bits``-bit layer with ``out`` of them: ``rows`` where it divides them (and is
+    fewer), else None (one LUT per tensor, also for the embedding/head above 4 bits)."""
+    return rows if rows is not None and bits <= 4 and out % rows == 0 and out > rows else None
+
+
+def coreml_config(model: nn.Module, config: PalettizeConfig, rows: int | None) -> dict[str, Any]:
+    """coremltools' config dict (``module_name_configs``) for the layers ``config`` targets: their bits, one LUT per
+    tensor or per :func:`lut_rows` output channels."""
     names = {}
     for modules, spec in weight_plans(model, config):
         name, module = modules[0]  # a tied weight: clustered at its first name, the others share it
-        out = rows_first_weight(module).shape[0]
-        grouped = rows is not None and spec.bits <= 4 and out % rows == 0 and out > rows
+        group = lut_rows(spec.bits, rows_first_weight(module).shape[0], rows)
         names[name] = {
             "n_bits": spec.bits,
-            "granularity": "per_grouped_channel" if grouped else "per_tensor",
-            **({"group_size": rows, "channel_axis": 0} if grouped else {}),
-            **extra,
+            "granularity": "per_grouped_channel" if group else "per_tensor",
+            **({"group_size": group, "channel_axis": 0} if group else {}),
         }
     return {"module_name_configs": names}
 
@@ -77,8 +81,7 @@ def _to_lut_layers(model: nn.Module, compressed: nn.Module, config: PalettizeCon
     for modules, spec in weight_plans(model, config):
         name, module = modules[0]
         weight = rows_first_weight(compressed.get_submodule(name))
-        grouped = rows is not None and spec.bits <= 4 and weight.shape[0] % rows == 0 and weight.shape[0] > rows
-        lut = lut_of_clustered(weight, spec.bits, rows if grouped else None)
+        lut = lut_of_clustered(weight, spec.bits, lut_rows(spec.bits, weight.shape[0], rows))
         for tied_name, tied in modules:
             set_submodule(model, tied_name, LUTModule(tied, lut))
     return model

@@ -92,7 +92,7 @@ def squeeze_(
     def make_lut(name: str, module: nn.Module, _stats: dict[str, torch.Tensor]) -> LUTWeight:
         w, bits = module.weight, config.for_module(name).bits
         if bits > 4:  # the same k-means on the distinct values, weighted by their counts: seconds, not minutes
-            values, counts = torch.unique(w.detach().float().reshape(1, -1), return_counts=True)
+            values, counts = torch.unique(w.detach().float(), return_counts=True)  # sorted, flattened
             lut, _ = weighted_kmeans(values[None], counts[None].double(), 1 << bits, groups=1, iters=iters)
             idx, _ = hard_assign(w, lut.float())
         else:
