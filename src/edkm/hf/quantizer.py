@@ -7,6 +7,8 @@ quantizer checks the ``quantization_config`` and the checkpoint's tensor table a
 :class:`PackedSlot` where every clustered Linear/Embedding was. transformers loads the stored
 LUTs and packed indices into the slots; afterwards each slot becomes a
 :class:`~edkm.layers.lut.LUTModule` (tied modules share one LUT). No fp32 weight is ever materialised.
+Llama-architecture models get the lean ``generate`` of :func:`edkm.runtime.bind` (the way transformers binds a
+repository's ``custom_generate``); any call it cannot answer exactly runs transformers' own.
 
 Saving: ``get_state_dict_and_metadata`` stores every LUT layer once as ``<module>.lut.lut`` (or
 ``lo`` + ``step``) and ``<module>.lut.indices`` (b-bit values packed densely), with the checksum
@@ -32,6 +34,7 @@ from edkm.export.validate import PackedLayer, check_buffer_budget, check_finite,
 from edkm.hf.config import QUANT_METHOD, EdkmConfig
 from edkm.layers.base import WrappedLayer, set_submodule
 from edkm.layers.lut import LUTModule
+from edkm.runtime import bind
 
 CHECKSUM_KEY = "edkm_sha256"
 INFIX = "lut."  # a layer's parts are stored as <module>.lut.<part>: the LUTModule's own state-dict keys
@@ -179,7 +182,7 @@ class EdkmHfQuantizer(HfQuantizer):
                 slot = model.get_submodule(name)
                 slot.init_unstored_buffers(model)
                 set_submodule(model, name, LUTModule(slot, lut))
-        return model
+        return bind(model)  # model.generate through the lean decode path where it runs (edkm.runtime)
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         # deferred: transformers.modeling_utils imports transformers.quantizers, whose loading imports this module

@@ -42,7 +42,9 @@ import torch
 
 from edkm.kernels.layout import weight_rows_cols
 
-SOURCE = Path(__file__).resolve().with_name("csrc") / "edkm_lut.cpp"
+CSRC = Path(__file__).resolve().with_name("csrc")
+SOURCES = (CSRC / "edkm_lut.cpp", CSRC / "edkm_step.cpp")  # the kernels; the lean decode step built on them
+HEADERS = (CSRC / "edkm_lut.h",)
 CFLAGS = ("-O3", "-fopenmp")  # no -march: one build runs on any x86-64; ISA chosen at run time
 LDFLAGS = ("-fopenmp",)
 GEMV_MAX_TOKENS = 16  # measured crossover (3-bit, 1 thread): fused GEMV up to ~16-24 tokens, then tiles + GEMM
@@ -56,7 +58,9 @@ def default_cache_dir() -> Path:
 
 def build_name() -> str:
     """Extension name: ``edkm_lut_<hash of source, flags and torch version>``."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for path in (*SOURCES, *HEADERS):
+        h.update(path.read_bytes())
     h.update(repr((CFLAGS, LDFLAGS, torch.__version__)).encode())
     return f"edkm_lut_{h.hexdigest()[:16]}"
 
@@ -85,7 +89,7 @@ def _load(root_name: str, verbose: bool) -> tuple[ModuleType | None, str]:
             build_dir.mkdir(parents=True, exist_ok=True)
             mod = cpp_extension.load(
                 name=name,
-                sources=[str(SOURCE)],
+                sources=[str(path) for path in SOURCES],
                 extra_cflags=list(CFLAGS),
                 extra_ldflags=list(LDFLAGS),
                 build_directory=str(build_dir),

@@ -36,6 +36,8 @@
 // __builtin_cpu_supports, or forced with isa = "avx512" | "avx2" | "scalar".
 // ---------------------------------------------------------------------------------------------
 
+#include "edkm_lut.h"
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -1022,6 +1024,11 @@ at::Tensor linear_tiled(const at::Tensor& x_, const at::Tensor& packed, const at
 
 }  // namespace
 
+at::Tensor edkm::packed_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& table, int64_t bits,
+                             int64_t rows, int64_t cols, int64_t R, int64_t C, const std::string& isa) {
+  return ::gemv(x, packed, table, bits, rows, cols, R, C, isa);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "edkm LUT kernels: packed b-bit weights decoded in registers (see the layout comment in the source)";
   m.def("pack_rows", &pack_rows, "pack uint8 indices (rows, cols) into the lane-interleaved layout", py::arg("indices"),
@@ -1040,4 +1047,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_path", &gemv_path, "which kernel gemv uses for these arguments", py::arg("table"), py::arg("bits"),
         py::arg("rows"), py::arg("cols"), py::arg("R"), py::arg("C"), py::arg("isa") = "auto");
   m.def("supported_isas", &supported_isas, "ISAs this CPU can run");
+  edkm::register_step(m);
 }
