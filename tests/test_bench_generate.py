@@ -7,16 +7,20 @@ import pytest
 from edkm.bench import generate, generate_child
 from edkm.cli.bench import cmd_bench_generate
 from edkm.cli.main import build_parser
-from edkm.kernels import gemv, linear
+from edkm.kernels import gemv, linear, native
 
 
-def row(config, tok_s, weight_bytes, load_peak, file_bytes):
+def row(config, tok_s, weight_bytes, load_peak, file_bytes, threads=1, prefill=100.0):
     return {
         "config": config,
+        "threads": threads,
         "decode_tokens_per_second": tok_s,
+        "prefill_tokens_per_second": prefill,
         "weight_bytes": weight_bytes,
         "load_peak_rss_bytes": load_peak,
         "file_bytes": file_bytes,
+        "bytes_per_token": weight_bytes,
+        "ceiling_tokens_per_second": 4 * tok_s,
         "load_seconds": 0.1,
         "warmup_seconds": 1.0,
         "ttft_seconds": 0.5,
@@ -30,26 +34,40 @@ def test_targets_and_markdown_from_rows():
         "largest_weight_fp32_bytes": 400,
         "results": [
             row("fp32", 10.0, 4000, 100, 4000),
-            {**row("packed3", 9.0, 1000, 500, 375), "logits_rel_error_gemv": 1e-7, "logits_rel_error_prefill": 0.0},
-            {"config": "packed4", "error": "killed"},
+            row("llamacpp-q4_1", 30.0, 600, 700, 600),
+            {
+                **row("packed3", 45.0, 460, 400, 375, prefill=150.0),
+                "logits_rel_error_gemv": 1e-7,
+                "logits_rel_error_prefill": 0.0,
+                "rounds_decode_tokens_per_second": [44.0, 45.0],
+            },
+            row("packed4", 20.0, 1000, 500, 500, threads=2),  # no fp32 row at 2 threads: not judged
+            {"config": "packed3-e8", "threads": 1, "error": "killed"},
         ],
     }
     checks = generate.targets(model)
-    assert list(checks) == ["packed3"]
-    assert checks["packed3"]["decode vs fp32 >= 0.8"] == {"value": 0.9, "met": True}
-    assert checks["packed3"]["weights vs fp32 <= 0.25"]["met"]
-    assert checks["packed3"]["load peak <= file + largest weight fp32"] == {"value": 500, "limit": 775, "met": True}
+    assert list(checks) == ["packed3 x1"]
+    c = checks["packed3 x1"]
+    assert c["decode >= llama.cpp Q4_1"] == {"value": 1.5, "met": True}
+    assert c["decode >= 4x fp32"] == {"value": 4.5, "met": True}
+    assert c["prefill >= fp32"] == {"value": 1.5, "met": True}
+    assert c[">= 25% of ceiling"] == {"value": 0.25, "met": True}
+    assert c["weights <= (3.00+0.2)/32 of fp32"] == {"value": 0.115, "limit": 0.1, "met": False}
+    assert c["load peak <= file + 10%"]["met"] is False
     result = {
         "models": {"m": model},
         "targets": {"m": checks},
-        "threads": 1,
+        "read_bandwidth": {"1": 2e10},
+        "threads": [1, 2],
+        "rounds": 2,
         "prompt_tokens": 8,
         "new_tokens": 2,
         "command": "edkm bench generate",
         "date": "today",
     }
     md = generate.format_markdown(result)
-    assert "| packed3 |" in md and "0.90x" in md and "error: 'killed'" in md and "1 thread per process" in md
+    assert "| packed3 | 1 |" in md and "4.50x" in md and "1.50x" in md and "45.0 (44.0-45.0)" in md
+    assert "error: 'killed'" in md and "20.0 GB/s at 1 thread" in md and "25%" in md
 
 
 def test_parser_and_bad_subsets():
@@ -71,6 +89,7 @@ def test_measure_packed_bundled_model_eager(tmp_path, monkeypatch):
         "path": str(tmp_path / "p3.safetensors"),
         "dtype": None,
         "kernel": None,
+        "runtime": "hf",
         "prompt_tokens": 70,
         "new_tokens": 3,
         "threads": 1,
@@ -82,3 +101,25 @@ def test_measure_packed_bundled_model_eager(tmp_path, monkeypatch):
     assert result["logits_rel_error_gemv"] <= 1e-5 and result["logits_rel_error_prefill"] <= 1e-5
     assert result["weight_bytes_by_dtype"]["uint8"] > 0.9 * info["params"]  # 1 byte per clustered weight
     assert result["decode_tokens_per_second"] > 0 and result["ttft_seconds"] > 0
+    assert result["bytes_per_token"] > 0 and result["prefill_tokens_per_second"] > 0
+
+
+def test_measure_packed_bundled_model_lean(tmp_path):
+    """The lean decode path's measurement: logits against decode-then-matmul, no whole-weight decode."""
+    generate_child.prepare({"model": "stories260k", "dir": str(tmp_path), "packed": [[4, None, "p4.safetensors"]]})
+    spec = {
+        "kind": "packed",
+        "path": str(tmp_path / "p4.safetensors"),
+        "dtype": None,
+        "kernel": None,
+        "runtime": "lean",
+        "prompt_tokens": 64,
+        "new_tokens": 4,
+        "threads": 1,
+        "seed": 0,
+    }
+    result = generate_child.measure(spec)
+    assert result["whole_weight_decodes"] == 0
+    assert result["logits_rel_error_gemv"] <= 1e-5 and result["logits_rel_error_prefill"] <= 1e-5
+    assert result["native_step"] == native.available()
+    assert result["weight_bytes"] >= result["weight_bytes_at_load"]  # the lean model's fused weights counted

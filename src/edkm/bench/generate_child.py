@@ -1,14 +1,16 @@
 """``edkm bench generate`` work in a fresh process:
 ``python -m edkm.bench.generate_child prepare|measure SPEC OUT``.
 
-``prepare`` saves the dense and packed models (:func:`prepare`). ``measure`` loads one model (dense
-Hugging Face folder in fp32 or bf16, or a packed file), then measures, with
-``torch.set_num_threads(spec["threads"])``: load time and the peak RSS it added; warm-up (first
-generation: kernel compilation); time to first token (one forward over a ``prompt_tokens`` prompt
-and the arg-max); greedy batch-1 decode tokens/s over ``new_tokens`` tokens with a KV cache; the
-resident weight bytes (every distinct parameter/buffer storage of the model); RSS and peak RSS.
-Packed models also report the whole-weight decodes per generated token (0 is the point) and the
-logits' error against decode-then-matmul on the same prompt.
+``prepare`` saves the dense and packed models (:func:`prepare`), and the llama.cpp files of a model that has a
+GGUF. ``measure`` loads one model (dense Hugging Face folder in fp32 or bf16, a packed file, or a GGUF file for
+llama.cpp), then measures, with ``spec["threads"]`` threads: load time and the peak RSS it added; warm-up (first
+generation: kernel compilation); time to first token (one forward over a ``prompt_tokens`` prompt and the
+arg-max: prefill tokens/s); greedy batch-1 decode tokens/s over ``new_tokens`` tokens with a KV cache; the
+resident weight bytes (every distinct tensor storage the generation reads from); the bytes read per generated
+token; RSS and peak RSS. Packed models run through the lean decode path (``runtime="lean"``, what
+``model.generate`` uses) or transformers' forward (``runtime="hf"``) and report the whole-weight decodes (0 is
+the point) and the logits' error against decode-then-matmul on the same prompt. ``bandwidth`` measures the
+read bandwidth (``torch.sum`` over 1 GiB) that turns bytes per token into a tokens/s ceiling.
 """
 
 from __future__ import annotations
@@ -36,14 +38,24 @@ from edkm.layers.lut import LUTWeight, set_lut_kernel
 from edkm.models import BUNDLED_MODEL_DIR, load_causal_lm
 from edkm.peers.baselines import ptq_kmeans_
 from edkm.rss import peak_rss_bytes, rss_bytes
+from edkm.runtime import LeanLlama
 
 
-def tensor_bytes(model: Any) -> dict[str, int]:
-    """Bytes of the model's distinct parameter/buffer storages (and int8 re-grids): total and by dtype."""
+def tensor_bytes(model: Any, lean: LeanLlama | None = None) -> dict[str, int]:
+    """Bytes of the distinct storages of the model's parameters/buffers, int8 re-grids, the native kernel's packed
+    copies and the lean model's fused weights: total and by dtype."""
     seen: dict[int, Any] = {}
     extra = [
         t for m in model.modules() if isinstance(m, LUTWeight) and m.int8 is not None for t in (m.int8.q, m.int8.scales)
     ]
+    extra += [
+        t
+        for m in model.modules()
+        if isinstance(m, LUTWeight) and m.views is not None and m.views.packed is not None
+        for t in (m.views.packed.packed, m.views.packed.table)
+    ]
+    if lean is not None:
+        extra += [t for p in lean.projections() for t in p.tensors()]
     for t in [*model.parameters(), *model.buffers(), *extra]:
         if t.device.type != "meta":
             seen.setdefault(t.untyped_storage().data_ptr(), t)
@@ -85,6 +97,47 @@ def greedy(model: Any, prompt: Any, new_tokens: int) -> tuple[float, list[float]
     return ttft, steps, logits
 
 
+def greedy_lean(lean: LeanLlama, prompt: Any, new_tokens: int) -> tuple[float, list[float], Any]:
+    """:func:`greedy` through the lean decode path (what ``model.generate`` runs for a packed Llama model)."""
+    lean.reset()
+    t0 = time.perf_counter()
+    logits = lean.forward(prompt[0])
+    token = logits.argmax().reshape(1)
+    ttft, steps = time.perf_counter() - t0, []
+    for _ in range(new_tokens - 1):
+        t = time.perf_counter()
+        token = lean.forward(token).argmax().reshape(1)
+        steps.append(time.perf_counter() - t)
+    return ttft, steps, logits
+
+
+def bytes_per_token(model: Any, lean: LeanLlama | None) -> int:
+    """Weight bytes one decode step reads: every projection (packed where packed) and the norms; an untied
+    embedding contributes one row (0 here), a tied one is read whole as the head."""
+    if lean is not None:
+        return sum(t.untyped_storage().nbytes() for p in lean.projections() for t in p.tensors()) + sum(
+            t.numel() * t.element_size() for layer in lean.layers for t in (layer.input_norm, layer.post_norm)
+        )
+    embed = model.get_input_embeddings()
+    tied = model.get_output_embeddings() is not None and any(
+        p is q for p in model.get_output_embeddings().parameters() for q in embed.parameters()
+    )
+    skip = set() if tied else {id(p) for p in embed.parameters()}
+    total = 0
+    for m in model.modules():
+        if isinstance(m, LUTWeight):
+            if skip and any(m is getattr(e, "lut", None) for e in [embed]):
+                continue
+            views = m.views.packed if m.views is not None and m.views.packed is not None else None
+            total += views.packed.numel() if views is not None else m.indices.numel()
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) not in skip and p.untyped_storage().data_ptr() not in seen:
+            seen.add(p.untyped_storage().data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
 class DecodeCounter:
     """Counts whole-weight decodes (``edkm.decode`` calls from the LUT layers and kernels) while active."""
 
@@ -106,6 +159,8 @@ class DecodeCounter:
 
 
 def measure(spec: dict) -> dict[str, Any]:
+    if spec["kind"] == "llamacpp":
+        return measure_llamacpp(spec)
     # deferred: transformers is the hf extra (the kernel profile runs without it); imported before the
     # baseline, as every configuration needs it, so that its import is not counted as load memory
     from transformers import LlamaForCausalLM  # noqa: F401
@@ -119,39 +174,151 @@ def measure(spec: dict) -> dict[str, Any]:
     load_s = time.perf_counter() - t
     load_peak = peak_rss_bytes() - baseline
     after_load = (rss_bytes() or 0) - baseline
-    weights = tensor_bytes(model)
-    gen = torch.Generator().manual_seed(spec["seed"])
-    prompt = torch.randint(3, model.config.vocab_size, (1, spec["prompt_tokens"]), generator=gen)
+    at_load = tensor_bytes(model)
+    prompt = prompt_ids(spec, model.config.vocab_size)
     result: dict[str, Any] = {
         "load_seconds": load_s,
         "load_peak_rss_bytes": load_peak,
         "rss_after_load_bytes": after_load,
-        "weight_bytes": weights["total"],
-        "weight_bytes_by_dtype": weights,
+        "weight_bytes_at_load": at_load["total"],
     }
+    lean_path = spec["kind"] == "packed" and spec.get("runtime", "lean") == "lean"
     with torch.no_grad():
         t = time.perf_counter()
-        greedy(model, prompt[:, :8], 3)  # warm-up: compiles the packed kernels (one per shape)
+        lean = LeanLlama(model, spec["prompt_tokens"] + spec["new_tokens"]) if lean_path else None
+        run = (lambda p, n: greedy_lean(lean, p, n)) if lean is not None else (lambda p, n: greedy(model, p, n))
+        run(prompt[:, :8], 3)  # warm-up: builds the lean model / compiles the packed kernels
         result["warmup_seconds"] = time.perf_counter() - t
         with DecodeCounter() as decodes:
-            ttft, steps, logits = greedy(model, prompt, spec["new_tokens"])
+            ttft, steps, logits = run(prompt, spec["new_tokens"])
+        weights = tensor_bytes(model, lean)
         result.update(
             ttft_seconds=ttft,
+            prefill_tokens_per_second=spec["prompt_tokens"] / ttft,
             decode_tokens_per_second=len(steps) / sum(steps) if steps else None,
             decode_step_seconds_median=sorted(steps)[len(steps) // 2] if steps else None,
             whole_weight_decodes=decodes.count,
+            weight_bytes=weights["total"],
+            weight_bytes_by_dtype=weights,
+            bytes_per_token=bytes_per_token(model, lean),
+            native_step=lean is not None and lean.step is not None,
             peak_rss_bytes=peak_rss_bytes() - baseline,
             loadavg_1min=os.getloadavg()[0],
         )
         if spec["kind"] == "packed":
-            result["compile_failed"] = linear.fused_gemv().failed
-            auto = [model(prompt[:, :n]).logits.float() for n in (1, 64)]  # fused GEMV; tiled prefill
-            set_lut_kernel(model, "decode")
-            ref = [model(prompt[:, :n]).logits.float() for n in (1, 64)]
-            for name, a, r in zip(("gemv", "prefill"), auto, ref):
-                result[f"logits_rel_error_{name}"] = float((a - r).abs().max() / r.abs().max())
+            result.update(logit_errors(model, lean, prompt))
     result.update(threads=torch.get_num_threads(), torch=torch.__version__)
     return result
+
+
+def prompt_ids(spec: dict, vocab: int) -> Any:
+    """The seeded random prompt (1, prompt_tokens) every configuration of a model decodes after."""
+    gen = torch.Generator().manual_seed(spec["seed"])
+    return torch.randint(3, vocab, (1, spec["prompt_tokens"]), generator=gen)
+
+
+def logit_errors(model: Any, lean: LeanLlama | None, prompt: Any) -> dict[str, float]:
+    """max |packed - decode-then-matmul| / max |decode-then-matmul| of the last logits: a 1-token step after a
+    63-token prefix (``gemv``: the decode path) and a 64-token prefill (``prefill``)."""
+    if lean is not None:
+        lean.reset()
+        prefill = lean.forward(prompt[0, :64])
+        lean.reset()
+        lean.forward(prompt[0, :63])
+        step = lean.forward(prompt[0, 63:64])
+        ours = [step, prefill]
+    else:
+        out = model(prompt[:, :63], use_cache=True)
+        step = model(prompt[:, 63:64], past_key_values=out.past_key_values, use_cache=True).logits[0, -1]
+        ours = [step.float(), model(prompt[:, :64]).logits[0, -1].float()]
+    set_lut_kernel(model, "decode")
+    ref = model(prompt[:, :64]).logits[0, -1].float()
+    return {
+        f"logits_rel_error_{name}": float((a - ref).abs().max() / ref.abs().max())
+        for name, a in zip(("gemv", "prefill"), ours)
+    }
+
+
+def measure_llamacpp(spec: dict) -> dict[str, Any]:
+    """The same measurement of a GGUF file through llama.cpp (llama-cpp-python): greedy on its own logits."""
+    import llama_cpp
+    import numpy as np  # deferred: the llama.cpp rows only
+
+    gc.collect()
+    baseline = rss_bytes() or 0
+    threads = int(spec["threads"])
+    t = time.perf_counter()
+    llm = llama_cpp.Llama(
+        spec["path"],
+        n_ctx=spec["prompt_tokens"] + spec["new_tokens"] + 8,
+        n_batch=spec["prompt_tokens"],
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    load_s = time.perf_counter() - t
+    load_peak = peak_rss_bytes() - baseline
+    vocab = llm.n_vocab()
+    prompt = prompt_ids(spec, vocab)[0].tolist()
+
+    def next_token() -> int:
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(vocab,))))
+
+    def run(ids: list[int], n: int) -> tuple[float, list[float]]:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        token = next_token()
+        ttft, steps = time.perf_counter() - t0, []
+        for _ in range(n - 1):
+            t = time.perf_counter()
+            llm.eval([token])
+            token = next_token()
+            steps.append(time.perf_counter() - t)
+        return ttft, steps
+
+    t = time.perf_counter()
+    run(prompt[:8], 3)
+    warmup = time.perf_counter() - t
+    ttft, steps = run(prompt, spec["new_tokens"])
+    weights = gguf_bytes(spec["path"])
+    return {
+        "load_seconds": load_s,
+        "load_peak_rss_bytes": load_peak,
+        "warmup_seconds": warmup,
+        "ttft_seconds": ttft,
+        "prefill_tokens_per_second": spec["prompt_tokens"] / ttft,
+        "decode_tokens_per_second": len(steps) / sum(steps),
+        "decode_step_seconds_median": sorted(steps)[len(steps) // 2],
+        "weight_bytes": weights["total"],
+        "bytes_per_token": weights["per_token"],
+        "peak_rss_bytes": peak_rss_bytes() - baseline,
+        "loadavg_1min": os.getloadavg()[0],
+        "threads": threads,
+        "llama_cpp_python": llama_cpp.__version__,
+    }
+
+
+def gguf_bytes(path: str) -> dict[str, int]:
+    """Tensor bytes of a GGUF file, and those a decode step reads (all but an untied token embedding)."""
+    from gguf import GGUFReader  # deferred: the gguf extra
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
+    total = sum(tensors.values())
+    untied = "output.weight" in tensors
+    return {"total": total, "per_token": total - (tensors.get("token_embd.weight", 0) if untied else 0)}
+
+
+def bandwidth(spec: dict) -> dict[str, Any]:
+    """Read bandwidth in bytes/s at ``threads`` threads: the best of 5 ``torch.sum`` over a 1 GiB fp32 tensor."""
+    torch.set_num_threads(int(spec["threads"]))
+    x = torch.ones(1 << 28)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return {"read_bytes_per_second": x.numel() * 4 / best, "threads": torch.get_num_threads()}
 
 
 def prepare(spec: dict) -> dict[str, Any]:
@@ -183,13 +350,45 @@ def prepare(spec: dict) -> dict[str, Any]:
             save_palettized(packed, path)
             del packed
         files[name] = path.stat().st_size
+    ggufs = prepare_gguf(folder, spec.get("gguf", [])) if spec["model"] == "smollm2" else {}
+    files.update({name: Path(path).stat().st_size for name, path in ggufs.items()})
     weights = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2]
     return {
         "dense_dir": str(dense_dir),
+        "gguf": ggufs,
         "file_bytes": files,
         "params": sum(p.numel() for p in model.parameters()),
         "largest_weight_fp32_bytes": max(p.numel() for p in weights) * 4,
     }
+
+
+GGUF_TYPES = {"q4_1": None, "q8_0": 7, "q4_0": 2}  # llama.cpp file types (LLAMA_FTYPE_MOSTLY_*); q4_1: shipped
+
+
+def prepare_gguf(folder: Path, kinds: list[str]) -> dict[str, str]:
+    """The shipped Q4_1 GGUF of SmolLM2 and, requantized from it by llama.cpp's own quantizer, Q8_0 / Q4_0 files
+    (name -> path); empty without llama-cpp-python (the rows then say so)."""
+    from edkm.models.gguf import resolve_gguf
+
+    try:
+        import llama_cpp
+    except ImportError:
+        return {}
+    shipped, out = resolve_gguf("smollm2-135m"), {}
+    for kind in kinds:
+        if GGUF_TYPES[kind] is None:
+            out[kind] = str(shipped)
+            continue
+        path = folder / f"smollm2-{kind}.gguf"
+        if not path.is_file():
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.allow_requantize = GGUF_TYPES[kind], True
+            tmp = path.with_suffix(".tmp")
+            if llama_cpp.llama_model_quantize(str(shipped).encode(), str(tmp).encode(), params) != 0:
+                raise RuntimeError(f"llama.cpp could not quantize {shipped} to {kind}")
+            tmp.replace(path)
+        out[kind] = str(path)
+    return out
 
 
 def kernel_profile(spec: dict) -> dict[str, Any]:
@@ -243,7 +442,8 @@ def kernel_profile(spec: dict) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     what, spec_json, result_path = argv
-    result = {"prepare": prepare, "measure": measure, "profile": kernel_profile}[what](json.loads(spec_json))
+    jobs = {"prepare": prepare, "measure": measure, "profile": kernel_profile, "bandwidth": bandwidth}
+    result = jobs[what](json.loads(spec_json))
     with open(result_path, "w") as f:
         json.dump(result, f)
     return 0

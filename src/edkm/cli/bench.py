@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from edkm.bench.generate import CONFIGS, MODELS
+from edkm.bench.generate import CONFIGS, DEFAULT_CONFIGS, MODELS
 from edkm.bench.train import DEFAULT_ROWS, ROWS
 from edkm.bench.zeroshot import FIELD_TASKS
 from edkm.cli.options import BENCH_RUN_DIR
@@ -71,11 +71,12 @@ def add_generate_parser(bench_sub: Any) -> None:
     p.add_argument("--md", default=None, help="Markdown table output (default: --out with .md)")
     p.add_argument("--readme", default=None, help="also replace the <!-- generate table --> section of this README")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--work-dir", default="runs/bench/generate-models", help="where the prepared models are kept")
-    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for the time to first token")
-    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated (decode speed)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per measurement process")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (prefill tokens/s)")
+    p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens generated (decode tokens/s)")
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts, each row measured at each")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds over every row (best reported)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per process")
     p.add_argument(
         "--no-profile",
