@@ -7,8 +7,10 @@ quantizer checks the ``quantization_config`` and the checkpoint's tensor table a
 :class:`PackedSlot` where every clustered Linear/Embedding was. transformers loads the stored
 LUTs and packed indices into the slots; afterwards each slot becomes a
 :class:`~edkm.layers.lut.LUTModule` (tied modules share one LUT). No fp32 weight is ever materialised.
-Llama-architecture models get the lean ``generate`` of :func:`edkm.runtime.bind` (the way transformers binds a
-repository's ``custom_generate``); any call it cannot answer exactly runs transformers' own.
+On CPU with the native kernel every LUT keeps its indices bit-packed (``LUTWeight.compact_``: ~b/8 bytes
+per weight resident instead of 1). Llama-architecture models get the lean ``generate`` of
+:func:`edkm.runtime.bind` (the way transformers binds a repository's ``custom_generate``); any call it cannot
+answer exactly runs transformers' own.
 
 Saving: ``get_state_dict_and_metadata`` stores every LUT layer once as ``<module>.lut.lut`` (or
 ``lo`` + ``step``) and ``<module>.lut.indices`` (b-bit values packed densely), with the checksum
@@ -178,6 +180,7 @@ class EdkmHfQuantizer(HfQuantizer):
             check_finite(layer, parts, f"layer {layer.name!r}")
             device = parts["indices"].device
             lut = build_lut(layer, {k: v.cpu() for k, v in parts.items()}, owner.decode_dtype).to(device)
+            lut.compact_()  # on CPU with the native kernel: indices stay bit-packed (b/8 bytes per weight)
             for name in layer.modules:
                 slot = model.get_submodule(name)
                 slot.init_unstored_buffers(model)

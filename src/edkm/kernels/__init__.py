@@ -17,6 +17,7 @@ from edkm.kernels.linear import (
     check_kernel,
     lut_embedding,
     lut_linear,
+    packed_linear,
     tiled_linear,
 )
 
@@ -32,5 +33,6 @@ __all__ = [
     "lut_embedding",
     "lut_gemv",
     "lut_linear",
+    "packed_linear",
     "tiled_linear",
 ]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -68,18 +69,34 @@ def tiled_linear(
     dtype: torch.dtype,
     bias: torch.Tensor | None,
     tile_bytes: int | None = None,
+    rows_of: Callable[[slice], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``F.linear(x, decode(...), bias)`` decoding ``tile_bytes`` (default :data:`TILE_BYTES`) of rows at a time."""
+    """``F.linear(x, decode(...), bias)`` decoding ``tile_bytes`` (default :data:`TILE_BYTES`) of rows at a time.
+
+    ``rows_of(slice)``: the decoded rows in ``dtype`` (default :func:`decode_rows` of ``lut`` / ``indices``).
+    """
     rows, cols = weight_rows_cols(shape)
+    rows_of = rows_of or (lambda part: decode_rows(lut, indices, shape, dtype, part))
     step = max(1, (tile_bytes or TILE_BYTES) // max(1, cols * torch.finfo(dtype).bits // 8))
     if step >= rows:  # one tile: exactly decode-then-matmul
-        return F.linear(x, decode_rows(lut, indices, shape, dtype, slice(0, rows)).to(x.dtype), bias)
+        return F.linear(x, rows_of(slice(0, rows)).to(x.dtype), bias)
     outs = []
     for start in range(0, rows, step):
-        tile = decode_rows(lut, indices, shape, dtype, slice(start, start + step)).to(x.dtype)
+        tile = rows_of(slice(start, min(start + step, rows))).to(x.dtype)
         outs.append(F.linear(x, tile, None if bias is None else bias[start : start + step]))
         del tile
     return torch.cat(outs, dim=-1)
+
+
+def packed_linear(x: torch.Tensor, w: native.PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`lut_linear`'s ``auto`` kernel on a bit-packed weight alone (a compact LUTWeight): the native GEMV up to
+    :data:`NATIVE_MAX_TOKENS` tokens, else row tiles decoded by the native kernel + ``F.linear`` (the same numbers
+    as :func:`tiled_linear` on the uint8 indices: the rows decode bit for bit alike)."""
+    tokens = x.numel() // w.cols if w.cols else 0
+    if 0 < tokens <= NATIVE_MAX_TOKENS and x.dtype == w.dtype:
+        return native.linear(x, w, bias)
+    shape = torch.Size([w.rows, w.cols])
+    return tiled_linear(x, None, None, shape, w.dtype, bias, rows_of=lambda part: native.decode_range(w, part))
 
 
 class KernelViews(NamedTuple):
@@ -197,7 +214,7 @@ class PackedLinear(torch.autograd.Function):
 def lut_embedding(
     ids: torch.Tensor,
     lut: torch.Tensor,
-    indices: torch.Tensor,
+    indices: torch.Tensor | None,
     shape: torch.Size,
     dtype: torch.dtype,
     padding_idx: int | None = None,
@@ -209,7 +226,8 @@ def lut_embedding(
 ) -> torch.Tensor:
     """``F.embedding(ids, W)`` decoding only the rows asked for (``max_norm``, which rewrites W, decodes it all).
 
-    ``packed``: the native kernel's copy of the same weight, which decodes the rows (bit for bit the same).
+    ``packed``: the native kernel's copy of the same weight, which decodes the rows (bit for bit the same);
+    ``indices`` may then be None (a compact weight), unless ``max_norm`` is set or ``ids`` are not on the CPU.
     """
     if max_norm is not None or ids.device.type != "cpu":
         return F.embedding(

@@ -146,23 +146,41 @@ class PackedWeight(NamedTuple):
         >>> (pw.bits, pw.R, pw.C, tuple(pw.table.shape))
         (2, 1, 3, (1, 2, 4))
         """
-        groups, n = indices.shape
-        k = lut.shape[1]
-        bits = k.bit_length() - 1
-        if k != 1 << bits or not 1 <= bits <= 8:
-            raise ValueError(f"LUT size must be 2^bits with bits in 1..8, got {k}")
         rows, cols = weight_rows_cols(shape)
+        return cls.of_packed(lut, pack(indices.reshape(rows, cols), bits_of(lut)), shape, dtype)
+
+    @classmethod
+    def of_packed(cls, lut: torch.Tensor, packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> PackedWeight:
+        """The weight of already packed rows (:func:`pack` of the indices of ``lut``'s groups; a compact LUTWeight).
+
+        >>> lut = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+        >>> idx = torch.tensor([[3, 2, 1, 0]], dtype=torch.uint8)
+        >>> a = PackedWeight.from_lut(lut, idx, torch.Size([2, 2]), torch.float32)
+        >>> b = PackedWeight.of_packed(lut, a.packed, torch.Size([2, 2]), torch.float32)
+        >>> (a.R, a.C) == (b.R, b.C) and torch.equal(a.table, b.table)
+        True
+        """
+        groups, k = lut.shape
+        bits = bits_of(lut)
+        rows, cols = weight_rows_cols(shape)
+        n = rows * cols // groups
         table = lut.to(dtype).float()
         if cols and n % cols == 0:
-            R, C = n // cols, cols
-            table = table.reshape(groups, 1, k).contiguous()
+            R, C, table = n // cols, cols, table.reshape(groups, 1, k).contiguous()
         elif n and cols % n == 0:
-            R, C = 1, n
-            table = table.reshape(rows, cols // n, k).contiguous()
+            R, C, table = 1, n, table.reshape(rows, cols // n, k).contiguous()
         else:
             raise ValueError(f"groups of {n} weights straddle rows of {cols}: no row/column layout")
-        packed = pack(indices.reshape(rows, cols), bits)
         return cls(packed, table, bits, rows, cols, R, C, dtype)
+
+
+def bits_of(lut: torch.Tensor) -> int:
+    """b of a (G, 2^b) LUT; a ValueError unless 2^b entries with b in 1..8."""
+    k = lut.shape[1]
+    bits = k.bit_length() - 1
+    if k != 1 << bits or not 1 <= bits <= 8:
+        raise ValueError(f"LUT size must be 2^bits with bits in 1..8, got {k}")
+    return bits
 
 
 def pack(indices: torch.Tensor, bits: int) -> torch.Tensor:
@@ -219,6 +237,12 @@ def embedding(ids: torch.Tensor, w: PackedWeight, isa: str = "auto") -> torch.Te
     """
     rows = ext().decode_rows(w.packed, w.table, ids.reshape(-1), w.bits, w.rows, w.cols, w.R, w.C, isa)
     return rows.to(w.dtype).reshape(*ids.shape, w.cols)
+
+
+def decode_range(w: PackedWeight, rows: slice, isa: str = "auto") -> torch.Tensor:
+    """Rows ``rows`` (a slice) of the decoded weight in ``w.dtype``: bit for bit ``edkm.decode(...)[rows]``."""
+    ids = torch.arange(w.rows)[rows]
+    return ext().decode_rows(w.packed, w.table, ids, w.bits, w.rows, w.cols, w.R, w.C, isa).to(w.dtype)
 
 
 def supported_isas() -> list[str]:

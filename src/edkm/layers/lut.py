@@ -18,7 +18,17 @@ import torch
 from torch import nn
 
 from edkm.cluster import decode
-from edkm.kernels import Int8Weight, KernelViews, check_kernel, decode_rows, lut_embedding, lut_linear
+from edkm.kernels import (
+    Int8Weight,
+    KernelViews,
+    check_kernel,
+    decode_rows,
+    lut_embedding,
+    lut_linear,
+    native,
+    packed_linear,
+)
+from edkm.kernels.layout import weight_rows_cols
 from edkm.layers.base import WrappedLayer
 
 LUT_DTYPE = torch.float16
@@ -82,6 +92,51 @@ class LUTWeight(nn.Module):
             ", uniform" if self.uniform else ""
         )
 
+    @property
+    def indices(self) -> torch.Tensor:
+        """uint8 indices (G, n): the buffer, or (after :meth:`compact_`) unpacked from the bit-packed rows."""
+        buffers = self.__dict__["_buffers"]
+        if buffers.get("indices") is not None:
+            return buffers["indices"]
+        if buffers.get("packed") is None:
+            raise AttributeError("indices")
+        rows, cols = weight_rows_cols(self.shape)
+        flat = native.unpack(buffers["packed"], self.bits, cols)
+        return flat.reshape(self.lut.shape[0], -1)
+
+    @property
+    def compact(self) -> bool:
+        """Whether only the native kernel's bit-packed indices are kept (see :meth:`compact_`)."""
+        return self.__dict__["_buffers"].get("indices") is None
+
+    def compact_(self) -> bool:
+        """Keep the indices bit-packed (the native kernel's rows: ~b/8 bytes per weight) instead of one byte each.
+
+        For inference on CPU: the native kernel reads these rows; anything that needs the uint8 indices
+        (export, other kernels, gradients) unpacks them on use (:attr:`indices`), bit for bit the same.
+        Returns whether it did: CPU buffers, a built native kernel, a row or column LUT layout. (Packed rows are
+        whole 64-byte blocks, so narrow 5-8-bit rows may take more than one byte per weight; the native kernel
+        reads this copy anyway, and the uint8 one is dropped.)
+
+        >>> w = LUTWeight(torch.tensor([[0.5, -1.0]], dtype=torch.float16),
+        ...               torch.tensor([[0, 1, 1, 0]], dtype=torch.uint8), torch.Size([2, 2]), 1, torch.float32)
+        >>> before = w()
+        >>> w.compact_() == native.available(), torch.equal(w(), before)
+        (True, True)
+        """
+        if self.compact:
+            return True
+        if self.indices.device.type != "cpu" or torch.finfo(self.dtype).bits > 32 or not native.available():
+            return False
+        try:
+            packed = native.PackedWeight.from_lut(self.lut, self.indices, self.shape, self.dtype)
+        except ValueError:  # groups straddle rows: no native layout
+            return False
+        self._buffers["packed"] = packed.packed
+        self._buffers["indices"] = None  # a None buffer: not in state_dict, `indices` unpacks
+        self.views = None
+        return True
+
     def forward(self) -> torch.Tensor:
         return decode(self.lut, self.indices, self.shape, self.dtype)
 
@@ -98,6 +153,12 @@ class LUTWeight(nn.Module):
 
     def kernel_views(self) -> KernelViews:
         """The kernels' views of the current buffers, rebuilt when they change (packed for the native kernel)."""
+        if self.compact:
+            packed = self._buffers["packed"]
+            if self.views is None or not self.views.fits(self.lut, packed, self.dtype):
+                weight = native.PackedWeight.of_packed(self.lut, packed, self.shape, self.dtype)
+                self.views = KernelViews(None, None, KernelViews.key_of(self.lut, packed, self.dtype), weight)
+            return self.views
         if self.views is None or not self.views.fits(self.lut, self.indices, self.dtype):
             packed = self.kernel in ("auto", "native") and self.indices.device.type == "cpu"
             self.views = KernelViews.of(self.lut, self.indices, self.shape, self.dtype, packed)
@@ -105,7 +166,10 @@ class LUTWeight(nn.Module):
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``F.linear(x, self(), bias)`` without materialising ``self()`` (exact unless kernel == "int8")."""
-        views = self.kernel_views()
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+        if self.compact and self.kernel in ("auto", "native") and x.device.type == "cpu" and not needs_grad:
+            return packed_linear(x, self.kernel_views().packed, bias)
+        views = None if self.compact else self.kernel_views()  # compact + another kernel: indices unpacked per call
         return lut_linear(x, self.lut, self.indices, self.shape, self.dtype, bias, self.kernel, self.int8, views)
 
     def embedding(
@@ -118,10 +182,12 @@ class LUTWeight(nn.Module):
         sparse: bool = False,
     ) -> torch.Tensor:
         """``F.embedding(ids, self(), ...)`` decoding only the rows of ``ids``."""
+        packed = self.kernel_views().packed if self.kernel in ("auto", "native") else None
+        unpacked = packed is None or max_norm is not None or ids.device.type != "cpu"
         return lut_embedding(
             ids,
             self.lut,
-            self.indices,
+            self.indices if unpacked else None,  # a compact weight unpacks only where the native rows cannot serve
             self.shape,
             self.dtype,
             padding_idx,
@@ -129,7 +195,7 @@ class LUTWeight(nn.Module):
             norm_type,
             scale_grad_by_freq,
             sparse,
-            self.kernel_views().packed if self.kernel in ("auto", "native") else None,
+            packed,
         )
 
 

@@ -113,6 +113,19 @@ def fuse(parts: list[Part]) -> Part | None:
     return Part(fused, None, torch.cat(biases) if any_bias else None, fused.rows)
 
 
+def share_rows(modules: list[nn.Module], fused: torch.Tensor) -> None:
+    """Make each compact layer's packed rows a view of its rows in ``fused`` (equal bytes: one copy resident)."""
+    start = 0
+    for m in modules:
+        rows = m.lut.shape[0]
+        view = fused[start : start + rows]
+        if not torch.equal(view, m.lut.packed):
+            raise AssertionError("fused rows differ from the layer's")  # a bug, not bad input
+        m.lut._buffers["packed"] = view
+        m.lut.views = None  # its kernel views held the old rows
+        start += rows
+
+
 class Projection(NamedTuple):
     """``x (T, cols) -> (T, sum of rows)`` for Linear layers of one input: fused where possible."""
 
@@ -120,10 +133,17 @@ class Projection(NamedTuple):
 
     @classmethod
     def of(cls, modules: list[nn.Module]) -> Projection:
-        """One fused part for several native LUT layers of equal bits and column groups, else one part per layer."""
+        """One fused part for several native LUT layers of equal bits and column groups, else one part per layer.
+
+        Layers whose LUTWeight is compact (bit-packed only, as loaded for inference) are re-pointed at their rows
+        of the fused buffer (the same bytes), so fusing costs no second copy; others keep their own indices.
+        """
         if len(modules) > 1 and all(is_native(m) for m in modules):
-            fused = fuse([part_of(m, shared=False) for m in modules])
+            compact = all(m.lut.compact for m in modules)
+            fused = fuse([part_of(m, shared=compact) for m in modules])
             if fused is not None:
+                if compact:
+                    share_rows(modules, fused.packed.packed)
                 return cls((fused,))
         return cls(tuple(part_of(m) for m in modules))
 
