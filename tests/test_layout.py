@@ -17,6 +17,7 @@ ORDER = [
     "peers",
     "coreml",
     "hf",
+    "runtime",
     "distributed",
     "export",
     "eval",

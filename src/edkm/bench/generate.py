@@ -135,33 +135,7 @@ def run_generate_benchmark(args: Any) -> dict:
         }
         print(f"[{model}] preparing models in {work / model} ...", file=sys.stderr, flush=True)
         info = run_child(["prepare", json.dumps(spec)], {"OMP_NUM_THREADS": "2"}, args.timeout)
-        runs: dict[tuple[str, int], list[dict]] = {}
-        for round_ in range(args.rounds):
-            for config in configs:
-                for n in threads:
-                    path = config_path(config, work, model, info)
-                    if path is None:
-                        why = "no GGUF of this model" if model != "smollm2" else "llama-cpp-python is not installed"
-                        runs.setdefault((config, n), []).append({"error": f"skipped: {why}"})
-                        continue
-                    print(f"[{model}] {config} x{n} (round {round_ + 1}) ...", file=sys.stderr, flush=True)
-                    env = {**CONFIGS[config][4], "OMP_NUM_THREADS": str(n)}
-                    try:
-                        row = run_child(["measure", json.dumps(child_spec(config, path, args, n))], env, args.timeout)
-                    except (RuntimeError, subprocess.TimeoutExpired) as err:
-                        row = {"error": str(err)[-1000:]}
-                    runs.setdefault((config, n), []).append(row)
-        rows = []
-        for (config, n), measured in runs.items():
-            row = best_of(measured)
-            key = Path(config_path(config, work, model, info) or "").name if CONFIGS[config][0] != "dense" else "dense"
-            key = CONFIGS[config][1] if CONFIGS[config][0] == "llamacpp" else key
-            row.update(config=config, threads=n, file_bytes=info["file_bytes"].get(key))
-            if "bytes_per_token" in row:
-                rate = ceiling[n]["read_bytes_per_second"]
-                row["ceiling_tokens_per_second"] = rate / row["bytes_per_token"]
-            rows.append(row)
-            print(f"  {summary_line(row)}", file=sys.stderr, flush=True)
+        rows = measure_rows(model, configs, threads, info, ceiling, args)
         out_models[model] = {**{k: v for k, v in info.items() if k not in ("dense_dir", "gguf")}, "results": rows}
         if model == "llama150m" and args.profile:
             print("[llama150m] kernel profile ...", file=sys.stderr, flush=True)
@@ -185,6 +159,37 @@ def run_generate_benchmark(args: Any) -> dict:
     }
     write_outputs(result, args)
     return result
+
+
+def measure_rows(model: str, configs: list[str], threads: list[int], info: dict, ceiling: dict, args: Any) -> list:
+    """Every (configuration, threads) of one model, ``args.rounds`` interleaved rounds, each in its own process."""
+    work, runs = Path(args.work_dir), {}
+    for round_ in range(args.rounds):
+        for config in configs:
+            for n in threads:
+                path = config_path(config, work, model, info)
+                if path is None:
+                    why = "no GGUF of this model" if model != "smollm2" else "llama-cpp-python is not installed"
+                    runs.setdefault((config, n), []).append({"error": f"skipped: {why}"})
+                    continue
+                print(f"[{model}] {config} x{n} (round {round_ + 1}) ...", file=sys.stderr, flush=True)
+                env = {**CONFIGS[config][4], "OMP_NUM_THREADS": str(n)}
+                try:
+                    row = run_child(["measure", json.dumps(child_spec(config, path, args, n))], env, args.timeout)
+                except (RuntimeError, subprocess.TimeoutExpired) as err:
+                    row = {"error": str(err)[-1000:]}
+                runs.setdefault((config, n), []).append(row)
+    rows = []
+    for (config, n), measured in runs.items():
+        kind, what = CONFIGS[config][:2]
+        row = best_of(measured)
+        key = {"dense": "dense", "llamacpp": what}.get(kind) or Path(config_path(config, work, model, info)).name
+        row.update(config=config, threads=n, file_bytes=info["file_bytes"].get(key))
+        if "bytes_per_token" in row:
+            row["ceiling_tokens_per_second"] = ceiling[n]["read_bytes_per_second"] / row["bytes_per_token"]
+        rows.append(row)
+        print(f"  {summary_line(row)}", file=sys.stderr, flush=True)
+    return rows
 
 
 def best_of(measured: list[dict]) -> dict:
@@ -248,6 +253,53 @@ def targets(model: dict) -> dict[str, dict]:
     return out
 
 
+def profile_lines(profile: dict | None) -> list[str]:
+    """The kernel profile's table (llama150m), or nothing."""
+    if not profile:
+        return []
+    bits = [k for k in profile["rows"][0] if k.endswith("bit")]
+    lines = [
+        "Kernel profile, batch 1, ms per Linear (dense fp32 vs packed, interleaved; "
+        f"load {profile['loadavg_1min']:.1f}):",
+        "",
+        "| shape | dense fp32 | " + " | ".join(f"packed {b}" for b in bits) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in bits) + " |",
+    ]
+    for r in profile["rows"]:
+        dense = min(r[b]["dense_ms"] for b in bits)
+        cells = " | ".join(f"{r[b]['packed_ms']:.2f} ({r[b]['packed_ns_per_weight']:.2f} ns/w)" for b in bits)
+        lines.append(f"| {r['shape'][0]} x {r['shape'][1]} | {dense:.2f} | {cells} |")
+    return [*lines, ""]
+
+
+def row_line(name: str, n: int, r: dict, rows: dict) -> str:
+    """One table row: a configuration at ``n`` threads, its ratios to dense fp32 and llama.cpp Q4_1 (``rows``)."""
+    if "error" in r:
+        return f"| {name} | {n} | error: {r['error'][-120:]!r} |"
+    fp32, q41 = rows.get(("fp32", n), {}), rows.get(("llamacpp-q4_1", n), {})
+
+    def ratio(ref: dict) -> str:
+        if "decode_tokens_per_second" not in ref:
+            return "-"
+        return f"{r['decode_tokens_per_second'] / ref['decode_tokens_per_second']:.2f}x"
+
+    err = r.get("logits_rel_error_gemv")
+    err_s = "-" if err is None else f"{max(err, r['logits_rel_error_prefill']):.1e}"
+    ceiling = r.get("ceiling_tokens_per_second")
+    share = "-" if not ceiling else f"{r['decode_tokens_per_second'] / ceiling:.0%}"
+    spread = r.get("rounds_decode_tokens_per_second", [])
+    decode = f"{r['decode_tokens_per_second']:.1f}" + (
+        f" ({min(spread):.1f}-{max(spread):.1f})" if len(spread) > 1 else ""
+    )
+    return (
+        f"| {name} | {n} | {(r['file_bytes'] or 0) / MiB:,.1f} | {r['weight_bytes'] / MiB:,.1f} | "
+        f"{r['load_seconds']:.2f} | {r['load_peak_rss_bytes'] / MiB:,.0f} | {r.get('peak_rss_bytes', 0) / MiB:,.0f} | "
+        f"{r['prefill_tokens_per_second']:.0f} | {decode} | {ratio(fp32)} | {ratio(q41)} | "
+        f"{r.get('bytes_per_token', 0) / MiB:,.1f} | {'-' if not ceiling else f'{ceiling:.0f}'} | {share} | "
+        f"{err_s} | {r['loadavg_1min']:.1f} |"
+    )
+
+
 def format_markdown(result: dict) -> str:
     lines = []
     bandwidth = result.get("read_bandwidth", {})
@@ -262,50 +314,9 @@ def format_markdown(result: dict) -> str:
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
             "| ---: | ---: |",
         ]
-        for (name, n), r in rows.items():
-            if "error" in r:
-                lines.append(f"| {name} | {n} | error: {r['error'][-120:]!r} |")
-                continue
-            fp32, q41 = rows.get(("fp32", n), {}), rows.get(("llamacpp-q4_1", n), {})
-            ratio = lambda ref, r=r: (  # noqa: E731
-                f"{r['decode_tokens_per_second'] / ref['decode_tokens_per_second']:.2f}x"
-                if "decode_tokens_per_second" in ref
-                else "-"
-            )
-            err = r.get("logits_rel_error_gemv")
-            err_s = "-" if err is None else f"{max(err, r['logits_rel_error_prefill']):.1e}"
-            ceiling = r.get("ceiling_tokens_per_second")
-            share = "-" if not ceiling else f"{r['decode_tokens_per_second'] / ceiling:.0%}"
-            spread = r.get("rounds_decode_tokens_per_second", [])
-            decode = f"{r['decode_tokens_per_second']:.1f}" + (
-                f" ({min(spread):.1f}-{max(spread):.1f})" if len(spread) > 1 else ""
-            )
-            lines.append(
-                f"| {name} | {n} | {(r['file_bytes'] or 0) / MiB:,.1f} | {r['weight_bytes'] / MiB:,.1f} | "
-                f"{r['load_seconds']:.2f} | {r['load_peak_rss_bytes'] / MiB:,.0f} | "
-                f"{r.get('peak_rss_bytes', 0) / MiB:,.0f} | "
-                f"{r['prefill_tokens_per_second']:.0f} | {decode} | {ratio(fp32)} | {ratio(q41)} | "
-                f"{r.get('bytes_per_token', 0) / MiB:,.1f} | "
-                f"{'-' if not ceiling else f'{ceiling:.0f}'} | "
-                f"{share} | "
-                f"{err_s} | {r['loadavg_1min']:.1f} |"
-            )
+        lines += [row_line(name, n, r, rows) for (name, n), r in rows.items()]
         lines.append("")
-        profile = data.get("kernel_profile")
-        if profile:
-            bits = [k for k in profile["rows"][0] if k.endswith("bit")]
-            lines += [
-                "Kernel profile, batch 1, ms per Linear (dense fp32 vs packed, interleaved; "
-                f"load {profile['loadavg_1min']:.1f}):",
-                "",
-                "| shape | dense fp32 | " + " | ".join(f"packed {b}" for b in bits) + " |",
-                "| --- | ---: | " + " | ".join("---:" for _ in bits) + " |",
-            ]
-            for r in profile["rows"]:
-                dense = min(r[b]["dense_ms"] for b in bits)
-                cells = " | ".join(f"{r[b]['packed_ms']:.2f} ({r[b]['packed_ns_per_weight']:.2f} ns/w)" for b in bits)
-                lines.append(f"| {r['shape'][0]} x {r['shape'][1]} | {dense:.2f} | {cells} |")
-            lines.append("")
+        lines += profile_lines(data.get("kernel_profile"))
         for config, checks in result["targets"].get(model, {}).items():
             marks = ", ".join(
                 f"{k}: {'met' if v['met'] else 'MISSED'} ({v['value']:,.3g} vs {v['limit']:,.3g})"

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from edkm.bench import llamacpp
 from edkm.bench.generate import LLAMA150M
 from edkm.config import PalettizeConfig
 from edkm.export import save_palettized
@@ -160,7 +161,7 @@ class DecodeCounter:
 
 def measure(spec: dict) -> dict[str, Any]:
     if spec["kind"] == "llamacpp":
-        return measure_llamacpp(spec)
+        return llamacpp.measure(spec, lambda vocab: prompt_ids(spec, vocab)[0].tolist())
     # deferred: transformers is the hf extra (the kernel profile runs without it); imported before the
     # baseline, as every configuration needs it, so that its import is not counted as load memory
     from transformers import LlamaForCausalLM  # noqa: F401
@@ -239,76 +240,6 @@ def logit_errors(model: Any, lean: LeanLlama | None, prompt: Any) -> dict[str, f
     }
 
 
-def measure_llamacpp(spec: dict) -> dict[str, Any]:
-    """The same measurement of a GGUF file through llama.cpp (llama-cpp-python): greedy on its own logits."""
-    import llama_cpp
-    import numpy as np  # deferred: the llama.cpp rows only
-
-    gc.collect()
-    baseline = rss_bytes() or 0
-    threads = int(spec["threads"])
-    t = time.perf_counter()
-    llm = llama_cpp.Llama(
-        spec["path"],
-        n_ctx=spec["prompt_tokens"] + spec["new_tokens"] + 8,
-        n_batch=spec["prompt_tokens"],
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
-    load_s = time.perf_counter() - t
-    load_peak = peak_rss_bytes() - baseline
-    vocab = llm.n_vocab()
-    prompt = prompt_ids(spec, vocab)[0].tolist()
-
-    def next_token() -> int:
-        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(vocab,))))
-
-    def run(ids: list[int], n: int) -> tuple[float, list[float]]:
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(ids)
-        token = next_token()
-        ttft, steps = time.perf_counter() - t0, []
-        for _ in range(n - 1):
-            t = time.perf_counter()
-            llm.eval([token])
-            token = next_token()
-            steps.append(time.perf_counter() - t)
-        return ttft, steps
-
-    t = time.perf_counter()
-    run(prompt[:8], 3)
-    warmup = time.perf_counter() - t
-    ttft, steps = run(prompt, spec["new_tokens"])
-    weights = gguf_bytes(spec["path"])
-    return {
-        "load_seconds": load_s,
-        "load_peak_rss_bytes": load_peak,
-        "warmup_seconds": warmup,
-        "ttft_seconds": ttft,
-        "prefill_tokens_per_second": spec["prompt_tokens"] / ttft,
-        "decode_tokens_per_second": len(steps) / sum(steps),
-        "decode_step_seconds_median": sorted(steps)[len(steps) // 2],
-        "weight_bytes": weights["total"],
-        "bytes_per_token": weights["per_token"],
-        "peak_rss_bytes": peak_rss_bytes() - baseline,
-        "loadavg_1min": os.getloadavg()[0],
-        "threads": threads,
-        "llama_cpp_python": llama_cpp.__version__,
-    }
-
-
-def gguf_bytes(path: str) -> dict[str, int]:
-    """Tensor bytes of a GGUF file, and those a decode step reads (all but an untied token embedding)."""
-    from gguf import GGUFReader  # deferred: the gguf extra
-
-    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
-    total = sum(tensors.values())
-    untied = "output.weight" in tensors
-    return {"total": total, "per_token": total - (tensors.get("token_embd.weight", 0) if untied else 0)}
-
-
 def bandwidth(spec: dict) -> dict[str, Any]:
     """Read bandwidth in bytes/s at ``threads`` threads: the best of 5 ``torch.sum`` over a 1 GiB fp32 tensor."""
     torch.set_num_threads(int(spec["threads"]))
@@ -350,7 +281,7 @@ def prepare(spec: dict) -> dict[str, Any]:
             save_palettized(packed, path)
             del packed
         files[name] = path.stat().st_size
-    ggufs = prepare_gguf(folder, spec.get("gguf", [])) if spec["model"] == "smollm2" else {}
+    ggufs = llamacpp.prepare_gguf(folder, spec.get("gguf", [])) if spec["model"] == "smollm2" else {}
     files.update({name: Path(path).stat().st_size for name, path in ggufs.items()})
     weights = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2]
     return {
@@ -360,35 +291,6 @@ def prepare(spec: dict) -> dict[str, Any]:
         "params": sum(p.numel() for p in model.parameters()),
         "largest_weight_fp32_bytes": max(p.numel() for p in weights) * 4,
     }
-
-
-GGUF_TYPES = {"q4_1": None, "q8_0": 7, "q4_0": 2}  # llama.cpp file types (LLAMA_FTYPE_MOSTLY_*); q4_1: shipped
-
-
-def prepare_gguf(folder: Path, kinds: list[str]) -> dict[str, str]:
-    """The shipped Q4_1 GGUF of SmolLM2 and, requantized from it by llama.cpp's own quantizer, Q8_0 / Q4_0 files
-    (name -> path); empty without llama-cpp-python (the rows then say so)."""
-    from edkm.models.gguf import resolve_gguf
-
-    try:
-        import llama_cpp
-    except ImportError:
-        return {}
-    shipped, out = resolve_gguf("smollm2-135m"), {}
-    for kind in kinds:
-        if GGUF_TYPES[kind] is None:
-            out[kind] = str(shipped)
-            continue
-        path = folder / f"smollm2-{kind}.gguf"
-        if not path.is_file():
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype, params.allow_requantize = GGUF_TYPES[kind], True
-            tmp = path.with_suffix(".tmp")
-            if llama_cpp.llama_model_quantize(str(shipped).encode(), str(tmp).encode(), params) != 0:
-                raise RuntimeError(f"llama.cpp could not quantize {shipped} to {kind}")
-            tmp.replace(path)
-        out[kind] = str(path)
-    return out
 
 
 def kernel_profile(spec: dict) -> dict[str, Any]:

@@ -99,6 +99,11 @@ def packed_linear(x: torch.Tensor, w: native.PackedWeight, bias: torch.Tensor | 
     return tiled_linear(x, None, None, shape, w.dtype, bias, rows_of=lambda part: native.decode_range(w, part))
 
 
+def version(t: torch.Tensor) -> int:
+    """``t._version``; 0 for an inference tensor (made under ``torch.inference_mode``: it has no counter)."""
+    return 0 if t.is_inference() else t._version
+
+
 class KernelViews(NamedTuple):
     """What the kernels read, computed once per buffer version: grid views, the fp32 table, the packed weight."""
 
@@ -119,7 +124,7 @@ class KernelViews(NamedTuple):
 
     @staticmethod
     def key_of(lut: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> tuple:
-        return (lut.data_ptr(), lut._version, tuple(lut.shape), indices.data_ptr(), tuple(indices.shape), dtype)
+        return (lut.data_ptr(), version(lut), tuple(lut.shape), indices.data_ptr(), tuple(indices.shape), dtype)
 
     def fits(self, lut: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether these views still describe ``lut`` / ``indices`` (same storage, version, shape, dtype)."""

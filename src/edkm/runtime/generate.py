@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edkm.kernels.linear import version
 from edkm.layers.lut import LUTWeight
 from edkm.runtime.llama import LeanLlama, unsupported_reason
 
@@ -110,9 +111,13 @@ def lean_generate(
 
 
 def lut_key(model: nn.Module) -> tuple:
-    """What the lean model was built from: every LUT buffer's storage and version."""
+    """What the lean model was built from: every LUT buffer's storage and version (indices: uint8 or packed)."""
     return tuple(
-        (t.data_ptr(), t._version) for m in model.modules() if isinstance(m, LUTWeight) for t in (m.lut, m.indices)
+        (t.data_ptr(), version(t))
+        for m in model.modules()
+        if isinstance(m, LUTWeight)
+        for t in m.buffers(recurse=False)
+        if t is not None
     )
 
 
