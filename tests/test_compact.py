@@ -45,6 +45,16 @@ def test_compact_weight_computes_bit_for_bit_alike(bits, groups):
     assert torch.equal(compact.linear(torch.ones(2, 576)), plain.linear(torch.ones(2, 576)))
 
 
+def test_assigning_indices_makes_a_compact_weight_plain():
+    w = lut_weight(3)
+    w.compact_()
+    new = w.indices.clone()
+    new[0, :5] = 7
+    w.indices = new
+    assert not w.compact and "packed" not in dict(w.named_buffers())
+    assert torch.equal(w.indices, new) and torch.allclose(w.linear(torch.ones(1, 576)), w().sum(1)[None], atol=1e-5)
+
+
 def test_compact_weight_keeps_gradients_for_inputs():
     plain, compact = lut_weight(3), lut_weight(3)
     compact.compact_()

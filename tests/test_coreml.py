@@ -86,7 +86,10 @@ def test_lut_ops_are_decoded_as_coremltools_materializes_them(ios18):
 
 def test_verification_catches_a_changed_weight(grouped, ios18):
     changed = edkm.load_palettized(grouped[0])
-    changed.model.layers[2].mlp.up_proj.lut.indices[0, 0] ^= 1
+    lut = changed.model.layers[2].mlp.up_proj.lut
+    indices = lut.indices.clone()  # loaded on CPU: a compact weight, whose indices are assigned, not edited in place
+    indices[0, 0] ^= 1
+    lut.indices = indices
     report = verify_mlpackage(ios18[1], changed)
     assert not report["ok"] and any("up_proj" in p for p in report["problems"])
 

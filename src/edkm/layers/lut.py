@@ -94,7 +94,8 @@ class LUTWeight(nn.Module):
 
     @property
     def indices(self) -> torch.Tensor:
-        """uint8 indices (G, n): the buffer, or (after :meth:`compact_`) unpacked from the bit-packed rows."""
+        """uint8 indices (G, n): the buffer, or (after :meth:`compact_`) unpacked from the bit-packed rows, a copy:
+        edit a compact weight's indices by assigning them (``w.indices = new``), which also makes it plain again."""
         buffers = self.__dict__["_buffers"]
         if buffers.get("indices") is not None:
             return buffers["indices"]
@@ -103,6 +104,12 @@ class LUTWeight(nn.Module):
         rows, cols = weight_rows_cols(self.shape)
         flat = native.unpack(buffers["packed"], self.bits, cols)
         return flat.reshape(self.lut.shape[0], -1)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "indices" and value is not None and "packed" in self.__dict__.get("_buffers", {}):
+            del self._buffers["packed"]  # new uint8 indices replace the packed rows
+            self.__dict__["views"] = None
+        super().__setattr__(name, value)
 
     @property
     def compact(self) -> bool:
