@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import edkm
+from edkm.generation import LeanLlama
 from edkm.kernels import native
 from edkm.layers.lut import LUTModule, LUTWeight
-from edkm.runtime import LeanLlama
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: {native.load()[1]}")
 

@@ -17,7 +17,7 @@ ORDER = [
     "peers",
     "coreml",
     "hf",
-    "runtime",
+    "generation",
     "distributed",
     "export",
     "eval",

@@ -32,6 +32,7 @@ from edkm.bench import llamacpp
 from edkm.bench.generate import LLAMA150M
 from edkm.config import PalettizeConfig
 from edkm.export import save_palettized
+from edkm.generation import LeanLlama
 from edkm.hf.load import load_palettized
 from edkm.kernels import linear
 from edkm.layers import lut
@@ -39,7 +40,6 @@ from edkm.layers.lut import LUTWeight, set_lut_kernel
 from edkm.models import BUNDLED_MODEL_DIR, load_causal_lm
 from edkm.peers.baselines import ptq_kmeans_
 from edkm.rss import peak_rss_bytes, rss_bytes
-from edkm.runtime import LeanLlama
 
 
 def tensor_bytes(model: Any, lean: LeanLlama | None = None) -> dict[str, int]:

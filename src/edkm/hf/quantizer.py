@@ -9,7 +9,7 @@ LUTs and packed indices into the slots; afterwards each slot becomes a
 :class:`~edkm.layers.lut.LUTModule` (tied modules share one LUT). No fp32 weight is ever materialised.
 On CPU with the native kernel every LUT keeps its indices bit-packed (``LUTWeight.compact_``: ~b/8 bytes
 per weight resident instead of 1). Llama-architecture models get the lean ``generate`` of
-:func:`edkm.runtime.bind` (the way transformers binds a repository's ``custom_generate``); any call it cannot
+:func:`edkm.generation.bind` (the way transformers binds a repository's ``custom_generate``); any call it cannot
 answer exactly runs transformers' own.
 
 Saving: ``get_state_dict_and_metadata`` stores every LUT layer once as ``<module>.lut.lut`` (or
@@ -33,10 +33,10 @@ from transformers.quantizers.base import HfQuantizer
 from edkm.export.errors import FormatError
 from edkm.export.layers import build_lut, digest, digest_items, lut_layers, packed_parts
 from edkm.export.validate import PackedLayer, check_buffer_budget, check_finite, check_layout
+from edkm.generation import bind
 from edkm.hf.config import QUANT_METHOD, EdkmConfig
 from edkm.layers.base import WrappedLayer, set_submodule
 from edkm.layers.lut import LUTModule
-from edkm.runtime import bind
 
 CHECKSUM_KEY = "edkm_sha256"
 INFIX = "lut."  # a layer's parts are stored as <module>.lut.<part>: the LUTModule's own state-dict keys
@@ -185,7 +185,7 @@ class EdkmHfQuantizer(HfQuantizer):
                 slot = model.get_submodule(name)
                 slot.init_unstored_buffers(model)
                 set_submodule(model, name, LUTModule(slot, lut))
-        return bind(model)  # model.generate through the lean decode path where it runs (edkm.runtime)
+        return bind(model)  # model.generate through the lean decode path where it runs (edkm.generation)
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         # deferred: transformers.modeling_utils imports transformers.quantizers, whose loading imports this module

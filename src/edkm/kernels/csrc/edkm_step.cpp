@@ -10,7 +10,7 @@
 // x * cos + rotate_half(x) * sin, softmax(q k^T / sqrt(d)) v, silu(gate) * up); sums in a different order, so
 // the logits equal the Python forward's to fp32 rounding (tested), not bit for bit.
 //
-// The model is held by the Python caller (edkm.runtime.llama.LeanLlama): this object only keeps its tensors
+// The model is held by the Python caller (edkm.generation.llama.LeanLlama): this object only keeps its tensors
 // (the same storages: the KV cache is shared with the Python prefill path).
 
 #include "edkm_lut.h"

@@ -5,8 +5,8 @@
 * :mod:`.generate`: greedy :func:`lean_generate`, and :func:`bind`, which routes ``model.generate`` to it.
 """
 
-from edkm.runtime.generate import LeanGenerate, bind, lean_generate
-from edkm.runtime.llama import LeanLlama, unsupported_reason
-from edkm.runtime.weights import Projection
+from edkm.generation.generate import LeanGenerate, bind, lean_generate
+from edkm.generation.llama import LeanLlama, unsupported_reason
+from edkm.generation.weights import Projection
 
 __all__ = ["LeanGenerate", "LeanLlama", "Projection", "bind", "lean_generate", "unsupported_reason"]

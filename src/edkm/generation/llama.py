@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edkm.generation.weights import Projection
 from edkm.kernels import native
-from edkm.runtime.weights import Projection
 
 MODEL_TYPES = ("llama",)
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")  # fixed per position: tables can be precomputed

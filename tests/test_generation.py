@@ -1,4 +1,4 @@
-"""The lean decode path (edkm.runtime) computes what transformers' LlamaForCausalLM computes.
+"""The lean decode path (edkm.generation) computes what transformers' LlamaForCausalLM computes.
 
 Metric: the last token's logits within ``1e-5 * max |logits|`` of the model's own forward (the same packed
 weights; the lean path sums in another order), and greedy tokens identical to ``generate``'s. Covered: every bit
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import edkm
+from edkm.generation import LeanGenerate, LeanLlama, bind, lean_generate, unsupported_reason
+from edkm.generation import weights as lean_weights
 from edkm.kernels import native
-from edkm.runtime import LeanGenerate, LeanLlama, bind, lean_generate, unsupported_reason
-from edkm.runtime import weights as runtime_weights
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -87,7 +87,7 @@ def test_unfusable_and_dense_projections_take_the_python_path():
 
 
 def test_without_the_native_kernel_the_modules_compute(monkeypatch):
-    monkeypatch.setattr(runtime_weights, "is_native", lambda module: False)
+    monkeypatch.setattr(lean_weights, "is_native", lambda module: False)
     model = edkm.rtn_(tiny_llama(), edkm.PalettizeConfig(bits=4))
     lean = check_against_model(model, steps=2)
     assert lean.step is None and not any(p.fused for p in lean.projections())

@@ -1,6 +1,6 @@
 """Greedy generation through the lean forward, and ``model.generate`` routed to it for packed models.
 
-:func:`lean_generate` is batch-1 greedy decoding with :class:`~edkm.runtime.llama.LeanLlama`: the same tokens as
+:func:`lean_generate` is batch-1 greedy decoding with :class:`~edkm.generation.llama.LeanLlama`: the same tokens as
 transformers' greedy ``generate`` (the same logits up to fp32 rounding), several times fewer calls per token.
 
 :class:`LeanGenerate` is what ``from_pretrained`` of an edkm folder (and ``edkm.load_palettized``) binds as the
@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from edkm.generation.llama import LeanLlama, unsupported_reason
 from edkm.kernels.linear import version
 from edkm.layers.lut import LUTWeight
-from edkm.runtime.llama import LeanLlama, unsupported_reason
 
 # generation settings that change which token greedy decoding picks: the lean path runs only at their defaults
 _PROCESSING = (
