@@ -84,19 +84,8 @@ def test_loading_compacts_and_saving_again_gives_the_same_file(tmp_path):
     assert first.read_bytes() == second.read_bytes()
 
 
-def test_from_pretrained_models_are_compact_and_the_lean_model_shares_their_bytes(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=120,
-    )
-    model = edkm.rtn_(LlamaForCausalLM(cfg).eval(), edkm.PalettizeConfig(bits=3))
+def test_from_pretrained_models_are_compact_and_the_lean_model_shares_their_bytes(tmp_path, tiny_causal_lm):
+    model = edkm.rtn_(tiny_causal_lm("llama").eval(), edkm.PalettizeConfig(bits=3))
     edkm.save_palettized(model, tmp_path / "m.safetensors")
     loaded = edkm.load_palettized(tmp_path / "m.safetensors")
     luts = [m.lut for m in loaded.modules() if isinstance(m, LUTModule)]
