@@ -102,7 +102,8 @@ class LUTWeight(nn.Module):
         if buffers.get("packed") is None:
             raise AttributeError("indices")
         rows, cols = weight_rows_cols(self.shape)
-        flat = native.unpack(buffers["packed"], self.bits, cols)
+        packed = buffers["packed"]
+        flat = native.unpack(packed.cpu(), self.bits, cols).to(packed.device)  # the kernel unpacks CPU rows only
         return flat.reshape(self.lut.shape[0], -1)
 
     def __setattr__(self, name: str, value: object) -> None:
