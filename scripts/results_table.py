@@ -134,6 +134,101 @@ def coreml_peers_table() -> str:
     return "\n".join(rows)
 
 
+SHORT = {
+    "rtn": "RTN",
+    "kmeans": "k-means",
+    "kmeans_aw": "AW k-means",
+    "gptq": "GPTQ",
+    "gptq_g128": "GPTQ g128",
+    "squeeze": "Fisher k-means/row",
+    "edkm": "eDKM",
+}
+
+
+def _decoder_bits(bpw: dict) -> float:
+    """Bits per weight of the decoder layers (the narrowest width) from a saved file's breakdown."""
+    return bpw[min((b for b in bpw if b.isdigit()), key=int)]
+
+
+def smollm2_points() -> list[dict]:
+    """(label, bits, decoder bits/weight, ppl, zero-shot average or None, family) of every SmolLM2 result."""
+    points = []
+    for path in sorted(RESULTS.glob("smollm2_[0-9]*bit*.json")):
+        result = json.loads(path.read_text())
+        r, zs = result["report"], (result.get("zeroshot") or {}).get("models", {})
+        group = r["plan"].get("group_size")
+        for key, _ in SMOLLM2_ROWS[1:]:
+            entry, ppl = zs.get(key), r.get(PPL_KEYS.get(key, key + "_ppl"))
+            if ppl is None or entry is None or "bits_per_weight" not in entry or (group and key not in GROUPED_ROWS):
+                continue
+            label = SHORT[key] + (f" g{group}" if group else "")
+            points.append(
+                dict(
+                    label=label,
+                    bits=r["bits"],
+                    bpw=_decoder_bits(entry["bits_per_weight"]),
+                    ppl=ppl,
+                    zeroshot=100 * entry["average"],
+                    family="edkm" if key == "edkm" else "peer",
+                )
+            )
+    for path in sorted(RESULTS.glob("smollm2_coreml_peers_*bit.json")):
+        result = json.loads(path.read_text())
+        for name, row in result["rows"].items():
+            label = ("coreml SKM" if "skm" in name else "coreml k-means") + (" g16" if name.endswith("g16") else "")
+            points.append(
+                dict(
+                    label=label,
+                    bits=result["bits"],
+                    bpw=_decoder_bits(row["bits_per_weight"]),
+                    ppl=row["ppl"],
+                    zeroshot=None,
+                    family="coreml",
+                )
+            )
+    return points
+
+
+def smollm2_plot(out: Path = RESULTS / "smollm2.png") -> Path | None:
+    """WikiText-2 perplexity and zero-shot average against bits per weight, one point per method (PNG)."""
+    import matplotlib  # deferred: only to draw
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = smollm2_points()
+    if not points:
+        return None
+    original = json.loads(sorted(RESULTS.glob("smollm2_[0-9]*bit*.json"))[0].read_text())
+    fp_ppl = original["report"]["fp_ppl"]
+    fp_zs = ((original.get("zeroshot") or {}).get("models", {}).get("original") or {}).get("average")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+    colors = {"edkm": "tab:red", "peer": "tab:blue", "coreml": "tab:green"}
+    for p in points:
+        marker = {3: "o", 4: "s"}.get(p["bits"], "^")
+        for ax, y in ((left, p["ppl"]), (right, p["zeroshot"])):
+            if y is None:
+                continue
+            ax.scatter(p["bpw"], y, marker=marker, color=colors[p["family"]], s=40 if p["family"] == "edkm" else 22)
+            ax.annotate(p["label"], (p["bpw"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    left.axhline(fp_ppl, color="gray", ls=":", lw=1, label=f"fp32 original ({fp_ppl:.2f})")
+    if fp_zs is not None:
+        right.axhline(100 * fp_zs, color="gray", ls=":", lw=1, label=f"fp32 original ({100 * fp_zs:.1f})")
+    left.set_yscale("log")
+    left.set_ylabel("WikiText-2 perplexity (log scale)")
+    right.set_ylabel("zero-shot average (%, 100 items per task)")
+    for ax in (left, right):
+        ax.set_xlabel("bits per weight of the decoder layers (from the saved file)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize=8)
+    fig.suptitle(
+        "SmolLM2-135M-Instruct: eDKM (red), our peers (blue), coremltools (green); circles 3-bit, squares 4-bit"
+    )
+    fig.savefig(out, dpi=100, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return out
+
+
 def memory_table() -> str:
     """The measured table and the target checks of memory.md (without its header and notes)."""
     path = RESULTS / "memory.md"
@@ -165,6 +260,9 @@ if __name__ == "__main__":
         }
         for path in rewrite_sections(tables):
             print(f"rewrote {path.relative_to(ROOT)}", file=sys.stderr)
+        plot = smollm2_plot()
+        if plot is not None:
+            print(f"drew {plot.relative_to(ROOT)}", file=sys.stderr)
         sys.exit()
     if which in ("all", "compress"):
         print(compress_table())

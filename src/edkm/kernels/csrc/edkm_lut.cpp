@@ -262,11 +262,13 @@ void gemv_narrow(const Args& a, int64_t r0, int64_t r1) {
   const int64_t cols = a.cols, nq = a.L.nq, nd = a.L.nd;
   const int64_t gfull = (cols / 16) / 32;  // groups of 32 slots with every column present
   const int64_t ngroups = (nq + 31) / 32;
+  const float* loaded = nullptr;  // the table in `tbl` (rows of one LUT group share it: loaded once)
+  __m512 tbl = _mm512_setzero_ps();
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = a.packed + r * a.L.stride;
     prefetch_ahead(a, r);
     const float* tb = row_table(a, r);
-    __m512 tbl = load_table16(tb, k);
+    if (GROUPED || tb != loaded) { tbl = load_table16(tb, k); loaded = tb; }
     int64_t next_b = a.C;
     __m512 acc[T][NA];
     for (int t = 0; t < T; ++t)
