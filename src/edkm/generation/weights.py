@@ -29,8 +29,6 @@ from torch import nn
 from edkm.kernels import native
 from edkm.layers.lut import LUTModule
 
-GEMV_MAX_TOKENS = native.GEMV_MAX_TOKENS  # more tokens (prefill) go through decoded tiles + GEMM
-
 
 class Part(NamedTuple):
     """One weight of a projection: ``packed`` for the native kernel (with ``bias``), else the ``module`` itself."""
@@ -41,14 +39,7 @@ class Part(NamedTuple):
     rows: int
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            return self.module(x)
-        w, m = self.packed, native.ext()
-        if x.shape[0] <= GEMV_MAX_TOKENS:
-            y = m.gemv(x, w.packed, w.table, w.bits, w.rows, w.cols, w.R, w.C, "auto")
-        else:
-            y = m.linear_tiled(x, w.packed, w.table, w.bits, w.rows, w.cols, w.R, w.C, 0, "auto")
-        return y if self.bias is None else y.add_(self.bias)
+        return self.module(x) if self.packed is None else native.linear(x, self.packed, self.bias)
 
 
 def is_native(module: nn.Module) -> bool:
@@ -59,7 +50,7 @@ def is_native(module: nn.Module) -> bool:
     return (
         lut.kernel in ("auto", "native")
         and lut.dtype == torch.float32
-        and lut.indices.device.type == "cpu"
+        and lut.lut.device.type == "cpu"  # not `indices`: a compact weight would unpack them to answer
         and native.available()
     )
 

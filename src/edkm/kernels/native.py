@@ -241,8 +241,7 @@ def embedding(ids: torch.Tensor, w: PackedWeight, isa: str = "auto") -> torch.Te
 
 def decode_range(w: PackedWeight, rows: slice, isa: str = "auto") -> torch.Tensor:
     """Rows ``rows`` (a slice) of the decoded weight in ``w.dtype``: bit for bit ``edkm.decode(...)[rows]``."""
-    ids = torch.arange(w.rows)[rows]
-    return ext().decode_rows(w.packed, w.table, ids, w.bits, w.rows, w.cols, w.R, w.C, isa).to(w.dtype)
+    return embedding(torch.arange(w.rows)[rows], w, isa)
 
 
 def supported_isas() -> list[str]:
