@@ -36,7 +36,7 @@ from edkm.generation import LeanLlama
 from edkm.hf.load import load_palettized
 from edkm.kernels import linear
 from edkm.layers import lut
-from edkm.layers.lut import LUTWeight, set_lut_kernel
+from edkm.layers.lut import LUTModule, LUTWeight, set_lut_kernel
 from edkm.models import BUNDLED_MODEL_DIR, load_causal_lm
 from edkm.peers.baselines import ptq_kmeans_
 from edkm.rss import peak_rss_bytes, rss_bytes
@@ -119,19 +119,15 @@ def bytes_per_token(model: Any, lean: LeanLlama | None) -> int:
         return sum(t.untyped_storage().nbytes() for p in lean.projections() for t in p.tensors()) + sum(
             t.numel() * t.element_size() for layer in lean.layers for t in (layer.input_norm, layer.post_norm)
         )
-    embed = model.get_input_embeddings()
-    tied = model.get_output_embeddings() is not None and any(
-        p is q for p in model.get_output_embeddings().parameters() for q in embed.parameters()
-    )
-    skip = set() if tied else {id(p) for p in embed.parameters()}
-    total = 0
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    shared = lambda m: (m.lut,) if isinstance(m, LUTModule) else tuple(m.parameters())  # noqa: E731
+    tied = head is not None and any(a is b for a in shared(head) for b in shared(embed))
+    skip = set() if tied else {id(t) for t in shared(embed)}  # an untied embedding reads one row per token
+    total, seen = 0, set()
     for m in model.modules():
-        if isinstance(m, LUTWeight):
-            if skip and any(m is getattr(e, "lut", None) for e in [embed]):
-                continue
-            views = m.views.packed if m.views is not None and m.views.packed is not None else None
-            total += views.packed.numel() if views is not None else m.indices.numel()
-    seen: set[int] = set()
+        if isinstance(m, LUTWeight) and id(m) not in skip:
+            held = m.views.packed.packed if m.views is not None and m.views.packed is not None else None
+            total += (held if held is not None else m.packed if m.compact else m.indices).numel()
     for p in model.parameters():
         if id(p) not in skip and p.untyped_storage().data_ptr() not in seen:
             seen.add(p.untyped_storage().data_ptr())
