@@ -76,6 +76,16 @@ def check_close(y, x, w):
 CASES = [(rows, cols, R, C) for rows, cols in SHAPES for R, C in layouts(rows, cols)]
 
 
+@needs_kernel
+@pytest.mark.parametrize(
+    "bits,cols,stride",
+    [(3, 576, 224), (4, 576, 288), (3, 1536, 576), (2, 576, 144), (1, 13, 16), (3, 64, 32), (8, 576, 576), (5, 100, 128)],
+)
+def test_rows_take_their_bits_plus_at_most_one_short_block(bits, cols, stride):
+    """A narrow row's last block keeps only the word width its bits need (8, 16 or 32 bits per lane)."""
+    assert MOD.packed_stride(bits, cols) == stride
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("isa", ISA_PARAMS)
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -87,7 +97,7 @@ def test_gemv_and_prefill(rows, cols, R, C, bits, isa, threads):
         idx, table = make(rows, cols, R, C, bits, seed=rows * 1000 + cols + bits)
         w = dense(idx, table, R, C)
         packed = MOD.pack_rows(idx, bits)
-        assert packed.shape == (rows, MOD.packed_stride(bits, cols)) and packed.shape[1] % 64 == 0
+        assert packed.shape == (rows, MOD.packed_stride(bits, cols)) and packed.shape[1] % 16 == 0
         assert torch.equal(MOD.unpack_rows(packed, bits, cols), idx)
         g = torch.Generator().manual_seed(bits)
         for T in TOKENS + (PREFILL,):
@@ -161,9 +171,9 @@ def test_pack_layout_bits():
     idx = torch.zeros(1, cols, dtype=torch.uint8)
     idx[0, 10 * 16 + 5] = 0b101  # lane 5, slot 10: lane-stream bits 30, 31 (block 0), 32 (block 1)
     p = MOD.pack_rows(idx, 3)
-    assert p.shape == (1, 128)
-    words = p.view(torch.int32).view(2, 16)
-    assert words[0, 5].item() == 1 << 30 and words[1, 5].item() == 1
+    assert p.shape == (1, 64 + 16)  # block 1 holds 1 bit per lane: 16 one-byte words
+    words = p[0, :64].view(torch.int32)
+    assert words[5].item() == 1 << 30 and p[0, 64 + 5].item() == 1
     assert int((p != 0).sum()) == 2
 
 

@@ -16,7 +16,13 @@
 // its own LSB-first bit stream running through word l of block 0, word l of block 1, ...:
 // slot m occupies lane-stream bits [m*bits, (m+1)*bits), and lane-stream bit j is bit (j % LW) of
 // word l of block (j / LW). A value may straddle two blocks. nd = ceil(nq*bits / LW) blocks per
-// row, stride = 64 * nd. Padding (columns >= cols, bits past the last slot) is zero.
+// row. Padding (columns >= cols, bits past the last slot) is zero.
+//
+// Short last block (narrow only): the last block of a row holds tail = nq*bits - 32*(nd-1) used
+// bits per lane; when tail <= 8 (16) its 16 words are stored as uint8 (uint16): TW = 8, 16 or 32
+// bits, loaded with one zero-extending vpmovzx into 32-bit lanes. stride = 64 * (nd-1) + 2 * TW
+// bytes: a 576-wide 3-bit row takes 224 bytes (216 of values) instead of 256, a 4-bit one 288
+// (exact). Rows are then 16-byte aligned only (every load is unaligned-safe). Wide: TW = 16 always.
 //
 // Why: one 512-bit load gives 16 (32) lanes; a constant shift (or a 2-shift funnel when a value
 // straddles two blocks) puts slot m's index in the low bits of every 32-bit (16-bit) lane, and
@@ -61,7 +67,8 @@ namespace {
 
 struct Layout {
   int bits, k, lw, nl;
-  int64_t nq, nd, stride;
+  int tw;            // bits per word of the last block (== lw unless narrow with a short tail)
+  int64_t nq, nd, tail_off, stride;
 };
 
 Layout layout_of(int bits, int64_t cols) {
@@ -73,20 +80,25 @@ Layout layout_of(int bits, int64_t cols) {
   L.nl = 512 / L.lw;
   L.nq = (cols + L.nl - 1) / L.nl;
   L.nd = (L.nq * bits + L.lw - 1) / L.lw;
-  L.stride = L.nd * 64;
+  L.tail_off = (L.nd - 1) * 64;
+  const int64_t tail = L.nq * bits - L.lw * (L.nd - 1);
+  L.tw = L.lw == 16 ? 16 : (tail <= 8 ? 8 : (tail <= 16 ? 16 : 32));
+  L.stride = L.tail_off + L.nl * L.tw / 8;
   return L;
+}
+
+// Byte offset and width (bits) of word (block d, lane l) of a packed row.
+inline std::pair<int64_t, int> word_place(const Layout& L, int64_t d, int64_t l) {
+  if (d == L.nd - 1) return {L.tail_off + l * L.tw / 8, L.tw};
+  return {d * 64 + l * L.lw / 8, L.lw};
 }
 
 // Word (block d, lane l) of a packed row, as a 64-bit value (zero past the row).
 inline uint64_t word_at(const uint8_t* row, const Layout& L, int64_t d, int64_t l) {
   if (d >= L.nd) return 0;
-  if (L.lw == 32) {
-    uint32_t w;
-    std::memcpy(&w, row + (d * 16 + l) * 4, 4);
-    return w;
-  }
-  uint16_t w;
-  std::memcpy(&w, row + (d * 32 + l) * 2, 2);
+  const auto [off, width] = word_place(L, d, l);
+  uint32_t w = 0;
+  std::memcpy(&w, row + off, width / 8);  // little-endian
   return w;
 }
 
@@ -249,9 +261,16 @@ inline __attribute__((always_inline)) void prefetch_ahead(const Args& a, int64_t
   }
 }
 
-inline __attribute__((always_inline)) void load_blocks(const uint8_t* row, int64_t first, int n, int64_t nd, __m512i* v) {
-  for (int j = 0; j < n; ++j)
-    v[j] = (first + j < nd) ? _mm512_loadu_si512(row + (first + j) * 64) : _mm512_setzero_si512();
+// Block d of a row as 16 (32) lanes: a short last block (TW < 32) zero-extended into 32-bit lanes.
+inline __attribute__((always_inline)) __m512i load_block(const uint8_t* row, int64_t d, const Layout& L) {
+  if (d >= L.nd) return _mm512_setzero_si512();
+  if (d < L.nd - 1 || L.tw == L.lw) return _mm512_loadu_si512(row + d * 64);
+  if (L.tw == 16) return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(row + L.tail_off)));
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + L.tail_off)));
+}
+
+inline __attribute__((always_inline)) void load_blocks(const uint8_t* row, int64_t first, int n, const Layout& L, __m512i* v) {
+  for (int j = 0; j < n; ++j) v[j] = load_block(row, first + j, L);
 }
 
 // ---- narrow (1..4 bits): 16 weights per slot
@@ -259,7 +278,7 @@ template <int B, int T, bool GROUPED>
 void gemv_narrow(const Args& a, int64_t r0, int64_t r1) {
   constexpr int NA = T == 1 ? 4 : (T == 2 ? 2 : 1);
   const int k = 1 << B;
-  const int64_t cols = a.cols, nq = a.L.nq, nd = a.L.nd;
+  const int64_t cols = a.cols, nq = a.L.nq;
   const int64_t gfull = (cols / 16) / 32;  // groups of 32 slots with every column present
   const int64_t ngroups = (nq + 31) / 32;
   const float* loaded = nullptr;  // the table in `tbl` (rows of one LUT group share it: loaded once)
@@ -287,7 +306,7 @@ void gemv_narrow(const Args& a, int64_t r0, int64_t r1) {
             acc[t][i % NA] = _mm512_fmadd_ps(w, _mm512_loadu_ps(a.x + t * a.xs + c0), acc[t][i % NA]);
         });
       } else {
-        load_blocks(row, g * B, B, nd, v);
+        load_blocks(row, g * B, B, a.L, v);
         static_for<32>([&](auto ic) {
           constexpr int i = decltype(ic)::value;
           const int64_t m = g * 32 + i;
@@ -316,7 +335,7 @@ void gemv_wide(const Args& a, int64_t r0, int64_t r1) {
   constexpr int NA = T == 1 ? 2 : 1;
   constexpr int NT = (1 << B) / 32;
   const int k = 1 << B;
-  const int64_t cols = a.cols, nq = a.L.nq, nd = a.L.nd;
+  const int64_t cols = a.cols, nq = a.L.nq;
   const int64_t gfull = (cols / 32) / 16;
   const int64_t ngroups = (nq + 15) / 16;
   for (int64_t r = r0; r < r1; ++r) {
@@ -348,7 +367,7 @@ void gemv_wide(const Args& a, int64_t r0, int64_t r1) {
           }
         });
       } else {
-        load_blocks(row, g * B, B, nd, v);
+        load_blocks(row, g * B, B, a.L, v);
         static_for<16>([&](auto ic) {
           constexpr int i = decltype(ic)::value;
           const int64_t m = g * 16 + i;
@@ -380,14 +399,14 @@ void gemv_wide(const Args& a, int64_t r0, int64_t r1) {
 template <int B>
 void decode_narrow(const Args& a, int64_t r, float* out) {
   const int k = 1 << B;
-  const int64_t cols = a.cols, nq = a.L.nq, nd = a.L.nd, ngroups = (nq + 31) / 32;
+  const int64_t cols = a.cols, nq = a.L.nq, ngroups = (nq + 31) / 32;
   const uint8_t* row = a.packed + r * a.L.stride;
   const float* tb = row_table(a, r);
   __m512 tbl = load_table16(tb, k);
   int64_t next_b = a.C;
   for (int64_t g = 0; g < ngroups; ++g) {
     __m512i v[B];
-    load_blocks(row, g * B, B, nd, v);
+    load_blocks(row, g * B, B, a.L, v);
     static_for<32>([&](auto ic) {
       constexpr int i = decltype(ic)::value;
       const int64_t m = g * 32 + i;
@@ -404,7 +423,7 @@ template <int B>
 void decode_wide(const Args& a, int64_t r, float* out) {
   const int k = 1 << B;
   constexpr int NT = (1 << B) / 32;
-  const int64_t cols = a.cols, nq = a.L.nq, nd = a.L.nd, ngroups = (nq + 15) / 16;
+  const int64_t cols = a.cols, nq = a.L.nq, ngroups = (nq + 15) / 16;
   const uint8_t* row = a.packed + r * a.L.stride;
   const uint16_t* tb = a.t16 + (r / a.R) * a.Gc * k;
   __m512i tw[NT];
@@ -412,7 +431,7 @@ void decode_wide(const Args& a, int64_t r, float* out) {
   int64_t next_b = a.C;
   for (int64_t g = 0; g < ngroups; ++g) {
     __m512i v[B];
-    load_blocks(row, g * B, B, nd, v);
+    load_blocks(row, g * B, B, a.L, v);
     static_for<16>([&](auto ic) {
       constexpr int i = decltype(ic)::value;
       const int64_t m = g * 16 + i;
@@ -600,6 +619,23 @@ inline __attribute__((always_inline)) __m256 lookup(__m256i idx, __m256 lo, __m2
   }
 }
 
+// Block d of a narrow row as lanes 0..7 (lo) and 8..15 (hi); a short last block zero-extended.
+inline __attribute__((always_inline)) void load_block(const uint8_t* row, int64_t d, const Layout& L, __m256i& lo, __m256i& hi) {
+  const uint8_t* p = row + d * 64;
+  if (d >= L.nd) {
+    lo = hi = _mm256_setzero_si256();
+  } else if (d < L.nd - 1 || L.tw == 32) {
+    lo = _mm256_loadu_si256((const __m256i*)p);
+    hi = _mm256_loadu_si256((const __m256i*)(p + 32));
+  } else if (L.tw == 16) {
+    lo = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+    hi = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(p + 16)));
+  } else {
+    lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+    hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8)));
+  }
+}
+
 inline __attribute__((always_inline)) __m256i lane_mask(int64_t n) {
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::max<int64_t>(0, std::min<int64_t>(n, 8)))), iota);
@@ -609,7 +645,7 @@ template <int B, int T>
 void gemv_narrow(const Args& a, int64_t r0, int64_t r1) {
   constexpr int NA = T == 1 ? 2 : 1;
   const int k = 1 << B;
-  const int64_t cols = a.cols, nq = a.L.nq, nd = a.L.nd;
+  const int64_t cols = a.cols, nq = a.L.nq;
   const int64_t gfull = (cols / 16) / 32, ngroups = (nq + 31) / 32;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = a.packed + r * a.L.stride;
@@ -622,12 +658,7 @@ void gemv_narrow(const Args& a, int64_t r0, int64_t r1) {
       for (int j = 0; j < 2 * NA; ++j) acc[t][j] = _mm256_setzero_ps();
     for (int64_t g = 0; g < ngroups; ++g) {
       __m256i v0[B], v1[B];
-      for (int j = 0; j < B; ++j) {
-        const bool in = g * B + j < nd;
-        const uint8_t* p = row + (g * B + j) * 64;
-        v0[j] = in ? _mm256_loadu_si256((const __m256i*)p) : _mm256_setzero_si256();
-        v1[j] = in ? _mm256_loadu_si256((const __m256i*)(p + 32)) : _mm256_setzero_si256();
-      }
+      for (int j = 0; j < B; ++j) load_block(row, g * B + j, a.L, v0[j], v1[j]);
       const bool full = g < gfull;
       static_for<32>([&](auto ic) {
         constexpr int i = decltype(ic)::value;
@@ -848,17 +879,11 @@ at::Tensor pack_rows(const at::Tensor& indices, int64_t bits) {
         for (int64_t dd = d; dd <= d + 1 && dd < L.nd; ++dd) {
           const uint64_t part = (dd == d ? bitsv : (bitsv >> L.lw)) & ((uint64_t(1) << L.lw) - 1);
           if (!part) continue;
-          if (L.lw == 32) {
-            uint32_t w;
-            std::memcpy(&w, row + (dd * 16 + l) * 4, 4);
-            w |= uint32_t(part);
-            std::memcpy(row + (dd * 16 + l) * 4, &w, 4);
-          } else {
-            uint16_t w;
-            std::memcpy(&w, row + (dd * 32 + l) * 2, 2);
-            w |= uint16_t(part);
-            std::memcpy(row + (dd * 32 + l) * 2, &w, 2);
-          }
+          const auto [off, width] = word_place(L, dd, l);
+          uint32_t w = 0;
+          std::memcpy(&w, row + off, width / 8);
+          w |= uint32_t(part);
+          std::memcpy(row + off, &w, width / 8);
         }
       }
     }
