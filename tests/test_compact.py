@@ -99,3 +99,67 @@ def test_from_pretrained_models_are_compact_and_the_lean_model_shares_their_byte
     ids = torch.tensor([[4, 8, 15, 16]])
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 5, 8])
+def test_dense_streams_become_the_kernels_rows_from_any_byte_aligned_offset(bits):
+    idx = torch.randint(0, 1 << bits, (9, 100), dtype=torch.uint8)
+    stream = edkm.export.pack_bits(idx, bits)
+    rows = native.pack_dense(stream, bits, 100, torch.empty(9, native.stride(bits, 100), dtype=torch.uint8))
+    assert torch.equal(rows, native.pack(idx, bits))
+    shifted = edkm.export.pack_bits(torch.cat([torch.zeros(3, dtype=torch.uint8), idx.reshape(-1)]), bits)
+    out = torch.empty(9, native.stride(bits, 100), dtype=torch.uint8)
+    start = 3 * bits // 8
+    native.pack_dense(shifted[start:], bits, 100, out, bit_offset=3 * bits % 8)  # the stream starts mid-byte
+    assert torch.equal(out, rows)
+
+
+def streamed_model(tmp_path, tiny_causal_lm, **config):
+    model = edkm.rtn_(tiny_causal_lm("llama").eval(), edkm.PalettizeConfig(bits=3, **config))
+    path = tmp_path / "m.safetensors"
+    edkm.save_palettized(model, path)
+    return model, path
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_a_streamed_load_builds_rows_chunk_by_chunk_bit_for_bit(tmp_path, tiny_causal_lm, monkeypatch, chunk):
+    from edkm.export import stream
+
+    model, path = streamed_model(tmp_path, tiny_causal_lm, group_size=4)
+    monkeypatch.setattr(stream, "CHUNK", chunk)  # 7 bytes: many chunks per tensor, rows split across them
+    packed, tensors = stream.read_streamed(path)
+    for name in packed.layers:
+        lut = model.get_submodule(name).lut
+        rows, cols = lut.shape[0], lut.shape[-1]
+        assert torch.equal(tensors[f"{name}.packed"], native.pack(lut.indices.reshape(rows, cols), 3)), name
+    loaded = edkm.load_palettized(path)
+    ids = torch.tensor([[4, 8, 15, 16]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_a_streamed_load_refuses_a_changed_index_byte(tmp_path, tiny_causal_lm):
+    from edkm.export import stream
+
+    _, path = streamed_model(tmp_path, tiny_causal_lm)
+    packed = edkm.export.inspect_file(path)
+    name = next(iter(packed.layers))
+    with open(path, "rb") as f:
+        start, end = stream.byte_ranges(f, path)[f"{name}.indices"]
+    data = bytearray(path.read_bytes())
+    data[end - 1] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(edkm.export.FormatError, match="checksum mismatch"):
+        edkm.load_palettized(path)
+
+
+def test_a_file_loaded_in_float64_decodes_the_streamed_rows_as_plain_indices(tmp_path, tiny_causal_lm):
+    from edkm.export.layers import build_lut
+    from edkm.export.stream import read_streamed
+
+    model, path = streamed_model(tmp_path, tiny_causal_lm)
+    packed, tensors = read_streamed(path)
+    name, layer = next(iter(packed.layers.items()))
+    parts = {p: tensors[f"{name}.{p}"] for p in ("lo", "step", "packed")}
+    lut = build_lut(layer, parts, torch.float64)
+    assert not lut.compact and torch.equal(lut.indices, model.get_submodule(name).lut.indices)

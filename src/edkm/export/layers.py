@@ -29,7 +29,9 @@ from torch import nn
 
 from edkm.export.pack import pack_bits, unpack_bits
 from edkm.export.validate import PackedLayer
-from edkm.layers.lut import LUT_DTYPE, LUTModule, LUTWeight
+from edkm.kernels import native
+from edkm.kernels.layout import weight_rows_cols
+from edkm.layers.lut import LUT_DTYPE, LUTModule, LUTWeight, compactable, uniform_levels
 
 
 def lut_layers(model: nn.Module) -> dict[str, tuple[LUTWeight, list[str]]]:
@@ -64,14 +66,37 @@ def packed_parts(lut: LUTWeight) -> dict[str, torch.Tensor]:
     return parts
 
 
-def build_lut(layer: PackedLayer, parts: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> LUTWeight:
-    """The LUTWeight of validated ``parts``; decoded in ``dtype`` (default: the layer's)."""
-    indices = unpack_bits(parts["indices"], layer.bits, layer.numel).reshape(layer.groups, -1)
+def build_lut(
+    layer: PackedLayer, parts: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, compact: bool = False
+) -> LUTWeight:
+    """The LUTWeight of validated ``parts``; decoded in ``dtype`` (default: the layer's).
+
+    ``parts["packed"]`` (the native kernel's rows, from :mod:`edkm.export.stream`) instead of ``indices`` gives a
+    compact weight; so does ``compact=True`` where the layer is :func:`~edkm.layers.lut.compactable` (the stored
+    stream becomes kernel rows directly: no uint8 copy of the indices, ~b/8 bytes per weight at any time).
+    """
     dtype = dtype or layer.dtype
-    if layer.levels != "lut":
-        lo, step = parts["lo"].float(), parts["step"].float()
-        return LUTWeight.from_uniform(lo, step, indices, torch.Size(layer.shape), layer.bits, dtype)
-    return LUTWeight(parts["lut"].to(LUT_DTYPE), indices, torch.Size(layer.shape), layer.bits, dtype)
+    shape = torch.Size(layer.shape)
+    uniform = (parts["lo"].float(), parts["step"].float()) if layer.levels != "lut" else None
+    lut = uniform_levels(*uniform, layer.bits) if uniform is not None else parts["lut"].to(LUT_DTYPE)
+    fits = compactable(shape, layer.groups, dtype)
+    packed = parts.get("packed")
+    if packed is not None and not fits:  # rows read for the layer's dtype, decoded in one the kernel does not run
+        indices = native.unpack(packed, layer.bits, weight_rows_cols(shape)[1])
+        return LUTWeight(lut, indices.reshape(layer.groups, -1), shape, layer.bits, dtype, uniform)
+    if packed is None and compact and fits and parts["indices"].device.type == "cpu":
+        packed = native_rows(layer, parts["indices"])
+    if packed is not None:
+        return LUTWeight.from_rows(lut, packed, shape, layer.bits, dtype, uniform)
+    indices = unpack_bits(parts["indices"], layer.bits, layer.numel).reshape(layer.groups, -1)
+    return LUTWeight(lut, indices, shape, layer.bits, dtype, uniform)
+
+
+def native_rows(layer: PackedLayer, stream: torch.Tensor) -> torch.Tensor:
+    """The native kernel's rows of a layer's densely packed ``indices`` stream."""
+    rows, cols = weight_rows_cols(torch.Size(layer.shape))
+    out = torch.empty(rows, native.stride(layer.bits, cols), dtype=torch.uint8)
+    return native.pack_dense(stream, layer.bits, cols, out)
 
 
 def canonical_json(data: Any) -> bytes:
@@ -87,12 +112,32 @@ def digest(tensors: Mapping[str, torch.Tensor], header: Any = None) -> str:
 
 def digest_items(items: Iterable[tuple[str, torch.Tensor]], header: Any = None) -> str:
     """:func:`digest` of (key, tensor) pairs given in key order, one tensor in memory at a time."""
+    h = digest_start(header)
+    for key, tensor in items:
+        digest_update(h, key, tensor.dtype, tuple(tensor.shape), [tensor_bytes(tensor)], header is not None)
+    return h.hexdigest()
+
+
+def digest_start(header: Any = None) -> Any:
+    """A sha256 over ``canonical_json(header)`` (nothing without one), for :func:`digest_update`."""
     h = hashlib.sha256()
     if header is not None:
         h.update(canonical_json(header))
-    for key, tensor in items:
-        h.update(key.encode())
-        if header is not None:
-            h.update(f"{tensor.dtype}{list(tensor.shape)}".encode())
-        h.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return h
+
+
+def digest_update(
+    h: Any, key: str, dtype: torch.dtype, shape: tuple[int, ...], chunks: Iterable[Any], typed: bool
+) -> None:
+    """Add one tensor to :func:`digest`'s hash: its name, (``typed``: format 3 on) dtype and shape, then its
+    bytes, given in consecutive ``chunks`` (so a reader can hash a tensor it never holds whole)."""
+    h.update(key.encode())
+    if typed:
+        h.update(f"{dtype}{list(shape)}".encode())
+    for chunk in chunks:
+        h.update(chunk)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> Any:
+    """A tensor's bytes in memory order (what the checksum covers), as a buffer (no copy of a contiguous tensor)."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()

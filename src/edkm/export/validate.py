@@ -160,7 +160,7 @@ def check_aliases(aliases: Any, keys: set[str], where: str) -> dict[str, str]:
 def check_finite(layer: PackedLayer, parts: Mapping[str, torch.Tensor], where: str) -> None:
     """LUT levels (or min and step) must be finite numbers."""
     for part, value in parts.items():
-        if part != "indices" and not bool(torch.isfinite(value).all()):
+        if part not in ("indices", "packed") and not bool(torch.isfinite(value).all()):
             raise FormatError(f"{where}: layer {layer.name!r}: {part} holds NaN or infinite values")
 
 

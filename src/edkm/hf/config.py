@@ -28,6 +28,9 @@ QUANT_METHOD = "edkm"
 FORMAT = "edkm-hf"
 VERSION = 1
 WHERE = "config.json quantization_config"
+# "stored": every layer's densely packed indices, as in the file; "native": the native kernel's rows
+# (``<module>.lut.packed``) for each layer of edkm.export.stream.native_shape (what edkm.load_palettized passes)
+ROWS = ("stored", "native")
 FIELDS = ("quant_method", "format", "version", "bits", "group_size", "layers", "palettize_config")
 
 
@@ -42,8 +45,10 @@ class EdkmConfig(QuantizationConfigMixin):
         bits: int | None = None,
         group_size: int | None = None,
         palettize_config: dict[str, Any] | None = None,
+        rows: str = "stored",
         **kwargs: Any,
     ) -> None:
+        self.rows = rows  # how the state being loaded holds indices (a load option: not saved, not checksummed)
         self.quant_method = QUANT_METHOD
         self.format, self.version, self.bits, self.group_size = format, version, bits, group_size
         self.layers = layers or {}
@@ -62,6 +67,8 @@ class EdkmConfig(QuantizationConfigMixin):
             check_int(self.bits, "bits", 1, 8, WHERE)
         if self.group_size is not None:
             check_int(self.group_size, "group_size", 1, 1 << 40, WHERE)
+        if self.rows not in ROWS:
+            raise FormatError(f"{WHERE}: rows must be one of {ROWS}, got {self.rows!r}")
         if self.palettize_config is not None and not isinstance(self.palettize_config, dict):
             raise FormatError(f"{WHERE}: palettize_config must be an object or null")
         self.packed_layers()

@@ -19,10 +19,12 @@ import torch
 from torch import nn
 
 from edkm.export.errors import FormatError
-from edkm.export.format import PackedFile, load_into, read_packed
+from edkm.export.format import PackedFile, inspect_file, load_into, read_packed
+from edkm.export.stream import read_streamed
 from edkm.export.validate import check_buffer_budget, check_layout
 from edkm.hf import register
 from edkm.hf.folder import load_folder
+from edkm.kernels import native
 from edkm.models.quiet import quiet_loading
 
 
@@ -36,20 +38,23 @@ def load_palettized(path: str | os.PathLike, model: nn.Module | None = None) -> 
         return load_folder(path)
     if model is not None:
         return load_into(path, model)
-    packed, tensors = read_packed(path)
+    packed = inspect_file(path)
     if packed.header.get("model_config") is None:
         raise FormatError(f"{path} has no Hugging Face model config: pass the model to load into (model=...)")
-    return _load_hf(packed, tensors)
+    if native.available():  # the kernel's rows built as the file is read: the load holds ~ the file's size
+        return _load_hf(*read_streamed(path), rows="native")
+    return _load_hf(*read_packed(path))
 
 
-def _load_hf(packed: PackedFile, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """Build the Hugging Face model of the saved config with transformers, through the edkm quantizer."""
+def _load_hf(packed: PackedFile, tensors: dict[str, torch.Tensor], rows: str = "stored") -> nn.Module:
+    """Build the Hugging Face model of the saved config with transformers, through the edkm quantizer
+    (``rows``: how ``tensors`` holds the indices, see :data:`edkm.hf.config.ROWS`)."""
     # deferred: transformers (and the modules built on it) load only when a Hugging Face model is built
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from edkm.hf.config import EdkmConfig
-    from edkm.hf.quantizer import INFIX
+    from edkm.hf.quantizer import INFIX, slot_specs
 
     register()
     where = str(packed.path)
@@ -73,17 +78,18 @@ def _load_hf(packed: PackedFile, tensors: dict[str, torch.Tensor]) -> nn.Module:
         ) from err
     check_layout(skeleton, packed.layers, packed.table, where, "", packed.aliases)
     check_buffer_budget(skeleton, packed.path.stat().st_size, where)
-    lut_keys = {f"{name}.{part}" for name, layer in packed.layers.items() for part in layer.tensor_specs()}
+    parts = {name: slot_specs(layer, rows) for name, layer in packed.layers.items()}
+    lut_keys = {f"{name}.{part}" for name, specs in parts.items() for part in specs}
     state = {k: v for k, v in tensors.items() if k not in lut_keys}
     state.update({alias: state[target] for alias, target in packed.aliases.items()})
-    for name, layer in packed.layers.items():
-        state.update({f"{name}.{INFIX}{part}": tensors[f"{name}.{part}"] for part in layer.tensor_specs()})
+    for name, specs in parts.items():
+        state.update({f"{name}.{INFIX}{part}": tensors.pop(f"{name}.{part}") for part in specs})
     palettize = packed.header.get("palettize_config") or {}
     config.quantization_config = EdkmConfig(
         layers={name: layer.to_json() for name, layer in packed.layers.items()},
         bits=palettize.get("bits"),
         group_size=palettize.get("group_size"),
         palettize_config=packed.header.get("palettize_config"),
-    ).to_dict()
+    ).to_dict() | {"rows": rows}
     with quiet_loading():
         return model_class.from_pretrained(None, config=config, state_dict=state)

@@ -32,6 +32,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from edkm.export.errors import FormatError
 from edkm.export.layers import build_lut, digest, digest_items, lut_layers, packed_parts
+from edkm.export.stream import native_shape
 from edkm.export.validate import PackedLayer, check_buffer_budget, check_finite, check_layout
 from edkm.generation import bind
 from edkm.hf.config import QUANT_METHOD, EdkmConfig
@@ -51,7 +52,7 @@ class PackedSlot(WrappedLayer):
     store (Gemma's ``embed_scale``), see :meth:`init_unstored_buffers`.
     """
 
-    def __init__(self, base: nn.Module, layer: PackedLayer, owner: bool) -> None:
+    def __init__(self, base: nn.Module, layer: PackedLayer, owner: bool, rows: str = "stored") -> None:
         super().__init__(base)
         self.__dict__.pop("weight", None)
         self._parameters.pop("weight", None)
@@ -59,7 +60,7 @@ class PackedSlot(WrappedLayer):
         self.decode_dtype = base.weight.dtype  # the dtype the model is being loaded in: its LUTs decode to it
         if owner:
             self.lut = nn.Module()
-            for part, (dtype, shape) in layer.tensor_specs().items():
+            for part, (dtype, shape) in slot_specs(layer, rows).items():
                 self.lut.register_buffer(part, torch.empty(shape, dtype=_TORCH_DTYPES[dtype], device="meta"))
 
     @property
@@ -82,6 +83,17 @@ class PackedSlot(WrappedLayer):
         for key in names:
             base._buffers[key] = self._buffers[key]  # the slot's real tensor: initialised in place
         model._init_weights(base)  # base's weight and bias stay on the meta device: only the buffers are written
+
+
+def slot_specs(layer: PackedLayer, rows: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """part -> (dtype, shape) a slot receives: the stored parts, or (``rows="native"``) the kernel's rows
+    ``packed`` instead of ``indices`` where :func:`~edkm.export.stream.native_shape` gives them."""
+    specs = layer.tensor_specs()
+    shape = native_shape(layer) if rows == "native" else None
+    if shape is not None:
+        del specs["indices"]
+        specs["packed"] = ("U8", shape)
+    return specs
 
 
 def checkpoint_table(files: Sequence[str]) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
@@ -165,7 +177,8 @@ class EdkmHfQuantizer(HfQuantizer):
             verify_checksum(checkpoint_files, header, metadata.get(CHECKSUM_KEY))
         for layer in layers.values():
             for i, name in enumerate(layer.modules):
-                set_submodule(model, name, PackedSlot(model.get_submodule(name), layer, owner=i == 0))
+                slot = PackedSlot(model.get_submodule(name), layer, owner=i == 0, rows=self.quantization_config.rows)
+                set_submodule(model, name, slot)
         clustered = {f"{name}.weight" for layer in layers.values() for name in layer.modules}
         tied = getattr(model, "all_tied_weights_keys", None)
         if tied:  # the LUT layers share their LUT themselves; transformers must not tie their (absent) weights
@@ -178,9 +191,11 @@ class EdkmHfQuantizer(HfQuantizer):
             if any(value.device.type == "meta" for value in parts.values()):
                 raise FormatError(f"layer {layer.name!r}: its tensors were not in the checkpoint")
             check_finite(layer, parts, f"layer {layer.name!r}")
-            device = parts["indices"].device
-            lut = build_lut(layer, {k: v.cpu() for k, v in parts.items()}, owner.decode_dtype).to(device)
-            lut.compact_()  # on CPU with the native kernel: indices stay bit-packed (b/8 bytes per weight)
+            device = next(iter(parts.values())).device
+            # on CPU with the native kernel: indices stay bit-packed (b/8 bytes per weight), no uint8 copy made
+            cpu_parts = {k: v.cpu() for k, v in parts.items()}
+            lut = build_lut(layer, cpu_parts, owner.decode_dtype, compact=device.type == "cpu").to(device)
+            del parts, cpu_parts
             for name in layer.modules:
                 slot = model.get_submodule(name)
                 slot.init_unstored_buffers(model)

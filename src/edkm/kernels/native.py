@@ -189,9 +189,28 @@ def pack(indices: torch.Tensor, bits: int) -> torch.Tensor:
     >>> idx = torch.randint(0, 8, (5, 40), dtype=torch.uint8)
     >>> p = pack(idx, 3)
     >>> tuple(p.shape), torch.equal(unpack(p, 3, 40), idx)
-    ((5, 64), True)
+    ((5, 32), True)
     """
     return ext().pack_rows(indices.to(torch.uint8), int(bits))
+
+
+def stride(bits: int, cols: int) -> int:
+    """Bytes per packed row of ``cols`` ``bits``-bit indices (the ``packed`` tensor's second dimension)."""
+    return int(ext().packed_stride(int(bits), int(cols)))
+
+
+def pack_dense(stream: torch.Tensor, bits: int, cols: int, out: torch.Tensor, bit_offset: int = 0) -> torch.Tensor:
+    """Fill ``out`` (rows, :func:`stride`) with the rows of a densely packed stream (:mod:`edkm.export.pack`'s
+    layout, the first value at bit ``bit_offset``): a file's indices become kernel rows without a uint8 copy.
+
+    >>> from edkm.export.pack import pack_bits
+    >>> idx = torch.randint(0, 8, (5, 40), dtype=torch.uint8)
+    >>> rows = pack_dense(pack_bits(idx, 3), 3, 40, torch.empty(5, stride(3, 40), dtype=torch.uint8))
+    >>> torch.equal(rows, pack(idx, 3))
+    True
+    """
+    ext().pack_dense_into(out, stream.contiguous(), int(bit_offset), int(bits), int(cols))
+    return out
 
 
 def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:

@@ -39,6 +39,22 @@ def uniform_levels(lo: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Ten
     return (lo.float() + step.float() * torch.arange(1 << bits, dtype=torch.float32, device=lo.device)).to(LUT_DTYPE)
 
 
+def compactable(shape: torch.Size, groups: int, dtype: torch.dtype) -> bool:
+    """Whether a weight of ``shape`` with ``groups`` LUTs decoded in ``dtype`` can keep the native kernel's rows
+    only (:meth:`LUTWeight.compact_`): a built kernel, at most 32-bit floats, groups of whole rows or of equal
+    column ranges within a row.
+
+    >>> compactable(torch.Size([6, 4]), 3, torch.float32) == native.available()   # groups of 2 rows
+    True
+    >>> compactable(torch.Size([6, 4]), 4, torch.float32)                           # 6 weights straddle rows
+    False
+    """
+    rows, cols = weight_rows_cols(shape)
+    n = rows * cols // max(groups, 1)
+    layout = bool(cols) and (n % cols == 0 or (n > 0 and cols % n == 0))
+    return layout and torch.finfo(dtype).bits <= 32 and native.available()
+
+
 class LUTWeight(nn.Module):
     """Hard-clustered weight: fp16 LUT (G, k) and indices (G, n); decoded on use.
 
@@ -122,9 +138,8 @@ class LUTWeight(nn.Module):
 
         For inference on CPU: the native kernel reads these rows; anything that needs the uint8 indices
         (export, other kernels, gradients) unpacks them on use (:attr:`indices`), bit for bit the same.
-        Returns whether it did: CPU buffers, a built native kernel, a row or column LUT layout. (Packed rows are
-        whole 64-byte blocks, so narrow 5-8-bit rows may take more than one byte per weight; the native kernel
-        reads this copy anyway, and the uint8 one is dropped.)
+        Returns whether it did: CPU buffers, a built native kernel, a row or column LUT layout (see
+        :func:`compactable`).
 
         >>> w = LUTWeight(torch.tensor([[0.5, -1.0]], dtype=torch.float16),
         ...               torch.tensor([[0, 1, 1, 0]], dtype=torch.uint8), torch.Size([2, 2]), 1, torch.float32)
@@ -134,16 +149,34 @@ class LUTWeight(nn.Module):
         """
         if self.compact:
             return True
-        if self.indices.device.type != "cpu" or torch.finfo(self.dtype).bits > 32 or not native.available():
+        if self.indices.device.type != "cpu" or not compactable(self.shape, self.lut.shape[0], self.dtype):
             return False
-        try:
-            packed = native.PackedWeight.from_lut(self.lut, self.indices, self.shape, self.dtype)
-        except ValueError:  # groups straddle rows: no native layout
-            return False
-        self._buffers["packed"] = packed.packed
+        self._buffers["packed"] = native.pack(self.indices.reshape(weight_rows_cols(self.shape)), self.bits)
         self._buffers["indices"] = None  # a None buffer: not in state_dict, `indices` unpacks
         self.views = None
         return True
+
+    @classmethod
+    def from_rows(
+        cls,
+        lut: torch.Tensor,
+        packed: torch.Tensor,
+        shape: torch.Size,
+        bits: int,
+        dtype: torch.dtype,
+        uniform: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> LUTWeight:
+        """A compact weight (see :meth:`compact_`) of the native kernel's rows ``packed`` (rows, ``native.stride``).
+
+        >>> idx = torch.tensor([[0, 1, 1, 0]], dtype=torch.uint8)
+        >>> lut = torch.tensor([[0.5, -1.0]], dtype=torch.float16)
+        >>> w = LUTWeight.from_rows(lut, native.pack(idx.reshape(2, 2), 1), torch.Size([2, 2]), 1, torch.float32)
+        >>> w.compact, torch.equal(w.indices, idx)
+        (True, True)
+        """
+        weight = cls(lut, None, shape, bits, dtype, uniform)
+        weight._buffers["packed"] = packed
+        return weight
 
     def forward(self) -> torch.Tensor:
         return decode(self.lut, self.indices, self.shape, self.dtype)

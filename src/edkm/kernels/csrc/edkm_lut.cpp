@@ -860,6 +860,21 @@ at::Tensor exact_fp16(const at::Tensor& table) {
 
 int64_t grain_rows(int64_t cols, int64_t T) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, cols * T)); }
 
+// OR value v (< 2^bits) into column c of a zeroed packed row.
+inline void put_value(uint8_t* row, const Layout& L, int64_t c, uint64_t v) {
+  const int64_t l = c % L.nl, m = c / L.nl, pos = m * L.bits, d = pos / L.lw, o = pos % L.lw;
+  const uint64_t bitsv = v << o;  // <= 8 + 31 bits
+  for (int64_t dd = d; dd <= d + 1 && dd < L.nd; ++dd) {
+    const uint64_t part = (dd == d ? bitsv : (bitsv >> L.lw)) & ((uint64_t(1) << L.lw) - 1);
+    if (!part) continue;
+    const auto [off, width] = word_place(L, dd, l);
+    uint32_t w = 0;
+    std::memcpy(&w, row + off, width / 8);
+    w |= uint32_t(part);
+    std::memcpy(row + off, &w, width / 8);
+  }
+}
+
 at::Tensor pack_rows(const at::Tensor& indices, int64_t bits) {
   TORCH_CHECK(indices.scalar_type() == at::kByte && indices.dim() == 2, "indices must be uint8 (rows, cols)");
   const at::Tensor idx = indices.contiguous();
@@ -870,25 +885,38 @@ at::Tensor pack_rows(const at::Tensor& indices, int64_t bits) {
   const uint8_t* src = idx.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = 0; c < cols; ++c) put_value(dst + r * L.stride, L, c, src[r * cols + c]);
+  });
+  return out;
+}
+
+// Rows of the densely packed stream (value i at stream bits [bit_offset + i*bits, ...), LSB first, as
+// edkm.export.pack writes) into `out` (rows, stride): the file's indices to the kernel's rows, no uint8 copy.
+void pack_dense_into(at::Tensor out, const at::Tensor& stream, int64_t bit_offset, int64_t bits, int64_t cols) {
+  const Layout L = layout_of(int(bits), cols);
+  TORCH_CHECK(out.scalar_type() == at::kByte && out.dim() == 2 && out.size(1) == L.stride && out.is_contiguous(),
+              "out must be contiguous uint8 (rows, ", L.stride, ")");
+  TORCH_CHECK(stream.scalar_type() == at::kByte && stream.dim() == 1 && stream.is_contiguous(),
+              "stream must be contiguous 1-D uint8");
+  TORCH_CHECK(bit_offset >= 0 && bit_offset < 8, "bit_offset must lie in [0, 8)");
+  const int64_t rows = out.size(0), nbytes = stream.numel();
+  TORCH_CHECK(nbytes * 8 >= bit_offset + rows * cols * bits, "stream holds fewer than rows * cols values");
+  const uint8_t* src = stream.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const uint64_t mask = (uint64_t(1) << bits) - 1;
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       uint8_t* row = dst + r * L.stride;
+      std::memset(row, 0, L.stride);
       for (int64_t c = 0; c < cols; ++c) {
-        const uint64_t v = src[r * cols + c];
-        const int64_t l = c % L.nl, m = c / L.nl, pos = m * L.bits, d = pos / L.lw, o = pos % L.lw;
-        const uint64_t bitsv = v << o;  // <= 8 + 31 bits
-        for (int64_t dd = d; dd <= d + 1 && dd < L.nd; ++dd) {
-          const uint64_t part = (dd == d ? bitsv : (bitsv >> L.lw)) & ((uint64_t(1) << L.lw) - 1);
-          if (!part) continue;
-          const auto [off, width] = word_place(L, dd, l);
-          uint32_t w = 0;
-          std::memcpy(&w, row + off, width / 8);
-          w |= uint32_t(part);
-          std::memcpy(row + off, &w, width / 8);
-        }
+        const int64_t pos = bit_offset + (r * cols + c) * bits, byte = pos >> 3;
+        uint64_t v = src[byte];
+        if (byte + 1 < nbytes) v |= uint64_t(src[byte + 1]) << 8;
+        put_value(row, L, c, (v >> (pos & 7)) & mask);
       }
     }
   });
-  return out;
 }
 
 at::Tensor unpack_rows(const at::Tensor& packed, int64_t bits, int64_t cols) {
@@ -1060,6 +1088,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "edkm LUT kernels: packed b-bit weights decoded in registers (see the layout comment in the source)";
   m.def("pack_rows", &pack_rows, "pack uint8 indices (rows, cols) into the lane-interleaved layout", py::arg("indices"),
         py::arg("bits"));
+  m.def("pack_dense_into", &pack_dense_into, "densely packed b-bit stream -> packed rows (in place)", py::arg("out"),
+        py::arg("stream"), py::arg("bit_offset"), py::arg("bits"), py::arg("cols"));
   m.def("unpack_rows", &unpack_rows, "inverse of pack_rows", py::arg("packed"), py::arg("bits"), py::arg("cols"));
   m.def("packed_stride", &packed_stride, "bytes per packed row", py::arg("bits"), py::arg("cols"));
   m.def("gemv", &gemv, "y (T, rows) = x (T, cols) @ W^T, W decoded in registers", py::arg("x"), py::arg("packed"),
