@@ -8,12 +8,16 @@ is saved dense (Hugging Face folder, fp32) and packed by our own code (``edkm.pt
 
 Configurations (:data:`CONFIGS`): dense fp32, dense bf16, packed 3 and 4 bits (every Linear and the
 embedding), packed 3 bits with an 8-bit embedding/head (``edkm compress``'s default), packed 3 bits
-with kernel ``eager`` (the exact tiled kernel: no native or compiled GEMV) and packed 3 bits with the
-approximate int8 kernel. Every configuration runs in a fresh interpreter with one thread
-(:mod:`.generate_child`); the models are prepared once in another one.
+with kernel ``eager`` (the exact tiled kernel: no native or compiled GEMV), packed 3 bits with the
+approximate int8 kernel, packed 3 bits + 8-bit head through transformers' forward (``-hf``) and llama.cpp on
+GGUF files of the same model (Q4_1 as shipped, Q8_0 and Q4_0 written by its quantizer). Every configuration
+runs in a fresh interpreter (:mod:`.generate_child`) at each of ``--threads``, ``--rounds`` interleaved
+rounds; the models are prepared once in another one.
 
-Targets (:func:`targets`): packed decode >= 0.8x the dense fp32 tokens/s; resident weights <= 1/4 of
-fp32; load peak <= packed file size + the largest weight in fp32 (activations: none while loading).
+Goals (:func:`targets`): packed decode >= llama.cpp Q4_1 and >= 4x (3-bit) / 3x (4-bit) dense fp32; prefill >=
+dense fp32; >= 25 % of the bytes-per-token ceiling; resident weights <= (bits + 0.2) / 32 of fp32; load peak
+<= file + 10 % (a second load in the same process; the first one's peak, with a fresh process's one-time
+costs, is reported beside it).
 """
 
 from __future__ import annotations
