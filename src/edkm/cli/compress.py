@@ -118,22 +118,24 @@ def format_report(r: dict[str, Any]) -> str:
     """The fp / RTN / k-means / eDKM table of a report as Markdown."""
     mb = lambda n: f"{n / 1e6:.3f} MB" if n else "-"  # noqa: E731
     b = r["bits"]
+    group = (r.get("plan") or {}).get("group_size")
+    lut = f"per {group} rows" if group else "per tensor"  # the LUTs of k-means and eDKM (--group-size)
     rows = [
         ("fp32 original", r["fp_ppl"], r["fp_size_bytes"], "fp16"),
         (f"fp32 fine-tuned {r['steps']} steps (control)", r["fp_finetuned_ppl"], r["fp_size_bytes"], "fp16"),
         (f"RTN {b}-bit per channel", r["rtn_ppl"], r["rtn_size_bytes"], "file"),
-        (f"k-means {b}-bit per tensor (post-training)", r["kmeans_ptq_ppl"], r["kmeans_ptq_size_bytes"], "file"),
+        (f"k-means {b}-bit {lut} (post-training)", r["kmeans_ptq_ppl"], r["kmeans_ptq_size_bytes"], "file"),
         *[
             (f"{label} ({r[key + '_bpw']:.2f} bits/weight)", r[key + "_ppl"], r[key + "_size_bytes"], "file")
             for key, label in (
-                ("kmeans_aw", f"activation-aware k-means {b}-bit per tensor (post-training, eDKM's warm start)"),
+                ("kmeans_aw", f"activation-aware k-means {b}-bit {lut} (post-training, eDKM's warm start)"),
                 ("gptq", f"GPTQ {b}-bit per channel"),
                 ("gptq_g128", f"GPTQ {b}-bit g128"),
                 ("squeeze", f"Fisher-weighted k-means {b}-bit per row"),
             )
             if r.get(key + "_ppl")
         ],
-        (f"eDKM {b}-bit per tensor, fine-tuned", r["edkm_ppl"], r["size_bytes"], "file"),
+        (f"eDKM {b}-bit {lut}, fine-tuned", r["edkm_ppl"], r["size_bytes"], "file"),
     ]
     lines = ["| model | test ppl | size |", "| --- | ---: | ---: |"]
     lines += [
