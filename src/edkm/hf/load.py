@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from edkm.export.errors import FormatError
-from edkm.export.format import PackedFile, inspect_file, load_into, read_packed
+from edkm.export.format import PackedFile, load_into, read_packed
 from edkm.export.stream import read_streamed
 from edkm.export.validate import check_buffer_budget, check_layout
 from edkm.hf import register
@@ -38,12 +38,11 @@ def load_palettized(path: str | os.PathLike, model: nn.Module | None = None) -> 
         return load_folder(path)
     if model is not None:
         return load_into(path, model)
-    packed = inspect_file(path)
+    rows = "native" if native.available() else "stored"  # native: the kernel's rows built as the file is read
+    packed, tensors = read_streamed(path) if rows == "native" else read_packed(path)
     if packed.header.get("model_config") is None:
         raise FormatError(f"{path} has no Hugging Face model config: pass the model to load into (model=...)")
-    if native.available():  # the kernel's rows built as the file is read: the load holds ~ the file's size
-        return _load_hf(*read_streamed(path), rows="native")
-    return _load_hf(*read_packed(path))
+    return _load_hf(packed, tensors, rows)
 
 
 def _load_hf(packed: PackedFile, tensors: dict[str, torch.Tensor], rows: str = "stored") -> nn.Module:

@@ -195,7 +195,6 @@ class EdkmHfQuantizer(HfQuantizer):
             # on CPU with the native kernel: indices stay bit-packed (b/8 bytes per weight), no uint8 copy made
             cpu_parts = {k: v.cpu() for k, v in parts.items()}
             lut = build_lut(layer, cpu_parts, owner.decode_dtype, compact=device.type == "cpu").to(device)
-            del parts, cpu_parts
             for name in layer.modules:
                 slot = model.get_submodule(name)
                 slot.init_unstored_buffers(model)

@@ -40,14 +40,30 @@ def weight_rows_cols(shape: torch.Size) -> tuple[int, int]:
     return rows, (shape.numel() // rows if rows else 0)
 
 
+def group_layout(shape: torch.Size, n: int) -> str | None:
+    """``rows`` or ``cols`` (see the module docstring) for groups of ``n`` weights of a weight of ``shape``, or
+    None where groups straddle rows unevenly.
+
+    >>> group_layout(torch.Size([6, 4]), 8), group_layout(torch.Size([6, 4]), 2), group_layout(torch.Size([6, 4]), 6)
+    ('rows', 'cols', None)
+    """
+    cols = weight_rows_cols(shape)[1]
+    if cols and n % cols == 0:
+        return "rows"
+    if n and cols % n == 0:
+        return "cols"
+    return None
+
+
 def grid(lut: torch.Tensor, indices: torch.Tensor, shape: torch.Size) -> Grid | None:
     """The 4-D views of ``lut`` / ``indices`` for a weight of ``shape``, or None if groups straddle rows unevenly."""
     groups, n = indices.shape
     k = lut.shape[1]
     rows, cols = weight_rows_cols(shape)
-    if cols and n % cols == 0:
+    layout = group_layout(shape, n)
+    if layout == "rows":
         return Grid(indices.view(groups, n // cols, 1, cols), lut.view(groups, 1, 1, k), "rows")
-    if n and cols % n == 0:
+    if layout == "cols":
         return Grid(indices.view(rows, 1, cols // n, n), lut.view(rows, 1, cols // n, k), "cols")
     return None
 
@@ -66,9 +82,10 @@ def decode_rows(
     row_ids = torch.arange(n_rows, device=idx.device)[rows]
     table = lut.to(dtype).reshape(-1)
     index_dtype = torch.int32 if table.numel() < 2**31 else torch.int64
-    if cols and n % cols == 0:  # rows layout: one group id per row
+    layout = group_layout(shape, n)
+    if layout == "rows":  # one group id per row
         flat = idx.to(index_dtype) + ((row_ids // (n // cols)) * k).to(index_dtype)[:, None]
-    elif n and cols % n == 0:  # cols layout: cols // n groups per row
+    elif layout == "cols":  # cols // n groups per row
         per_row = cols // n
         base = (row_ids[:, None] * per_row + torch.arange(per_row, device=idx.device)) * k
         flat = (idx.view(-1, per_row, n).to(index_dtype) + base.to(index_dtype)[..., None]).view(-1, cols)

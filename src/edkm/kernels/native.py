@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 import torch
 
-from edkm.kernels.layout import weight_rows_cols
+from edkm.kernels.layout import group_layout, weight_rows_cols
 
 CSRC = Path(__file__).resolve().with_name("csrc")
 SOURCES = (CSRC / "edkm_lut.cpp", CSRC / "edkm_step.cpp")  # the kernels; the lean decode step built on them
@@ -165,9 +165,10 @@ class PackedWeight(NamedTuple):
         rows, cols = weight_rows_cols(shape)
         n = rows * cols // groups
         table = lut.to(dtype).float()
-        if cols and n % cols == 0:
+        layout = group_layout(shape, n)
+        if layout == "rows":
             R, C, table = n // cols, cols, table.reshape(groups, 1, k).contiguous()
-        elif n and cols % n == 0:
+        elif layout == "cols":
             R, C, table = 1, n, table.reshape(rows, cols // n, k).contiguous()
         else:
             raise ValueError(f"groups of {n} weights straddle rows of {cols}: no row/column layout")

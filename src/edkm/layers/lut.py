@@ -28,7 +28,7 @@ from edkm.kernels import (
     native,
     packed_linear,
 )
-from edkm.kernels.layout import weight_rows_cols
+from edkm.kernels.layout import group_layout, weight_rows_cols
 from edkm.layers.base import WrappedLayer
 
 LUT_DTYPE = torch.float16
@@ -50,9 +50,8 @@ def compactable(shape: torch.Size, groups: int, dtype: torch.dtype) -> bool:
     False
     """
     rows, cols = weight_rows_cols(shape)
-    n = rows * cols // max(groups, 1)
-    layout = bool(cols) and (n % cols == 0 or (n > 0 and cols % n == 0))
-    return layout and torch.finfo(dtype).bits <= 32 and native.available()
+    layout = group_layout(shape, rows * cols // max(groups, 1))
+    return layout is not None and torch.finfo(dtype).bits <= 32 and native.available()
 
 
 class LUTWeight(nn.Module):
