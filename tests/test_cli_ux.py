@@ -369,6 +369,7 @@ def test_warm_start_defaults_to_activation_aware_for_a_given_model_and_is_a_resu
     shutil.copytree(BUNDLED_MODEL_DIR, other)
     assert cfg("--model", str(other)).settings()["warm_start"] == "activation"
     assert cfg("--model", str(other), "--warm-start", "kmeans").warm_start == "kmeans"
+    assert cfg("--model", str(other), "--warm-start", "fisher").settings()["warm_start"] == "fisher"
     assert cfg("--model", "smollm2-135m").settings()["model"] == "smollm2-135m"  # a name stays a name
 
 

@@ -194,3 +194,34 @@ def test_fisher_kmeans_of_an_8bit_layer_runs_on_distinct_values_with_the_same_re
     lut = squeeze_(model, seqs, plan).model.embed_tokens.lut
     expected_lut, expected_idx = weighted_kmeans(weight, torch.ones_like(weight), 256, groups=1)
     assert torch.equal(lut.lut, expected_lut) and torch.equal(lut.indices.reshape(-1), expected_idx.reshape(-1))
+
+
+def test_fisher_warm_start_weights_low_bit_layers_by_fisher_and_the_8bit_head_by_activations(tiny_causal_lm):
+    """--warm-start fisher: each <= 4-bit linear layer's first centroids are the Fisher-weighted k-means of its
+    weights (SqueezeLLM's objective, lower there than the activation-aware start's), while the 8-bit tied
+    embedding / head keeps the activation weights (its Fisher is zero on tokens the calibration never shows)."""
+    from edkm.config import EMBEDDING_LAYERS
+    from edkm.data.text import PackedDataset
+    from edkm.jobs.compress import CompressConfig, warm_start_importance
+    from edkm.peers.calibrate import fisher_diagonal
+    from edkm.peers.fast import calibration
+
+    model = tiny_causal_lm("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    data = PackedDataset.from_tokens(torch.randint(0, 128, (40 * 17,), generator=torch.Generator().manual_seed(0)), 17)
+    plan = edkm.PalettizeConfig(bits=2, overrides={EMBEDDING_LAYERS: {"bits": 8}})
+    starts = ("activation", "fisher")
+    imp = {w: warm_start_importance(model, data, CompressConfig(plan=plan, warm_start=w)) for w in starts}
+    name = "model.layers.0.mlp.down_proj"
+    fisher = fisher_diagonal(model, calibration(data))[id(model.get_submodule(name).weight)]
+    assert torch.equal(imp["fisher"][name], fisher) and imp["activation"][name].shape == (1, 64)
+    assert torch.equal(imp["fisher"]["lm_head"], imp["activation"]["lm_head"])
+    assert warm_start_importance(model, data, CompressConfig(plan=plan)) is None  # plain k-means
+    errors = {}
+    for warm, importance in imp.items():
+        started = edkm.transform.warm_start_(edkm.palettize_(copy.deepcopy(model), plan), importance)
+        layer = started.get_submodule(name)
+        idx, lut = layer.clusterer.hard(layer.weight)
+        errors[warm] = weighted_error(layer.weight, fisher, lut, idx)
+    assert errors["fisher"] < errors["activation"], errors

@@ -217,11 +217,13 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--warm-start",
-        choices=["kmeans", "activation"],
+        choices=["kmeans", "activation", "fisher"],
         default=None,
-        help="eDKM's first centroids: k-means of the values, or activation-aware k-means (each weight's error "
+        help="eDKM's first centroids: k-means of the values, activation-aware k-means (each weight's error "
         "weighted by its input's mean square on 32 training sequences; keeps the few large weights real LLMs "
-        "depend on); default: kmeans for the bundled model, activation for a given --model",
+        "depend on), or Fisher-weighted k-means (by squared gradients of the loss on them, as SqueezeLLM; "
+        "layers at > 4 bits stay activation-aware); default: kmeans for the bundled model, activation for a "
+        "given --model",
     )
     p.add_argument(
         "--eval-text",

@@ -46,7 +46,7 @@ from edkm.jobs.runstate import Run, open_run, prune_checkpoints
 from edkm.jobs.runtime import run_environment
 from edkm.models import BUNDLED_TEXT, load_causal_lm
 from edkm.peers.baselines import ptq_kmeans_, rtn_
-from edkm.peers.calibrate import input_importance
+from edkm.peers.calibrate import fisher_importance, input_importance
 from edkm.peers.fast import calibration, fast_peers
 from edkm.training.finetune import finetune, loss_label
 from edkm.training.loop import TrainConfig, batch_indices
@@ -75,7 +75,7 @@ class CompressConfig:
     fp_control: bool = True  # also fine-tune without clustering for the same steps
     control_lr: float | None = 5e-4  # peak lr of the fp control (None = train.lr); its best measured, see README
     distill: float = 1.0  # weight of KL(teacher || model) in the eDKM loss (0 = plain cross-entropy)
-    warm_start: str = "kmeans"  # eDKM's first centroids: "kmeans" of the values, or "activation"-aware k-means
+    warm_start: str = "kmeans"  # eDKM's first centroids: k-means of the values, "activation"-aware or "fisher"
     resume: bool = False
     keep_checkpoints: bool = False  # keep the training checkpoints of a finished run
     device: str = "cpu"  # model, data and DKM state live here ("cuda", "cuda:1", ...)
@@ -275,10 +275,27 @@ def fp_control(run: Run, model: nn.Module, data: PackedDataset) -> nn.Module | N
     return teacher.eval().requires_grad_(False) if cfg.distill else None
 
 
+def warm_start_importance(model: nn.Module, data: PackedDataset, cfg: CompressConfig) -> dict[str, torch.Tensor] | None:
+    """What weighs each weight's error in eDKM's first k-means (None: plain k-means), from 32 training sequences.
+
+    "activation": each linear layer's mean squared input per column; "fisher": the Fisher diagonal per weight
+    (SqueezeLLM's sensitivity) for the layers at <= 4 bits and the activation weights for the rest (the 8-bit
+    embedding / head, whose Fisher is zero on the rows of tokens the calibration text never shows).
+    """
+    if cfg.warm_start == "kmeans":
+        return None
+    sequences = calibration(data)
+    importance = input_importance(model, sequences)
+    if cfg.warm_start == "fisher":
+        low = [n for n in importance if cfg.plan.for_module(n).bits <= 4]
+        importance.update(fisher_importance(model, sequences, low))
+    return importance
+
+
 def train_edkm(run: Run, model: nn.Module, data: PackedDataset, teacher: nn.Module | None) -> tuple[list[float], str]:
     """Fine-tune ``model`` with clustering (in place, finalized on every rank under FSDP); (losses, loss name)."""
     cfg = run.cfg
-    importance = input_importance(model, calibration(data)) if cfg.warm_start == "activation" else None
+    importance = warm_start_importance(model, data, cfg)
     palettize_(model, cfg.plan, memory=cfg.memory)
     if importance is not None:  # on a resumed run the checkpoint's centroids replace these
         warm_start_(model, importance)

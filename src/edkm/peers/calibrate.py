@@ -3,7 +3,8 @@
 * :func:`input_hessians`: H = 2/N sum x x^T of the inputs of chosen linear layers (GPTQ);
 * :func:`input_importance`: the mean squared input of each column of chosen linear layers (activation-aware
   k-means: the warm start of eDKM on a real LLM);
-* :func:`fisher_diagonal`: sum of squared gradients of the next-token loss per weight (SqueezeLLM).
+* :func:`fisher_diagonal`: sum of squared gradients of the next-token loss per weight (SqueezeLLM);
+  :func:`fisher_importance` names it per linear layer (the Fisher-weighted warm start of eDKM);
 * :func:`quantize_layers_`: swap layers for LUT layers block by block, so that each block is
   calibrated on the outputs of the blocks already quantized (GPTQ's sequential order);
 * :class:`BlockInputs`: that order at O(layers) cost, as the reference GPTQ does it: the inputs of the next
@@ -215,3 +216,19 @@ class BlockInputs:
                 out = module(*args, **kwargs)
                 outs.append(out[0] if isinstance(out, tuple) else out)
         return outs
+
+
+def fisher_importance(model: nn.Module, sequences: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """The Fisher diagonal (:func:`fisher_diagonal`) of each named linear layer's weight, shape (out, in): the
+    weights of Fisher-weighted (SqueezeLLM's "sensitive") k-means, :func:`edkm.transform.warm_start_`'s input.
+
+    >>> import torch, transformers
+    >>> config = transformers.LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+    ...                                   num_attention_heads=2)
+    >>> model = transformers.LlamaForCausalLM(config)
+    >>> name = "model.layers.0.mlp.up_proj"
+    >>> fisher_importance(model, torch.randint(0, 32, (2, 9)), [name])[name].shape
+    torch.Size([16, 8])
+    """
+    fisher = fisher_diagonal(model, sequences)
+    return {n: fisher[id(model.get_submodule(n).weight)] for n in names}
