@@ -84,6 +84,13 @@ def _task(scores: dict) -> str:
     return f"{100 * value:.1f}" + (f" ± {100 * stderr:.1f}" if stderr else "")
 
 
+def recipe_label(report: dict) -> str:
+    """What an eDKM run changed from the first recipe: its warm start, fixed LUTs."""
+    start = {"fisher": ", Fisher-weighted warm start"}.get(report.get("warm_start"), "")
+    fixed = ", LUT fixed (`--iters 0`)" if report["plan"]["iters"] == 0 else ""
+    return f"{start}{fixed}, fine-tuned"
+
+
 def smollm2_table() -> str:
     """SmolLM2-135M-Instruct: WikiText-2 perplexity and zero-shot accuracy of every method, per bit width."""
     paths = sorted(RESULTS.glob("smollm2_[0-9]*bit*.json"))  # smollm2_3bit.json, smollm2_3bit_g16.json, ...
@@ -96,11 +103,14 @@ def smollm2_table() -> str:
         r, zs = result["report"], (result.get("zeroshot") or {}).get("models", {})
         embed = next(iter(r["plan"]["overrides"].values()), {}).get("bits", r["bits"])
         rows_per_lut = r["plan"].get("group_size")  # --group-size: the LUT rows of k-means and eDKM
+        recipe = r.get("warm_start", "activation") != "activation" or r["plan"]["iters"] == 0  # eDKM's row only
         for key, label in SMOLLM2_ROWS:
-            if rows_per_lut and key not in GROUPED_ROWS:  # the same as in the per-tensor run of these bits
+            if (rows_per_lut and key not in GROUPED_ROWS) or (recipe and key != "edkm"):  # as in the first run
                 continue
             if rows_per_lut:
                 label = label.replace("per tensor", f"per {rows_per_lut} rows")
+            if key == "edkm" and recipe:
+                label = label.replace(", fine-tuned", recipe_label(r))
             ppl = r.get(PPL_KEYS.get(key, key + "_ppl"))
             if ppl is None or (key == "original" and path != paths[0]):  # the original once, atop the table
                 continue
@@ -157,11 +167,14 @@ def smollm2_points() -> list[dict]:
         result = json.loads(path.read_text())
         r, zs = result["report"], (result.get("zeroshot") or {}).get("models", {})
         group = r["plan"].get("group_size")
+        recipe = r.get("warm_start", "activation") != "activation" or r["plan"]["iters"] == 0
         for key, _ in SMOLLM2_ROWS[1:]:
             entry, ppl = zs.get(key), r.get(PPL_KEYS.get(key, key + "_ppl"))
             if ppl is None or entry is None or "bits_per_weight" not in entry or (group and key not in GROUPED_ROWS):
                 continue
-            label = SHORT[key] + (f" g{group}" if group else "")
+            if recipe and key != "edkm":
+                continue
+            label = SHORT[key] + (f" g{group}" if group else "") + (" Fisher, LUT fixed" if recipe else "")
             points.append(
                 dict(
                     label=label,
@@ -229,6 +242,49 @@ def smollm2_plot(out: Path = RESULTS / "smollm2.png") -> Path | None:
     return out
 
 
+def recipe_probe_table() -> str:
+    """The short eDKM probes that chose the real-model recipe (benchmarks/recipe_probe.py), validation ppl."""
+    path = RESULTS / "smollm2_recipe_probe.json"
+    if not path.is_file():
+        return "(run `python benchmarks/recipe_probe.py`)"
+    rows = [
+        "| warm start | LUT per | steps | lr | tau | DKM updates per forward | validation ppl: warm start (hard) "
+        "| after the steps (hard) | KL first / last step | s per step |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for p in json.loads(path.read_text())["probes"]:
+        lut = f"{p['group_size']} rows" if p["group_size"] else "tensor"
+        rows.append(
+            f"| {p['warm_start']} | {lut} | {p['steps']} | "
+            f"{p['lr']:g} | {p['tau']:g} | {p['iters']} | {p['val_ppl_warm_start']:,.1f} | "
+            f"**{p['val_ppl_after']:,.1f}** | {p['losses'][0]:.2f} / {p['losses'][-1]:.2f} | "
+            f"{p['train_seconds'] / p['steps']:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def lmeval_table() -> str:
+    """Our zero-shot scorer against lm-eval itself on SmolLM2 (benchmarks/lmeval_crosscheck.py)."""
+    path = RESULTS / "lmeval_crosscheck_smollm2.json"
+    if not path.is_file():
+        return "(run `python benchmarks/lmeval_crosscheck.py`)"
+    result = json.loads(path.read_text())
+    rows = [
+        f"| task | n | acc: ours / lm-eval {result['lm_eval_version']} | acc_norm: ours / lm-eval "
+        "| largest log-likelihood difference | items whose choice differs |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    for task, r in result["tasks"].items():
+        ours, theirs = r["ours"], r["lm_eval"]
+        rows.append(
+            f"| {task} | {ours['n']} | {pct(ours['acc'])} / {pct(theirs['acc'])} | "
+            f"{pct(ours['acc_norm'])} / {pct(theirs['acc_norm'])} | {r['max_abs_ll_diff']:.1e} | "
+            f"{r['items_differing']} |"
+        )
+    return "\n".join(rows)
+
+
 def memory_table() -> str:
     """The measured table and the target checks of memory.md (without its header and notes)."""
     path = RESULTS / "memory.md"
@@ -255,6 +311,8 @@ if __name__ == "__main__":
             "compress": compress_table(),
             "smollm2": smollm2_table(),
             "coreml peers": coreml_peers_table(),
+            "recipe probe": recipe_probe_table(),
+            "lmeval": lmeval_table(),
             "memory": memory_table(),
             "kernels": kernels_table(),
         }

@@ -270,6 +270,17 @@ def test_bench_zeroshot_scores_every_model_of_the_run_and_resumes(run, tmp_path,
     assert capsys.readouterr().out == "" and json.loads(result.read_text()) == doc
 
 
+def test_bench_zeroshot_models_scores_only_the_named_models_and_refuses_unknown_ones(run, tmp_path, capsys):
+    out, _ = run
+    result = tmp_path / "zeroshot.json"
+    argv = ["bench", "zeroshot", str(out), "--tasks", "piqa", "--limit", "2", "--out", str(result)]
+    main([*argv, "--models", "edkm"])
+    assert list(json.loads(result.read_text())["models"]) == ["edkm"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--models", "edkm,gptq_g64"])
+    assert "holds no model gptq_g64" in capsys.readouterr().err
+
+
 def test_packed_model_without_tokenizer_needs_tokenizer_flag(run, tmp_path, capsys):
     out, _ = run
     import edkm

@@ -62,9 +62,15 @@ def packed_bits(model: Any, weights: Path) -> dict[str, Any]:
 
 
 def run_zeroshot_benchmark(
-    run: str | Path, tasks: list[str], data_dir: str | None, limit: int | None, out: str | Path
+    run: str | Path,
+    tasks: list[str],
+    data_dir: str | None,
+    limit: int | None,
+    out: str | Path,
+    models: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Score each model of ``run`` on ``tasks`` (see the module docstring); the result, also written to ``out``."""
+    """Score each model of ``run`` (or the named ``models`` of it) on ``tasks`` (see the module docstring); the
+    result, also written to ``out``."""
     # deferred: torch and transformers load only when the benchmark runs
     from edkm.eval.zeroshot import evaluate_tasks
     from edkm.jobs.runfolder import load_model, locate
@@ -74,8 +80,12 @@ def run_zeroshot_benchmark(
     result = json.loads(out.read_text()) if out.is_file() else {}
     if result.get("protocol") != protocol:
         result = {"protocol": protocol, "models": {}}
-    for name, source, tokenizer in run_models(run):
-        if name in result["models"]:
+    present = run_models(run)
+    unknown = sorted(set(models or []) - {name for name, _, _ in present})
+    if unknown:
+        raise ValueError(f"{run} holds no model {', '.join(unknown)}; it holds {', '.join(n for n, _, _ in present)}")
+    for name, source, tokenizer in present:
+        if name in result["models"] or (models and name not in models):
             continue
         start = time.perf_counter()
         model, tok = load_model(source, tokenizer)

@@ -180,7 +180,8 @@ def cmd_bench_zeroshot(args: Any) -> None:
     from edkm.bench.zeroshot import run_zeroshot_benchmark  # deferred: torch and transformers
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    run_zeroshot_benchmark(args.run, tasks, args.data_dir, args.limit, args.out)
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    run_zeroshot_benchmark(args.run, tasks, args.data_dir, args.limit, args.out, models)
 
 
 def add_zeroshot_parser(bench_sub: Any) -> None:
@@ -190,6 +191,12 @@ def add_zeroshot_parser(bench_sub: Any) -> None:
     p.add_argument("--data-dir", default=None, help="full task files, e.g. ../shared/data (default: bundled subsets)")
     p.add_argument("--limit", type=positive_int, default=None, help="first N items of each task (default: all)")
     p.add_argument("--out", default=BENCH_RUN_DIR + "/zeroshot.json", help="JSON result; resumes a stopped run")
+    p.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated subset of original,rtn,kmeans,kmeans_aw,gptq,gptq_g128,"
+        "squeeze,edkm (default: every model the run folder holds)",
+    )
     p.set_defaults(func=cmd_bench_zeroshot)
 
 

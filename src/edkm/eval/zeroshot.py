@@ -2,10 +2,10 @@
 OpenBookQA, Social IQa).
 
 We implement lm-evaluation-harness's (v0.4) scoring rules rather than depend on it. lm-eval
-itself can run offline here (checked with lm-eval 0.4.13 in a throwaway venv: task YAMLs with
-``dataset_path: json`` over the normalized JSONL below and ``--model hf pretrained=<local dir>``
-gave the same acc / acc_norm on all five bundled subsets with the bundled stories260K, and
-log-likelihoods within 4e-5 of ours), but its stock tasks download from the Hugging Face Hub,
+itself runs offline here and agrees with us (``edkm.eval.lmeval_check``: task YAMLs with
+``dataset_path: json`` over the normalized JSONL below, its ``HFLM`` on the same in-memory model:
+the same acc / acc_norm on the five field tasks, for the bundled model in the tests and for
+SmolLM2-135M, log-likelihoods within 4e-5 of ours), but its stock tasks download from the Hugging Face Hub,
 our copies need converting anyway (LLM-Adapters instruction strings, llama.cpp's HellaSwag
 text), it pulls in ~50 packages (``datasets``, ``accelerate``, pandas, scikit-learn, ...), and we
 want to score in-memory (palettized) models inside tests. The rules reproduced, per lm-eval's

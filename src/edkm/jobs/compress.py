@@ -383,6 +383,7 @@ def finish_report(run: Run, measured: dict[str, Any], held: torch.Tensor, start:
         "phases": done.get("phases", {}),  # wall seconds and peak RSS of each phase (Run.keep_phase_times)
         "train": asdict(cfg.train),
         "distill": cfg.distill,
+        "warm_start": cfg.warm_start,
         "control_lr": cfg.control_lr,
         "loss": measured["loss"],
         "losses": measured["losses"],
