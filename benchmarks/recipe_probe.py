@@ -28,8 +28,10 @@ import torch
 import edkm
 from edkm.config import EMBEDDING_LAYERS
 from edkm.eval import perplexity
-from edkm.jobs.compress import CompressConfig, split_data, warm_start_importance
+from edkm.jobs.compress import CompressConfig, split_data
 from edkm.models import load_causal_lm
+from edkm.peers.calibrate import warm_start_importance
+from edkm.peers.fast import calibration
 from edkm.training.finetune import finetune
 from edkm.training.loop import TrainConfig
 from edkm.transform import finalize_, palettize_, warm_start_
@@ -50,7 +52,7 @@ def probe(args: argparse.Namespace) -> dict:
     validation = validation[: VALIDATION_TOKENS + 1]
     start = time.perf_counter()
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    importance = warm_start_importance(model, data, cfg) or {}  # on the original model, before clustering
+    importance = warm_start_importance(model, calibration(data), args.warm_start, plan) or {}  # the original's
     warm_start_(palettize_(model, plan), importance)
     warm_seconds = time.perf_counter() - start
     val_warm = perplexity(finalize_(copy.deepcopy(model)), validation, context=2048)

@@ -202,8 +202,7 @@ def test_fisher_warm_start_weights_low_bit_layers_by_fisher_and_the_8bit_head_by
     embedding / head keeps the activation weights (its Fisher is zero on tokens the calibration never shows)."""
     from edkm.config import EMBEDDING_LAYERS
     from edkm.data.text import PackedDataset
-    from edkm.jobs.compress import CompressConfig, warm_start_importance
-    from edkm.peers.calibrate import fisher_diagonal
+    from edkm.peers.calibrate import fisher_diagonal, warm_start_importance
     from edkm.peers.fast import calibration
 
     model = tiny_causal_lm("llama")
@@ -212,12 +211,12 @@ def test_fisher_warm_start_weights_low_bit_layers_by_fisher_and_the_8bit_head_by
     data = PackedDataset.from_tokens(torch.randint(0, 128, (40 * 17,), generator=torch.Generator().manual_seed(0)), 17)
     plan = edkm.PalettizeConfig(bits=2, overrides={EMBEDDING_LAYERS: {"bits": 8}})
     starts = ("activation", "fisher")
-    imp = {w: warm_start_importance(model, data, CompressConfig(plan=plan, warm_start=w)) for w in starts}
+    imp = {w: warm_start_importance(model, calibration(data), w, plan) for w in starts}
     name = "model.layers.0.mlp.down_proj"
     fisher = fisher_diagonal(model, calibration(data))[id(model.get_submodule(name).weight)]
     assert torch.equal(imp["fisher"][name], fisher) and imp["activation"][name].shape == (1, 64)
     assert torch.equal(imp["fisher"]["lm_head"], imp["activation"]["lm_head"])
-    assert warm_start_importance(model, data, CompressConfig(plan=plan)) is None  # plain k-means
+    assert warm_start_importance(model, calibration(data), "kmeans", plan) is None  # plain k-means
     errors = {}
     for warm, importance in imp.items():
         started = edkm.transform.warm_start_(edkm.palettize_(copy.deepcopy(model), plan), importance)

@@ -114,12 +114,19 @@ def compress_config(args: argparse.Namespace, bundled_model_dir: Any, device: st
                           keep_checkpoints=args.keep_checkpoints, device=device, fsdp=fsdp)  # fmt: skip
 
 
+def recipe(r: dict[str, Any]) -> str:
+    """How a report's eDKM run departs from the default recipe: a Fisher warm start, LUTs kept at it."""
+    start = ", Fisher-weighted warm start" if r.get("warm_start") == "fisher" else ""
+    return start + (", LUT fixed (--iters 0)" if (r.get("plan") or {}).get("iters") == 0 else "")
+
+
 def format_report(r: dict[str, Any]) -> str:
     """The fp / RTN / k-means / eDKM table of a report as Markdown."""
     mb = lambda n: f"{n / 1e6:.3f} MB" if n else "-"  # noqa: E731
     b = r["bits"]
     group = (r.get("plan") or {}).get("group_size")
     lut = f"per {group} rows" if group else "per tensor"  # the LUTs of k-means and eDKM (--group-size)
+    start = ", eDKM's warm start" if r.get("warm_start", "activation") == "activation" else ""
     rows = [
         ("fp32 original", r["fp_ppl"], r["fp_size_bytes"], "fp16"),
         (f"fp32 fine-tuned {r['steps']} steps (control)", r["fp_finetuned_ppl"], r["fp_size_bytes"], "fp16"),
@@ -128,14 +135,14 @@ def format_report(r: dict[str, Any]) -> str:
         *[
             (f"{label} ({r[key + '_bpw']:.2f} bits/weight)", r[key + "_ppl"], r[key + "_size_bytes"], "file")
             for key, label in (
-                ("kmeans_aw", f"activation-aware k-means {b}-bit {lut} (post-training, eDKM's warm start)"),
+                ("kmeans_aw", f"activation-aware k-means {b}-bit {lut} (post-training{start})"),
                 ("gptq", f"GPTQ {b}-bit per channel"),
                 ("gptq_g128", f"GPTQ {b}-bit g128"),
                 ("squeeze", f"Fisher-weighted k-means {b}-bit per row"),
             )
             if r.get(key + "_ppl")
         ],
-        (f"eDKM {b}-bit {lut}, fine-tuned", r["edkm_ppl"], r["size_bytes"], "file"),
+        (f"eDKM {b}-bit {lut}{recipe(r)}, fine-tuned", r["edkm_ppl"], r["size_bytes"], "file"),
     ]
     lines = ["| model | test ppl | size |", "| --- | ---: | ---: |"]
     lines += [

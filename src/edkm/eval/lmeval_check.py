@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from edkm.eval.zeroshot import evaluate_task, load_task, loglikelihoods, task_requests
+from edkm.eval.zeroshot import evaluate_task, load_task, loglikelihoods, save_jsonl, task_requests
 
 CHECKED = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
 
@@ -55,8 +55,6 @@ def winogrande_docs(dataset):
 
 def write_tasks(folder: Path, tasks: list[str], data_dir: Path | None, limit: int | None) -> None:
     """Task YAMLs ``edkm_<task>`` (and their ``utils.py``) over the first ``limit`` items of each task."""
-    from edkm.eval.zeroshot_data import save_jsonl
-
     (folder / "utils.py").write_text(_UTILS)
     for task in tasks:
         save_jsonl(load_task(task, data_dir, limit), folder / f"{task}.jsonl")

@@ -46,7 +46,7 @@ from edkm.jobs.runstate import Run, open_run, prune_checkpoints
 from edkm.jobs.runtime import run_environment
 from edkm.models import BUNDLED_TEXT, load_causal_lm
 from edkm.peers.baselines import ptq_kmeans_, rtn_
-from edkm.peers.calibrate import fisher_importance, input_importance
+from edkm.peers.calibrate import warm_start_importance
 from edkm.peers.fast import calibration, fast_peers
 from edkm.training.finetune import finetune, loss_label
 from edkm.training.loop import TrainConfig, batch_indices
@@ -150,10 +150,26 @@ def job_costs(cfg: CompressConfig, heldout_tokens: int) -> dict[str, float]:
     return {
         "baselines": sum(baseline_shares(cfg, heldout_tokens)),
         "fp control": cfg.train.steps * step if cfg.fp_control else 0.0,
-        "eDKM": 1.7 * cfg.train.steps * step,
+        "eDKM": edkm_token_cost(cfg.plan) * cfg.train.steps * step,
         "export": 0.05 * evaluation,
         "evaluation": 1.1 * evaluation,
     }
+
+
+def edkm_token_cost(plan: PalettizeConfig) -> float:
+    """An eDKM training token's cost in tokens of plain fine-tuning, by LUT granularity and DKM centroid updates.
+
+    Measured on SmolLM2-135M, 3 bits, 4 x 256 tokens per step, 2 threads (a plain step ~7.5 s): one LUT per tensor
+    12.8 s per step with 3 updates per forward, ~10-12 s with none (``iters=0``); per 16 rows 43 s with 3 updates
+    and ~14 s with none (in the unique domain a group of rows has nearly as many distinct values as weights, and
+    the centroid updates are what the unique domain saves on). ``benchmarks/results/smollm2_*bit*.json`` ``phases``.
+
+    >>> edkm_token_cost(PalettizeConfig(bits=3)), edkm_token_cost(PalettizeConfig(bits=3, group_size=16, iters=0))
+    (1.7, 1.85)
+    """
+    if plan.group_size:
+        return 1.85 if plan.iters == 0 else 5.7
+    return 1.6 if plan.iters == 0 else 1.7
 
 
 def _file_size(model: nn.Module, path: Path) -> int:
@@ -275,27 +291,10 @@ def fp_control(run: Run, model: nn.Module, data: PackedDataset) -> nn.Module | N
     return teacher.eval().requires_grad_(False) if cfg.distill else None
 
 
-def warm_start_importance(model: nn.Module, data: PackedDataset, cfg: CompressConfig) -> dict[str, torch.Tensor] | None:
-    """What weighs each weight's error in eDKM's first k-means (None: plain k-means), from 32 training sequences.
-
-    "activation": each linear layer's mean squared input per column; "fisher": the Fisher diagonal per weight
-    (SqueezeLLM's sensitivity) for the layers at <= 4 bits and the activation weights for the rest (the 8-bit
-    embedding / head, whose Fisher is zero on the rows of tokens the calibration text never shows).
-    """
-    if cfg.warm_start == "kmeans":
-        return None
-    sequences = calibration(data)
-    importance = input_importance(model, sequences)
-    if cfg.warm_start == "fisher":
-        low = [n for n in importance if cfg.plan.for_module(n).bits <= 4]
-        importance.update(fisher_importance(model, sequences, low))
-    return importance
-
-
 def train_edkm(run: Run, model: nn.Module, data: PackedDataset, teacher: nn.Module | None) -> tuple[list[float], str]:
     """Fine-tune ``model`` with clustering (in place, finalized on every rank under FSDP); (losses, loss name)."""
     cfg = run.cfg
-    importance = warm_start_importance(model, data, cfg)
+    importance = warm_start_importance(model, calibration(data), cfg.warm_start, cfg.plan)
     palettize_(model, cfg.plan, memory=cfg.memory)
     if importance is not None:  # on a resumed run the checkpoint's centroids replace these
         warm_start_(model, importance)

@@ -4,7 +4,8 @@
 * :func:`input_importance`: the mean squared input of each column of chosen linear layers (activation-aware
   k-means: the warm start of eDKM on a real LLM);
 * :func:`fisher_diagonal`: sum of squared gradients of the next-token loss per weight (SqueezeLLM);
-  :func:`fisher_importance` names it per linear layer (the Fisher-weighted warm start of eDKM);
+  :func:`fisher_importance` names it per linear layer, :func:`warm_start_importance` picks eDKM's warm-start
+  weights (activation-aware or Fisher-weighted k-means);
 * :func:`quantize_layers_`: swap layers for LUT layers block by block, so that each block is
   calibrated on the outputs of the blocks already quantized (GPTQ's sequential order);
 * :class:`BlockInputs`: that order at O(layers) cost, as the reference GPTQ does it: the inputs of the next
@@ -232,3 +233,23 @@ def fisher_importance(model: nn.Module, sequences: torch.Tensor, names: list[str
     """
     fisher = fisher_diagonal(model, sequences)
     return {n: fisher[id(model.get_submodule(n).weight)] for n in names}
+
+
+def warm_start_importance(
+    model: nn.Module, sequences: torch.Tensor, warm_start: str, plan: PalettizeConfig
+) -> dict[str, torch.Tensor] | None:
+    """What weighs each weight's error in eDKM's first k-means (:func:`edkm.transform.warm_start_`), from the
+    calibration ``sequences``; None for ``"kmeans"`` (plain k-means).
+
+    ``"activation"``: each linear layer's mean squared input per column (:func:`input_importance`); ``"fisher"``:
+    the Fisher diagonal per weight (:func:`fisher_importance`, SqueezeLLM's sensitivity) for the layers at <= 4 bits
+    of ``plan`` and the activation weights for the rest (the 8-bit embedding / head, whose Fisher is zero on the
+    rows of tokens the calibration text never shows).
+    """
+    if warm_start == "kmeans":
+        return None
+    importance = input_importance(model, sequences)
+    if warm_start == "fisher":
+        low = [n for n in importance if plan.for_module(n).bits <= 4]
+        importance.update(fisher_importance(model, sequences, low))
+    return importance
