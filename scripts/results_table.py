@@ -87,7 +87,7 @@ def _task(scores: dict) -> str:
 def recipe_label(report: dict) -> str:
     """What an eDKM run changed from the first recipe: its warm start, fixed LUTs."""
     start = {"fisher": ", Fisher-weighted warm start"}.get(report.get("warm_start"), "")
-    fixed = ", LUT fixed (`--iters 0`)" if report["plan"]["iters"] == 0 else ""
+    fixed = ", LUT fixed (`--iters 0`)" if report["plan"].get("iters") == 0 else ""
     return f"{start}{fixed}, fine-tuned"
 
 
@@ -103,7 +103,7 @@ def smollm2_table() -> str:
         r, zs = result["report"], (result.get("zeroshot") or {}).get("models", {})
         embed = next(iter(r["plan"]["overrides"].values()), {}).get("bits", r["bits"])
         rows_per_lut = r["plan"].get("group_size")  # --group-size: the LUT rows of k-means and eDKM
-        recipe = r.get("warm_start", "activation") != "activation" or r["plan"]["iters"] == 0  # eDKM's row only
+        recipe = r.get("warm_start", "activation") != "activation" or r["plan"].get("iters") == 0  # eDKM's row only
         for key, label in SMOLLM2_ROWS:
             if (rows_per_lut and key not in GROUPED_ROWS) or (recipe and key != "edkm"):  # as in the first run
                 continue
@@ -167,7 +167,7 @@ def smollm2_points() -> list[dict]:
         result = json.loads(path.read_text())
         r, zs = result["report"], (result.get("zeroshot") or {}).get("models", {})
         group = r["plan"].get("group_size")
-        recipe = r.get("warm_start", "activation") != "activation" or r["plan"]["iters"] == 0
+        recipe = r.get("warm_start", "activation") != "activation" or r["plan"].get("iters") == 0
         for key, _ in SMOLLM2_ROWS[1:]:
             entry, ppl = zs.get(key), r.get(PPL_KEYS.get(key, key + "_ppl"))
             if ppl is None or entry is None or "bits_per_weight" not in entry or (group and key not in GROUPED_ROWS):

@@ -52,3 +52,20 @@ def test_collect_and_smollm2_table(tmp_path, monkeypatch):
     labels = [line.split(" | ")[1] for line in table.smollm2_table().splitlines()[2:]]
     assert "**eDKM** per 16 rows, fine-tuned (packed, reloaded)" in labels and "k-means per 16 rows" in labels
     assert labels.count("k-means per tensor") == 1 and labels.count("GPTQ per channel") == 1  # not repeated
+
+
+def test_a_recipe_run_adds_only_its_edkm_row_named_by_its_recipe(tmp_path, monkeypatch):
+    """A run with --warm-start fisher --iters 0 repeats the other rows of its bit width: only eDKM's row is new."""
+    table = _script()
+    run = tmp_path / "run"
+    run.mkdir()
+    plan = {"overrides": {"embed_tokens|lm_head": {"bits": 8}}, "group_size": 16, "iters": 0}
+    report = {"bits": 3, "plan": plan, "fp_ppl": 19.26, "rtn_ppl": 7911.4, "kmeans_ptq_ppl": 2.9e6,
+              "edkm_ppl": 64.37, "warm_start": "fisher"}  # fmt: skip
+    (run / "report.json").write_text(json.dumps(report))
+    monkeypatch.setattr(table, "RESULTS", tmp_path)
+    table.collect(run, tmp_path / "smollm2_3bit_g16_fisher.json")
+    labels = [line.split(" | ")[1] for line in table.smollm2_table().splitlines()[2:]]
+    assert labels == [
+        "**eDKM** per 16 rows, Fisher-weighted warm start, LUT fixed (`--iters 0`), fine-tuned (packed, reloaded)"
+    ]
