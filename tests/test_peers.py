@@ -224,3 +224,20 @@ def test_fisher_warm_start_weights_low_bit_layers_by_fisher_and_the_8bit_head_by
         idx, lut = layer.clusterer.hard(layer.weight)
         errors[warm] = weighted_error(layer.weight, fisher, lut, idx)
     assert errors["fisher"] < errors["activation"], errors
+
+
+def test_fast_peers_report_each_peer_as_it_ends_and_skip_the_finished_ones(tiny_causal_lm, tmp_path):
+    """A stopped baselines phase resumes after its last finished peer: ``done`` gets each peer's entries as it
+    ends (the job records them), and the peers named in ``skip`` are not built again."""
+    from edkm.data.text import PackedDataset
+    from edkm.peers.fast import FAST_PEERS, fast_peers
+
+    model = tiny_causal_lm("llama")
+    data = PackedDataset.from_tokens(torch.randint(0, 128, (40 * 17,), generator=torch.Generator().manual_seed(0)), 17)
+    seen = []
+    report = fast_peers(model, data, edkm.PalettizeConfig(bits=3), lambda m: 1.0, tmp_path,
+                        lambda name, entry: seen.append((name, sorted(entry))), skip=FAST_PEERS[:3])  # fmt: skip
+    assert [n for n, _ in seen] == list(FAST_PEERS[3:])
+    assert seen[0][1] == [f"{FAST_PEERS[3]}_{k}" for k in ("bpw", "ppl", "size_bytes")]
+    assert set(report) == {f"{n}_{k}" for n in FAST_PEERS[3:] for k in ("ppl", "size_bytes", "bpw")}
+    assert not (tmp_path / f"{FAST_PEERS[0]}.edkm.safetensors").exists()

@@ -41,13 +41,14 @@ from edkm.export.card import model_card
 from edkm.export.files import FOLDER_WEIGHTS, REPORT_FILE
 from edkm.hf.folder import save_folder, write_model_card
 from edkm.hf.load import load_palettized
+from edkm.jobs.costs import baseline_shares, job_costs
 from edkm.jobs.progress import JobProgress
 from edkm.jobs.runstate import Run, open_run, prune_checkpoints
 from edkm.jobs.runtime import run_environment
 from edkm.models import BUNDLED_TEXT, load_causal_lm
 from edkm.peers.baselines import ptq_kmeans_, rtn_
 from edkm.peers.calibrate import warm_start_importance
-from edkm.peers.fast import calibration, fast_peers
+from edkm.peers.fast import FAST_PEERS, calibration, fast_peers
 from edkm.training.finetune import finetune, loss_label
 from edkm.training.loop import TrainConfig, batch_indices
 from edkm.training.synthetic import model_sequences
@@ -125,53 +126,6 @@ def split_data(cfg: CompressConfig, tokenizer: Any) -> tuple[PackedDataset, torc
     return train_set, tokenize_text(tokenizer, val_text), tokenize_text(tokenizer, test_text)
 
 
-SCORED_TOKEN = 0.43  # cost of scoring a held-out token, in training tokens without clustering (job_costs)
-
-
-def baseline_shares(cfg: CompressConfig, heldout_tokens: int) -> list[float]:
-    """The cost of each of the baselines phase's 9 units, in :func:`job_costs`' units: the fp evaluation, RTN
-    built and scored, k-means built and scored, then the calibrated peers (activation-aware k-means, GPTQ per
-    channel and g128, Fisher-weighted k-means), each calibrated on 32 training sequences
-    (:func:`edkm.peers.fast.calibration`) and scored. Fitted to the SmolLM2-135M 4-bit run (2 threads): 0.6, 1.6,
-    1.0 and 1.0 of a calibration token for the calibrations, where a scored token costs ``SCORED_TOKEN`` (an
-    evaluation took ~57 s, the peers 34 s, 108 s, 64 s and 66 s besides theirs)."""
-    e, c = SCORED_TOKEN * heldout_tokens, 32 * cfg.context
-    return [e, 0.02 * e, e, 0.1 * e, e, e + 0.6 * c, e + 1.6 * c, e + 1.0 * c, e + 1.0 * c]
-
-
-def job_costs(cfg: CompressConfig, heldout_tokens: int) -> dict[str, float]:
-    """Estimated cost of each phase in training tokens (only the ratios matter: the ETA rescales
-    them by the measured pace). Fitted to the phase times of the SmolLM2-135M runs (2 threads;
-    benchmarks/results/smollm2_*bit.json): scoring a token costs ``SCORED_TOKEN`` (0.43) of training on it without
-    clustering, an eDKM token ~1.7 (12.5 and 10.4 ms per token at 3 and 4 bits, a scored token ~3 ms); the
-    baselines as :func:`baseline_shares`. Before the first fit
-    (6 evaluations, calibration not counted) the ETA after the baselines said 2:51 h for what took 23 min."""
-    step, evaluation = cfg.train.batch_size * cfg.context, SCORED_TOKEN * heldout_tokens
-    return {
-        "baselines": sum(baseline_shares(cfg, heldout_tokens)),
-        "fp control": cfg.train.steps * step if cfg.fp_control else 0.0,
-        "eDKM": edkm_token_cost(cfg.plan) * cfg.train.steps * step,
-        "export": 0.05 * evaluation,
-        "evaluation": 1.1 * evaluation,
-    }
-
-
-def edkm_token_cost(plan: PalettizeConfig) -> float:
-    """An eDKM training token's cost in tokens of plain fine-tuning, by LUT granularity and DKM centroid updates.
-
-    Measured on SmolLM2-135M, 3 bits, 4 x 256 tokens per step, 2 threads (a plain step ~7.5 s): one LUT per tensor
-    12.8 s per step with 3 updates per forward, ~10-12 s with none (``iters=0``); per 16 rows 43 s with 3 updates
-    and ~14 s with none (in the unique domain a group of rows has nearly as many distinct values as weights, and
-    the centroid updates are what the unique domain saves on). ``benchmarks/results/smollm2_*bit*.json`` ``phases``.
-
-    >>> edkm_token_cost(PalettizeConfig(bits=3)), edkm_token_cost(PalettizeConfig(bits=3, group_size=16, iters=0))
-    (1.7, 1.85)
-    """
-    if plan.group_size:
-        return 1.85 if plan.iters == 0 else 5.7
-    return 1.6 if plan.iters == 0 else 1.7
-
-
 def _file_size(model: nn.Module, path: Path) -> int:
     save_palettized(model, path)
     return path.stat().st_size
@@ -236,13 +190,18 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
 def baselines(run: Run, model: nn.Module, data: PackedDataset, held_tokens: int) -> None:
     """fp, RTN, post-training k-means, GPTQ and Fisher-weighted k-means perplexity (rank 0; once per run folder)."""
     cfg, bits = run.cfg, run.cfg.plan.bits
-    if "rtn_ppl" in run.done or run.rank != 0:
+    finished = [n for n in FAST_PEERS if f"{n}_ppl" in run.done]  # a stopped job resumes after the last finished
+    if ("rtn_ppl" in run.done and len(finished) == len(FAST_PEERS)) or run.rank != 0:
         run.job.skip("baselines", "restored from progress.json" if run.rank == 0 else "rank 0 only")
         return
     detail = "fp, RTN, post-training k-means (plain and activation-aware), GPTQ and Fisher-weighted k-means ppl"
     with run.job.phase(
         "baselines", total=9, unit="eval", detail=detail, shares=baseline_shares(cfg, held_tokens)
     ) as bar:
+        if "rtn_ppl" in run.done:
+            bar.update(5 + len(finished), note="fp, RTN, k-means and finished peers restored from progress.json")
+            _peers(run, model, data, bar, finished)
+            return
         fp_ppl = run.ppl(model)
         bar.update(note=f"fp32 original ppl {fp_ppl:.3f}")
         rtn = rtn_(copy.deepcopy(model), cfg.plan)
@@ -261,8 +220,17 @@ def baselines(run: Run, model: nn.Module, data: PackedDataset, held_tokens: int)
             kmeans_ptq_ppl=km_ppl,
             kmeans_ptq_size_bytes=km_size,
         )
-        note = lambda name, ppl: bar.update(note=f"{name} {bits}-bit ppl {ppl:.3f}")  # noqa: E731
-        run.record(**fast_peers(model, data, cfg.plan, run.ppl, run.out, note))
+        _peers(run, model, data, bar, finished)
+
+
+def _peers(run: Run, model: nn.Module, data: PackedDataset, bar: Any, finished: list[str]) -> None:
+    """The fast peers not ``finished`` yet, each recorded as it ends."""
+
+    def done(name: str, entry: dict[str, Any]) -> None:
+        run.record(**entry)
+        bar.update(note=f"{name} {run.cfg.plan.bits}-bit ppl {entry[f'{name}_ppl']:.3f}")
+
+    fast_peers(model, data, run.cfg.plan, run.ppl, run.out, done, skip=finished)
 
 
 def fp_control(run: Run, model: nn.Module, data: PackedDataset) -> nn.Module | None:

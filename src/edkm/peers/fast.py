@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +26,25 @@ def calibration(data: PackedDataset, n: int = 32, seed: int = 0) -> torch.Tensor
     return data.input_ids[pick]
 
 
+FAST_PEERS = ("kmeans_aw", "gptq", "gptq_g128", "squeeze")  # in the order fast_peers builds them
+
+
 def fast_peers(
     model: nn.Module,
     data: PackedDataset,
     plan: PalettizeConfig,
     ppl: Callable[[nn.Module], float],
     out: Path,
-    done: Callable[[str, float], None] = lambda _name, _ppl: None,
+    done: Callable[[str, dict[str, Any]], None] = lambda _name, _entry: None,
+    skip: Collection[str] = (),
 ) -> dict[str, Any]:
     """GPTQ (per channel and g128, act-order), Fisher-weighted k-means (one LUT per row) and activation-aware
     k-means (one LUT per tensor, eDKM's warm start) of copies of ``model``.
 
-    ``done(name, ppl)`` is called after each. Returns ``{kmeans_aw,gptq,gptq_g128,squeeze}_{ppl,size_bytes,bpw}``;
-    bpw = stored bits per weight of the ``plan.bits``
-    layers (indices + scales / LUTs), read from the saved file.
+    ``done(name, entry)`` is called after each with its entries (a caller records them: a stopped job resumes
+    after the last finished peer); the peers named in ``skip`` are not built (finished before). Returns
+    ``{kmeans_aw,gptq,gptq_g128,squeeze}_{ppl,size_bytes,bpw}`` of the peers built; bpw = stored bits per weight
+    of the ``plan.bits`` layers (indices + scales / LUTs), read from the saved file.
     """
     calib = calibration(data)
     report: dict[str, Any] = {}
@@ -50,15 +55,16 @@ def fast_peers(
         "squeeze": lambda m: squeeze_(m, calib, plan),
     }
     for name, make in makers.items():
+        if name in skip:
+            continue
         peer = make(copy.deepcopy(model))
         path = out / f"{name}.edkm.safetensors"
         save_palettized(peer, path)
-        report.update(
-            {
-                f"{name}_ppl": ppl(peer),
-                f"{name}_size_bytes": path.stat().st_size,
-                f"{name}_bpw": bits_per_weight(path)[str(plan.bits)],
-            }
-        )
-        done(name, report[f"{name}_ppl"])
+        entry = {
+            f"{name}_ppl": ppl(peer),
+            f"{name}_size_bytes": path.stat().st_size,
+            f"{name}_bpw": bits_per_weight(path)[str(plan.bits)],
+        }
+        report.update(entry)
+        done(name, entry)
     return report
