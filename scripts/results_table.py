@@ -84,6 +84,11 @@ def _task(scores: dict) -> str:
     return f"{100 * value:.1f}" + (f" ± {100 * stderr:.1f}" if stderr else "")
 
 
+def is_recipe_run(report: dict) -> bool:
+    """A run that changes only eDKM's recipe (warm start, fixed LUTs): its other rows are the first run's."""
+    return report.get("warm_start", "activation") != "activation" or report["plan"].get("iters") == 0
+
+
 def recipe_label(report: dict) -> str:
     """What an eDKM run changed from the first recipe: its warm start, fixed LUTs."""
     start = {"fisher": ", Fisher-weighted warm start"}.get(report.get("warm_start"), "")
@@ -103,7 +108,7 @@ def smollm2_table() -> str:
         r, zs = result["report"], (result.get("zeroshot") or {}).get("models", {})
         embed = next(iter(r["plan"]["overrides"].values()), {}).get("bits", r["bits"])
         rows_per_lut = r["plan"].get("group_size")  # --group-size: the LUT rows of k-means and eDKM
-        recipe = r.get("warm_start", "activation") != "activation" or r["plan"].get("iters") == 0  # eDKM's row only
+        recipe = is_recipe_run(r)  # eDKM's row only
         for key, label in SMOLLM2_ROWS:
             if (rows_per_lut and key not in GROUPED_ROWS) or (recipe and key != "edkm"):  # as in the first run
                 continue
@@ -167,7 +172,7 @@ def smollm2_points() -> list[dict]:
         result = json.loads(path.read_text())
         r, zs = result["report"], (result.get("zeroshot") or {}).get("models", {})
         group = r["plan"].get("group_size")
-        recipe = r.get("warm_start", "activation") != "activation" or r["plan"].get("iters") == 0
+        recipe = is_recipe_run(r)
         for key, _ in SMOLLM2_ROWS[1:]:
             entry, ppl = zs.get(key), r.get(PPL_KEYS.get(key, key + "_ppl"))
             if ppl is None or entry is None or "bits_per_weight" not in entry or (group and key not in GROUPED_ROWS):

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from edkm.eval.zeroshot import evaluate_task, load_task, loglikelihoods, save_jsonl, task_requests
+from edkm.eval.zeroshot import _argmax, load_task, loglikelihoods, save_jsonl, task_metrics, task_requests
 
 CHECKED = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
 
@@ -98,14 +98,13 @@ def crosscheck(
         their_ll = [float(r[0][0]) for s in samples for r in s["resps"]]
         requests = [r for d in docs for r in task_requests(task, d)]
         our_ll = loglikelihoods(model, tokenizer, requests, batch_size)
-        ours = evaluate_task(model, tokenizer, task, data_dir, limit, batch_size)
+        ours = task_metrics(task, docs, our_ll)
         metrics = theirs["results"][f"edkm_{task}"]
         diffs = [abs(a - b) for a, b in zip(our_ll, their_ll)]
         pos, differing = 0, 0
         for d in docs:
             n = len(d.choices)
-            a, b = our_ll[pos : pos + n], their_ll[pos : pos + n]
-            differing += max(range(n), key=a.__getitem__) != max(range(n), key=b.__getitem__)
+            differing += _argmax(our_ll[pos : pos + n]) != _argmax(their_ll[pos : pos + n])
             pos += n
         out[task] = {
             "ours": {k: ours[k] for k in ("acc", "acc_norm", "acc_stderr", "n")},

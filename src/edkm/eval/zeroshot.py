@@ -103,14 +103,18 @@ def evaluate_task(
     WinoGrande); ``acc_stderr`` / ``acc_norm_stderr`` are lm-eval's sample standard errors of the mean (None if
     n == 1).
     """
-    spec = _get_task(task)
     docs = load_task(task, data_dir, limit)
-    per_doc = [spec.requests(d) for d in docs]
-    lls = loglikelihoods(model, tokenizer, [r for reqs in per_doc for r in reqs], batch_size, add_bos)
+    requests = [r for d in docs for r in task_requests(task, d)]
+    return task_metrics(task, docs, loglikelihoods(model, tokenizer, requests, batch_size, add_bos))
+
+
+def task_metrics(task: str, docs: Sequence[MCDoc], lls: Sequence[float]) -> dict[str, Any]:
+    """:func:`evaluate_task`'s result from the log-likelihoods of every (item, choice) request, in order."""
+    spec = _get_task(task)
     hits, hits_norm, hits_bytes, pos = [], [], [], 0
-    for doc, reqs in zip(docs, per_doc):
-        scores = lls[pos : pos + len(reqs)]
-        pos += len(reqs)
+    for doc in docs:  # one request per choice (every task's template)
+        scores = lls[pos : pos + len(doc.choices)]
+        pos += len(doc.choices)
         hits.append(float(_argmax(scores) == doc.label))
         if spec.norm_texts is not None:
             texts = spec.norm_texts(doc)
@@ -164,5 +168,6 @@ __all__ = [
     "read_jsonl",
     "read_llm_adapters",
     "save_jsonl",
+    "task_metrics",
     "task_requests",
 ]
