@@ -12,6 +12,7 @@ when they change, so a second run changes nothing.
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -84,16 +85,20 @@ def _task(scores: dict) -> str:
     return f"{100 * value:.1f}" + (f" ± {100 * stderr:.1f}" if stderr else "")
 
 
-def is_recipe_run(report: dict) -> bool:
-    """A run that changes only eDKM's recipe (warm start, fixed LUTs): its other rows are the first run's."""
-    return report.get("warm_start", "activation") != "activation" or report["plan"].get("iters") == 0
+def is_main_run(path: Path) -> bool:
+    """``smollm2_<b>bit.json`` / ``smollm2_<b>bit_g<rows>.json`` hold every row of a bit width (and LUT granularity);
+    the other files (another recipe, another seed) add their eDKM row only, the post-training rows being the same."""
+    return re.fullmatch(r"smollm2_\d+bit(_g\d+)?\.json", path.name) is not None
 
 
 def recipe_label(report: dict) -> str:
-    """What an eDKM run changed from the first recipe: its warm start, fixed LUTs."""
-    start = {"fisher": ", Fisher-weighted warm start"}.get(report.get("warm_start"), "")
-    fixed = ", LUT fixed (`--iters 0`)" if report["plan"].get("iters") == 0 else ""
-    return f"{start}{fixed}, fine-tuned"
+    """eDKM's recipe as a row names it: its warm start, whether its LUTs move, its seed if not 0."""
+    start = {"fisher": ", Fisher-weighted warm start", "activation": ", activation warm start"}
+    iters = report["plan"].get("iters", 3)
+    moves = ", LUT fixed (`--iters 0`)" if iters == 0 else f", {iters} centroid updates per forward"
+    seed = report.get("train", {}).get("seed", 0)
+    named = start.get(report.get("warm_start", "activation"), "")
+    return f"{named}{moves}, fine-tuned" + (f", seed {seed}" if seed else "")
 
 
 def smollm2_table() -> str:
@@ -108,13 +113,13 @@ def smollm2_table() -> str:
         r, zs = result["report"], (result.get("zeroshot") or {}).get("models", {})
         embed = next(iter(r["plan"]["overrides"].values()), {}).get("bits", r["bits"])
         rows_per_lut = r["plan"].get("group_size")  # --group-size: the LUT rows of k-means and eDKM
-        recipe = is_recipe_run(r)  # eDKM's row only
+        recipe = not is_main_run(path)  # eDKM's row only
         for key, label in SMOLLM2_ROWS:
             if (rows_per_lut and key not in GROUPED_ROWS) or (recipe and key != "edkm"):  # as in the first run
                 continue
             if rows_per_lut:
                 label = label.replace("per tensor", f"per {rows_per_lut} rows")
-            if key == "edkm" and recipe:
+            if key == "edkm":
                 label = label.replace(", fine-tuned", recipe_label(r))
             ppl = r.get(PPL_KEYS.get(key, key + "_ppl"))
             if ppl is None or (key == "original" and path != paths[0]):  # the original once, atop the table
@@ -130,23 +135,35 @@ def smollm2_table() -> str:
     return "\n".join(rows)
 
 
-def coreml_peers_table() -> str:
-    """coremltools' post-training palettizers on SmolLM2 (benchmarks/coreml_peers.py)."""
-    paths = sorted(RESULTS.glob("smollm2_coreml_peers_*bit.json"))
+def library_peers_table() -> str:
+    """The peers through their own libraries on SmolLM2 (benchmarks/library_peers.py)."""
+    paths = sorted(RESULTS.glob("smollm2_library_peers_*bit.json"))
     if not paths:
-        return "(run `python benchmarks/coreml_peers.py`)"
+        return "(run `python benchmarks/library_peers.py`)"
     rows = [
-        "| bits | method | bits/weight (decoder / all) | WikiText-2 ppl | built in |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| bits | method | library | bits/weight (decoder / all) | validation ppl | WikiText-2 ppl | zero-shot avg "
+        "| built in |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for path in paths:
         result = json.loads(path.read_text())
         for row in result["rows"].values():
             bits = _bits({"bits_per_weight": row["bits_per_weight"]})
+            val = f"{row['val_ppl']:,.2f}" if "val_ppl" in row else "-"
+            zs = f"{100 * row['zeroshot']['average']:.1f}" if "zeroshot" in row else "-"
+            label = row["label"] + (f" (lr {row['lr']:g}, seed {row['seed']})" if "lr" in row else "")
             rows.append(
-                f"| {result['bits']} / 8 | {row['label']} | {bits} | {row['ppl']:,.2f} | {row['build_seconds']:.0f} s |"
+                f"| {result['bits']} / 8 | {label} | {row.get('library', 'coremltools 9.0')} | {bits} | {val} "
+                f"| {row['ppl']:,.2f} | {zs} | {row['build_seconds']:.0f} s |"
             )
     return "\n".join(rows)
+
+
+def _library_label(name: str, row: dict) -> str:
+    """A short plot label of a library peer row."""
+    if name.startswith("coreml"):
+        return ("coreml SKM" if "skm" in name else "coreml k-means") + (" g16" if name.endswith("g16") else "")
+    return row["label"].split(" (")[0].replace("IntxWeightOnlyConfig ", "").replace(", fine-tuned", "")
 
 
 SHORT = {
@@ -172,14 +189,17 @@ def smollm2_points() -> list[dict]:
         result = json.loads(path.read_text())
         r, zs = result["report"], (result.get("zeroshot") or {}).get("models", {})
         group = r["plan"].get("group_size")
-        recipe = is_recipe_run(r)
+        recipe = not is_main_run(path)
         for key, _ in SMOLLM2_ROWS[1:]:
             entry, ppl = zs.get(key), r.get(PPL_KEYS.get(key, key + "_ppl"))
             if ppl is None or entry is None or "bits_per_weight" not in entry or (group and key not in GROUPED_ROWS):
                 continue
             if recipe and key != "edkm":
                 continue
-            label = SHORT[key] + (f" g{group}" if group else "") + (" Fisher, LUT fixed" if recipe else "")
+            first = key == "edkm" and r["plan"].get("iters", 3) != 0  # the first recipe: LUTs learned, activation start
+            seed = r.get("train", {}).get("seed", 0)
+            label = SHORT[key] + (f" g{group}" if group else "") + (" (first recipe)" if first else "")
+            label += f" s{seed}" if seed and key == "edkm" else ""
             points.append(
                 dict(
                     label=label,
@@ -190,18 +210,17 @@ def smollm2_points() -> list[dict]:
                     family="edkm" if key == "edkm" else "peer",
                 )
             )
-    for path in sorted(RESULTS.glob("smollm2_coreml_peers_*bit.json")):
+    for path in sorted(RESULTS.glob("smollm2_library_peers_*bit.json")):
         result = json.loads(path.read_text())
         for name, row in result["rows"].items():
-            label = ("coreml SKM" if "skm" in name else "coreml k-means") + (" g16" if name.endswith("g16") else "")
             points.append(
                 dict(
-                    label=label,
+                    label=_library_label(name, row),
                     bits=result["bits"],
                     bpw=_decoder_bits(row["bits_per_weight"]),
                     ppl=row["ppl"],
-                    zeroshot=None,
-                    family="coreml",
+                    zeroshot=100 * row["zeroshot"]["average"] if "zeroshot" in row else None,
+                    family="library",
                 )
             )
     return points
@@ -221,7 +240,7 @@ def smollm2_plot(out: Path = RESULTS / "smollm2.png") -> Path | None:
     fp_ppl = original["report"]["fp_ppl"]
     fp_zs = ((original.get("zeroshot") or {}).get("models", {}).get("original") or {}).get("average")
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
-    colors = {"edkm": "tab:red", "peer": "tab:blue", "coreml": "tab:green"}
+    colors = {"edkm": "tab:red", "peer": "tab:blue", "library": "tab:green"}
     for p in points:
         marker = {3: "o", 4: "s"}.get(p["bits"], "^")
         for ax, y in ((left, p["ppl"]), (right, p["zeroshot"])):
@@ -240,7 +259,7 @@ def smollm2_plot(out: Path = RESULTS / "smollm2.png") -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(loc="upper right", fontsize=8)
     fig.suptitle(
-        "SmolLM2-135M-Instruct: eDKM (red), our peers (blue), coremltools (green); circles 3-bit, squares 4-bit"
+        "SmolLM2-135M-Instruct: eDKM (red), our peers (blue), peer libraries (green); circles 3-bit, squares 4-bit"
     )
     fig.savefig(out, dpi=100, bbox_inches="tight", format="png")
     plt.close(fig)
@@ -315,7 +334,7 @@ if __name__ == "__main__":
         tables = {
             "compress": compress_table(),
             "smollm2": smollm2_table(),
-            "coreml peers": coreml_peers_table(),
+            "library peers": library_peers_table(),
             "recipe probe": recipe_probe_table(),
             "lmeval": lmeval_table(),
             "memory": memory_table(),

@@ -95,8 +95,23 @@ def test_a_real_model_gives_its_own_dims_and_weights(tmp_path):
     assert (d["hidden"], d["intermediate"], d["layers"], d["vocab"]) == (64, 172, 5, 512)
     out = tmp_path / "train.json"
     main(["bench", "train", "--model", str(BUNDLED_MODEL_DIR), "--seq", "16", "--steps", "1", "--rows",
-          "plain,edkm-auto", "--out", str(out), "--device", "cpu"])  # fmt: skip
+          "plain,edkm-auto,edkm-g16-iters0", "--out", str(out), "--device", "cpu"])  # fmt: skip
     result = json.loads(out.read_text())
     assert str(BUNDLED_MODEL_DIR) in result["model"]["arch"]
-    assert all(r["measured"] for r in result["rows"] if r["config"] in ("plain", "edkm-auto"))
+    assert all(r["measured"] for r in result["rows"] if r["config"] in ("plain", "edkm-auto", "edkm-g16-iters0"))
     assert {r["config"]: r for r in result["rows"]}["plain"]["parameters"] < 300_000  # stories260K, not a random 7B
+
+
+def test_the_recipe_rows_keep_luts_fixed_and_group_where_rows_divide():
+    from edkm.bench.train import spec_for
+    from edkm.bench.train_step import recipe_plan
+    from edkm.models import load_causal_lm
+
+    model, _ = load_causal_lm(None)  # stories260K: 64-, 32- and 172-row layers
+    args = types.SimpleNamespace(model=None, bits=3, embed_bits=8, steps=1)
+    plan = recipe_plan(model, spec_for("edkm-g16-iters0", {}, args, "cpu"))
+    assert plan.iters == 0 and plan.for_module("model.layers.0.self_attn.q_proj").group_size == 16
+    assert plan.for_module("model.layers.0.mlp.gate_proj").group_size is None  # 172 rows: per tensor
+    assert plan.for_module("lm_head").bits == 8 and plan.for_module("lm_head").group_size is None
+    assert recipe_plan(model, spec_for("edkm-iters0", {}, args, "cpu")).group_size is None
+    assert recipe_plan(model, spec_for("edkm-auto", {}, args, "cpu")).iters == 3

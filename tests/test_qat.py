@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("torchao")
 
@@ -37,3 +38,23 @@ def test_qat_fake_quantizes_and_equals_its_converted_model(bits, group_size, tmp
         torch.testing.assert_close(model(x).logits, fake, rtol=0, atol=0.05 * fake.abs().max().item())
     groups = model.model.layers[0].self_attn.q_proj.lut.lo.shape[0]
     assert groups == 64 * (64 // group_size if group_size else 1)
+
+
+def test_torchao_post_training_intx_becomes_lut_layers_of_its_integers():
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    from edkm.peers.qat import intx_ptq_
+
+    model, _ = load_causal_lm(None)
+    ref = copy.deepcopy(model)
+    config = IntxWeightOnlyConfig(weight_dtype=torch.int3, granularity=PerGroup(32))
+    quantize_(ref, config, filter_fn=lambda m, n: type(m) is nn.Linear and m.in_features % 32 == 0)
+    plan = PalettizeConfig(bits=3, overrides={"embed_tokens|lm_head": {"bits": 8}})
+    intx_ptq_(model, plan, 32)
+    assert isinstance(model.lm_head, LUTModule)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.4.mlp.up_proj"):  # 64 / 172 x 64: 2 groups per row
+        q, expected = model.get_submodule(name), ref.get_submodule(name).weight.dequantize()
+        assert isinstance(q, LUTModule) and q.lut.lo.shape[0] == expected.shape[0] * 2
+        # torchao's own integers and scales; ours hold the scale and zero point in fp16
+        torch.testing.assert_close(q.lut().float(), expected, rtol=0, atol=2e-3 * expected.abs().max().item())

@@ -42,7 +42,8 @@ def test_collect_and_smollm2_table(tmp_path, monkeypatch):
     rows = {line.split(" | ")[1]: line for line in lines[2:]}
     assert "19.26" in rows["fp32 original (the Q4_1 GGUF, dequantized)"]
     assert "66.9" in rows["published, lm-eval (full sets, third-party)"]
-    edkm = rows["**eDKM** per tensor, fine-tuned (packed, reloaded)"]
+    first = "activation warm start, 3 centroid updates per forward, fine-tuned (packed, reloaded)"
+    edkm = rows[f"**eDKM** per tensor, {first}"]
     assert "3.00 / 4.25" in edkm and "60.0 ± 4.9" in edkm and "50.0 ± 5.0" in edkm and "| 55.0 |" in edkm
     assert "469,764.10" in rows["k-means per tensor"] and "GPTQ g128" not in rows  # rows without a figure left out
     grouped = {**report, "plan": {**report["plan"], "group_size": 16}}
@@ -50,12 +51,13 @@ def test_collect_and_smollm2_table(tmp_path, monkeypatch):
     table.collect(run, tmp_path / "smollm2_3bit_g16.json")
     (tmp_path / "smollm2_pipeline.json").write_text("{}")  # not a results table
     labels = [line.split(" | ")[1] for line in table.smollm2_table().splitlines()[2:]]
-    assert "**eDKM** per 16 rows, fine-tuned (packed, reloaded)" in labels and "k-means per 16 rows" in labels
+    assert f"**eDKM** per 16 rows, {first}" in labels
+    assert "k-means per 16 rows" in labels
     assert labels.count("k-means per tensor") == 1 and labels.count("GPTQ per channel") == 1  # not repeated
 
 
-def test_a_recipe_run_adds_only_its_edkm_row_named_by_its_recipe(tmp_path, monkeypatch):
-    """A run with --warm-start fisher --iters 0 repeats the other rows of its bit width: only eDKM's row is new."""
+def test_a_file_beside_the_main_run_adds_only_its_edkm_row_named_by_its_recipe(tmp_path, monkeypatch):
+    """Another recipe or seed repeats the post-training rows of its bit width: only eDKM's row is new."""
     table = _script()
     run = tmp_path / "run"
     run.mkdir()
@@ -69,3 +71,8 @@ def test_a_recipe_run_adds_only_its_edkm_row_named_by_its_recipe(tmp_path, monke
     assert labels == [
         "**eDKM** per 16 rows, Fisher-weighted warm start, LUT fixed (`--iters 0`), fine-tuned (packed, reloaded)"
     ]
+    (run / "report.json").write_text(json.dumps({**report, "plan": {**plan, "group_size": None}, "train": {"seed": 1}}))
+    table.collect(run, tmp_path / "smollm2_3bit_s1.json")
+    labels = [line.split(" | ")[1] for line in table.smollm2_table().splitlines()[2:]]
+    seeded = "**eDKM** per tensor, Fisher-weighted warm start, LUT fixed (`--iters 0`), fine-tuned, seed 1"
+    assert f"{seeded} (packed, reloaded)" in labels

@@ -3,7 +3,9 @@
 Rows (``--rows``): ``plain`` (no clustering), ``edkm-auto`` (3-bit Linears, 8-bit embedding and
 head, ``memory="auto"``, profiled), ``edkm-auto+ckpt`` (plus activation checkpointing of the decoder
 layers), ``edkm-M+U`` (the paper's marshal+unique on the 3-bit Linears, fused for the 8-bit
-embedding/head, whose |W| x 256 maps cannot exist) and ``coremltools`` (``DKMPalettizer``, measured
+embedding/head, whose |W| x 256 maps cannot exist), ``edkm-iters0`` (the real-model recipe: LUTs kept at the
+warm start, no centroid update per forward), ``edkm-g16-iters0`` (the same with one LUT per 16 output rows of
+the 3-bit Linears, the embedding/head per tensor) and ``coremltools`` (``DKMPalettizer``, measured
 on the largest layer that fits, ``--coreml-shape``, the whole model computed from it). Rows that
 are not run become computed rows (``"measured": false``) saying why. A step is forward,
 cross-entropy, backward, ``AdamW.step()``, ``zero_grad()``; one warm-up step, then the median of
@@ -31,7 +33,7 @@ from edkm.bench.coreml import load_coreml_reference
 from edkm.bench.measure import child_env, wait_for_memory
 from edkm.bench.train_render import format_markdown, write_result
 
-ROWS = ("plain", "edkm-auto", "edkm-auto+ckpt", "edkm-M+U", "coremltools")
+ROWS = ("plain", "edkm-auto", "edkm-auto+ckpt", "edkm-M+U", "edkm-iters0", "edkm-g16-iters0", "coremltools")
 DEFAULT_ROWS = "plain,edkm-auto,edkm-auto+ckpt,coremltools"
 TARGETS = {"peak": 1.10, "step": 1.5}  # eDKM auto vs plain fine-tuning
 
@@ -114,6 +116,8 @@ def spec_for(row: str, d: dict[str, int], args: Any, device: str) -> dict[str, A
     }
     if row == "edkm-M+U":
         spec.update(memory="marshal+unique", embed_memory="fused")
+    if row.endswith("iters0"):
+        spec.update(iters=0, group_size=16 if "-g16-" in row else None)
     return spec
 
 

@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from edkm.atomic import write_json
 from edkm.config import PalettizeConfig
 from edkm.rss import peak_rss_bytes, reset_peak_rss, rss_bytes
-from edkm.transform import palettize_
+from edkm.transform import palettize_, target_modules
 
 
 def rss() -> int:
@@ -64,11 +65,22 @@ def build_model(spec: dict[str, Any]) -> torch.nn.Module:
     return model
 
 
+def recipe_plan(model: torch.nn.Module, spec: dict[str, Any]) -> PalettizeConfig:
+    """The row's plan: ``bits``, 8-bit embedding/head per tensor, ``iters``, one LUT per ``group_size`` rows where
+    that divides a layer's rows (else per tensor, as ``edkm compare`` does)."""
+    rows, embed = spec.get("group_size"), {"embed_tokens|lm_head": {"bits": spec["embed_bits"], "group_size": None}}
+    plan = PalettizeConfig(bits=spec["bits"], iters=spec.get("iters", 3), group_size=rows, overrides=embed)
+    if rows:
+        whole = {n: {"group_size": None} for n, m in target_modules(model, plan) if m.weight.shape[0] % rows}
+        plan = replace(plan, overrides={**whole, **embed})
+    return plan
+
+
 def prepare_model(spec: dict[str, Any], device: torch.device) -> torch.nn.Module:
     """The spec's model on ``device``: palettized (eDKM) and checkpointed as the spec says, in train mode."""
     model = build_model(spec).to(device)
     if spec["edkm"]:
-        plan = PalettizeConfig(bits=spec["bits"], overrides={"embed_tokens|lm_head": {"bits": spec["embed_bits"]}})
+        plan = recipe_plan(model, spec)
         memory = {
             "": spec["memory"],
             **({"embed_tokens|lm_head": spec["embed_memory"]} if "embed_memory" in spec else {}),

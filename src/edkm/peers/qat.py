@@ -68,6 +68,21 @@ def prepare_qat_(model: nn.Module, config: PalettizeConfig, group_size: int | No
     return model
 
 
+def intx_ptq_(model: nn.Module, config: PalettizeConfig, group_size: int | None = 32) -> nn.Module:
+    """torchao's post-training ``IntxWeightOnlyConfig`` (symmetric round-to-nearest per group) as LUT layers, in place.
+
+    The uniform baseline QAT starts from: the same configs and layers as :func:`prepare_qat_`, no training.
+    """
+    # deferred: torchao is the peers extra, loaded only when this peer runs
+    from torchao.quantization import quantize_
+
+    names = _decoder_linears(model, config)
+    for base, fits in _base_configs(config.bits, group_size):
+        quantize_(model, base, filter_fn=lambda m, n, fits=fits: n in names and type(m) is nn.Linear and fits(m))
+    model.edkm_qat = (config, group_size)
+    return qat_to_lut_(model)
+
+
 def convert_qat_(model: nn.Module) -> nn.Module:
     """torchao's convert step: fake-quantized layers become int weights with scales (same forward)."""
     # deferred: torchao is the peers extra, loaded only when QAT runs
