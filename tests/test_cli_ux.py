@@ -146,6 +146,28 @@ def test_bench_writes_to_a_run_folder_by_default():
 
 
 # ------------------------------------------------------------------ the job: progress, resume, report
+def test_job_eta_takes_the_current_phase_pace_after_its_first_update():
+    """A slow phase before (another job on the cores) or units restored by --resume do not skew the ETA."""
+    import io
+
+    from edkm.jobs.progress import JobProgress
+
+    job = JobProgress({"a": 1.0, "b": 3.0, "c": 1.0}, stream=io.StringIO())
+    job.start -= 100.0  # phase a took 100 s for 1 unit of cost
+    job.finished.add("a")
+    with job.phase("b", total=10) as bar:
+        bar.update(5)  # restored from a checkpoint: no time spent on them
+        assert bar.pace() is None  # the pace starts at the first update
+        bar.first = (bar.first[0] - 30.0, bar.first[1])  # 30 s later, one more unit (0.3 of the cost)
+        bar.done = 6
+        assert bar.pace() == pytest.approx(100.0, rel=0.01)
+        bar.done = 8  # three units (0.9 of the cost) in those 30 s
+        assert bar.pace() == pytest.approx(100 / 3, rel=0.01)
+        assert job.eta("b", bar.fraction(), bar.pace()) == pytest.approx(100 / 3 * (3 * 0.2 + 1), rel=0.01)
+        bar.done = 10
+    assert job.recent_pace == pytest.approx(20.0, rel=0.01) and job.eta() == pytest.approx(20.0, rel=0.01)
+
+
 def test_progress_labels_each_phase_with_job_eta_and_named_losses(run):
     _, res = run
     err = res.stderr

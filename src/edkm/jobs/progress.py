@@ -2,8 +2,10 @@
 not a terminal) per phase, and the ETA of the whole job, not only of the current phase.
 
 The job's phases get estimated costs up front (any unit, e.g. seconds on a reference machine);
-the overall ETA is the elapsed time scaled by the estimated cost still ahead over the cost done,
-so it corrects itself for a faster or slower machine as soon as work is measured. ``measured`` holds each
+the overall ETA is the cost still ahead times the pace: the current phase's own (seconds per unit of cost since
+its first update, once that spans ``PHASE_PACE_AFTER_S``), else the job's so far (elapsed over cost done), so it
+corrects itself for a faster or slower machine as soon as work is measured, and a phase slowed by another job
+(or units restored by --resume at no cost, or a first step's warm-up) does not mislead the rest. ``measured`` holds each
 finished phase's wall seconds and peak resident memory.
 
 Example:
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 from edkm.rss import peak_rss_bytes, reset_peak_rss
 
 LINE_EVERY_S = 30.0  # a plain progress line at most this often when stderr is not a terminal
+PHASE_PACE_AFTER_S = 20.0  # the current phase's pace replaces the job's once measured over this long
 
 
 def clock(seconds: float) -> str:
@@ -55,6 +58,7 @@ class PhaseBar:
         self.label = f"[{index}/{len(job.costs)}] {name}"
         self.done, self.start = 0, time.perf_counter()
         self.last_line = self.start
+        self.first: tuple[float, float] | None = None  # (time, fraction) at the first update: the pace starts there
         self.bar: Any = None
         if job.enabled and job.is_tty:
             self.bar = tqdm(
@@ -67,7 +71,7 @@ class PhaseBar:
         fields = {
             **values,
             "phase": clock(time.perf_counter() - self.start),
-            "job ETA": clock(self.job.eta(self.name, self.fraction())),
+            "job ETA": clock(self.job.eta(self.name, self.fraction(), self.pace())),
         }
         if self.bar is not None:
             if note:
@@ -97,6 +101,18 @@ class PhaseBar:
             return self.done / self.total
         return sum(self.shares[: self.done]) / sum(self.shares)
 
+    def pace(self) -> float | None:
+        """Seconds per unit of the job's cost in this phase since its first update (None until measured over
+        ``PHASE_PACE_AFTER_S``): the first update's lump (restored units, a first step's warm-up) is left out."""
+        now, fraction = time.perf_counter(), self.fraction()
+        if self.first is None:
+            self.first = (now, fraction)
+            return None
+        cost = self.job.costs.get(self.name, 0.0) * (fraction - self.first[1])
+        if now - self.first[0] < PHASE_PACE_AFTER_S or cost <= 0:
+            return None
+        return (now - self.first[0]) / cost
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -114,19 +130,24 @@ class JobProgress:
         self.start = time.perf_counter()
         self.finished: set[str] = set()
         self.measured: dict[str, dict[str, float]] = {}  # phase -> wall seconds and this process's peak RSS
+        self.recent_pace: float | None = None  # the pace of the last phase that measured one (PhaseBar.pace)
 
     def print(self, line: str) -> None:
         if self.enabled:
             print(line, file=self.stream, flush=True)
 
-    def eta(self, current: str | None = None, fraction: float = 0.0) -> float:
-        """Seconds left for the whole job, from the time so far and the cost done (0 if nothing done yet)."""
+    def eta(self, current: str | None = None, fraction: float = 0.0, pace: float | None = None) -> float:
+        """Seconds left for the whole job: the cost ahead times ``pace`` (seconds per unit of cost; default the
+        job's so far, elapsed over cost done; 0 if nothing is done yet)."""
         done = sum(c for name, c in self.costs.items() if name in self.finished)
         if current is not None:
             done += self.costs.get(current, 0.0) * min(1.0, fraction)
-        total = sum(self.costs.values())
-        elapsed = time.perf_counter() - self.start
-        return elapsed * (total - done) / done if done > 0 else 0.0
+        ahead = sum(self.costs.values()) - done
+        if pace is None:
+            pace = self.recent_pace
+        if pace is None:
+            pace = (time.perf_counter() - self.start) / done if done > 0 else 0.0
+        return pace * ahead
 
     @contextlib.contextmanager
     def phase(
@@ -146,6 +167,7 @@ class JobProgress:
             yield bar
         finally:
             bar.close()
+        self.recent_pace = bar.pace() or self.recent_pace
         self.finished.add(name)
         seconds = time.perf_counter() - bar.start
         self.measured[name] = {
@@ -164,4 +186,4 @@ class JobProgress:
         self.print(f"[{index}/{len(self.costs)}] {name}: {reason}")
 
 
-__all__ = ["JobProgress", "PhaseBar", "clock", "LINE_EVERY_S"]
+__all__ = ["JobProgress", "PhaseBar", "clock", "LINE_EVERY_S", "PHASE_PACE_AFTER_S"]
