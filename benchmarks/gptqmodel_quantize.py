@@ -3,7 +3,7 @@
     .venv-gptqmodel/bin/python benchmarks/gptqmodel_quantize.py --model FP_DIR --calib calib.json --out OUT_DIR \
         [--method gptq|awq] [--bits 3] [--group-size 128|-1] [--dtype auto]
 
-``calib.json`` is a list of token-id lists (edkm's calibration sequences, written by ``gptqmodel_peers.py``), fed
+``calib.json`` is a list of token-id lists (edkm's calibration sequences, written by ``library_peers.py``), fed
 unchanged (attention mask all ones, batch 1). GPTQ: symmetric, ``desc_act=False`` (groups of consecutive input
 columns, which our LUT layers hold; its group-aware reordering, on by default, is off per channel, where it
 refuses to run), the library's other defaults; AWQ: asymmetric GEMM format (4 bits).

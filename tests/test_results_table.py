@@ -76,3 +76,18 @@ def test_a_file_beside_the_main_run_adds_only_its_edkm_row_named_by_its_recipe(t
     labels = [line.split(" | ")[1] for line in table.smollm2_table().splitlines()[2:]]
     seeded = "**eDKM** per tensor, Fisher-weighted warm start, LUT fixed (`--iters 0`), fine-tuned, seed 1"
     assert f"{seeded} (packed, reloaded)" in labels
+
+
+def test_library_peers_table_states_why_a_row_did_not_run(tmp_path, monkeypatch):
+    table = _script()
+    bpw = {"3": 3.19, "8": 8.06, "edkm_file": 3.21, "weights": {"3": 300, "8": 100}}
+    row = {"label": "GPTQModel GPTQ g128", "library": "gptqmodel 7.6.0", "build_seconds": 612.0,
+           "bits_per_weight": bpw, "val_ppl": 20.5, "ppl": 30.25, "zeroshot": {"average": 0.412}}  # fmt: skip
+    reason = "GPTQModel 7.6.0's AWQ saves only its 4-bit GEMM format"
+    result = {"bits": 3, "rows": {"gptqmodel_gptq_g128": row},
+              "unavailable": {"gptqmodel_awq_g128": {"label": "GPTQModel AWQ g128", "reason": reason}}}  # fmt: skip
+    (tmp_path / "smollm2_library_peers_3bit.json").write_text(json.dumps(result))
+    monkeypatch.setattr(table, "RESULTS", tmp_path)
+    lines = table.library_peers_table().splitlines()
+    assert "| 3 / 8 | GPTQModel GPTQ g128 | gptqmodel 7.6.0 | 3.19 / 4.41 | 20.50 | 30.25 | 41.2 | 612 s |" in lines
+    assert f"| 3 / 8 | GPTQModel AWQ g128 | not run: {reason} | | | | | |" in lines
