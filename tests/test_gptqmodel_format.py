@@ -8,6 +8,7 @@ dequantization gives. No GPTQModel is needed here.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -63,31 +64,19 @@ def test_bits_come_from_the_saved_tensors():
     assert got["without_g_idx"] == pytest.approx((codes + zeros + scales) / weights)
 
 
-def tiny_llama():
-    """The random model the fixture's GPTQ folders were quantized from (make_fixture.py's ``tiny``)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=96,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(cfg).eval()
+def fixture_model(hidden: int = 32, intermediate: int = 96):
+    """The random model the fixture's folders were quantized from (make_fixture.py's; GPTQ 32/96, AWQ 64/128)."""
+    spec = importlib.util.spec_from_file_location("make_fixture", DATA / "make_fixture.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.random_llama(hidden, intermediate)
 
 
 def test_load_installs_library_layers_and_rtn_elsewhere():
     import edkm
     from edkm.layers.lut import LUTModule
 
-    model = tiny_llama()
+    model = fixture_model()
     plan = edkm.PalettizeConfig(bits=3, overrides={edkm.config.EMBEDDING_LAYERS: {"bits": 8}})
     load_gptqmodel_(model, DATA / "gptq3_g64", plan)
     layer = model.model.layers[0]
@@ -104,27 +93,11 @@ def test_load_installs_library_layers_and_rtn_elsewhere():
 def test_awq_folds_into_the_norm():
     import edkm
 
-    model = tiny_llama_awq()
+    model = fixture_model(64, 128)
     plan = edkm.PalettizeConfig(bits=4, overrides={edkm.config.EMBEDDING_LAYERS: {"bits": 8}})
     saved = read_tensors(DATA / "awq4_g32")["model.layers.0.input_layernorm.weight"]
     load_gptqmodel_(model, DATA / "awq4_g32", plan)
     assert torch.equal(model.model.layers[0].input_layernorm.weight.data, saved.float())
-
-
-def tiny_llama_awq():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def copy_config(tmp_path: Path, **changes) -> Path:
@@ -166,4 +139,4 @@ def test_shuffled_groups_and_wrong_models_are_refused(tmp_path):
     import edkm
 
     with pytest.raises(ValueError, match="pass the model it was quantized from"):
-        load_gptqmodel_(tiny_llama_awq(), DATA / "gptq3_g64", edkm.PalettizeConfig(bits=3))  # 64 wide, not 32
+        load_gptqmodel_(fixture_model(64, 128), DATA / "gptq3_g64", edkm.PalettizeConfig(bits=3))  # 64 wide, not 32

@@ -19,9 +19,6 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[2] / "benchmarks"))
-
-from gptqmodel_quantize import quantize  # noqa: E402
 
 CONFIGS = {
     "gptq3_g64": ("gptq", 3, 64),
@@ -37,26 +34,24 @@ LAYERS = {
 KEEP = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def tiny(folder: Path, hidden: int, intermediate: int) -> None:
-    """The random fp model and a word-level tokenizer (GPTQModel insists on one)."""
+def random_llama(hidden: int, intermediate: int):
+    """The random 1-layer fp model of a config (seed 0); ``tests/test_gptqmodel_format.py`` rebuilds it."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=128, **ids)  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny(folder: Path, hidden: int, intermediate: int) -> None:
+    """The random fp model and a word-level tokenizer (GPTQModel insists on one)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    random_llama(hidden, intermediate).save_pretrained(folder)
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, 64)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t3"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -77,8 +72,12 @@ def dense(model, sd: dict, prefix: str, method: str, group_size: int):
 
 def main() -> None:
     import torch
+
+    sys.path.insert(0, str(HERE.parents[2] / "benchmarks"))
     from gptqmodel import BACKEND, GPTQModel
     from safetensors.torch import load_file, save_file
+
+    from gptqmodel_quantize import quantize
 
     with tempfile.TemporaryDirectory() as tmp:
         for method, (hidden, intermediate) in SIZES.items():
