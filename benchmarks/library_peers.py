@@ -96,7 +96,8 @@ def _gptqmodel(method: str, group_size: int) -> Build:
             command = [str(GPTQMODEL_PYTHON), str(HERE / "gptqmodel_quantize.py"), "--model", str(fp), "--calib"]
             command += [str(calib), "--out", str(out), "--method", method, "--bits", str(plan.bits)]
             subprocess.run([*command, "--group-size", str(group_size)], check=True, cwd=tmp)
-            ctx["extra"] = {"library_bits": saved_bits(out), **json.loads((out / "edkm_quantize.json").read_text())}
+            run = json.loads((out / "edkm_quantize.json").read_text())  # its version, settings and seconds
+            ctx["extra"] = {"library_bits": saved_bits(out), **{k: run[k] for k in ("library", "dtype", "seconds")}}
             return load_gptqmodel_(model, out, plan)
 
     return build
@@ -172,14 +173,6 @@ def context(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     return model, {**ctx, "test": test, "tokenizer": tokenizer, "teacher": model, "args": args}
 
 
-def _library_record(extra: dict[str, Any]) -> dict[str, Any]:
-    """What a GPTQModel run recorded (its version, settings, seconds) as row fields."""
-    if not extra:
-        return {}
-    record = {k: extra[k] for k in ("library_bits", "dtype", "seconds") if k in extra}
-    return {**record, "library": extra.get("library", "gptqmodel")}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, default=3)
@@ -222,7 +215,7 @@ def main() -> None:
         row = {"label": label, "library": library_version(library), "build_seconds": round(built, 1)}
         if name == "torchao_qat_g128":
             row.update(lr=args.qat_lr, seed=args.seed, steps=args.steps)
-        row.update(_library_record(ctx.pop("extra", {})))
+        row.update(ctx.pop("extra", {}))  # what a GPTQModel run recorded
         result["rows"][key] = {**row, **measure(peer, name, ctx, args.zeroshot)}
         if "library_bits" in row:  # the library's file, not our re-save (which repeats a group's LUT per range)
             bpw = result["rows"][key]["bits_per_weight"]
