@@ -217,6 +217,7 @@ def main() -> None:
             row.update(lr=args.qat_lr, seed=args.seed, steps=args.steps)
         row.update(ctx.pop("extra", {}))  # what a GPTQModel run recorded
         result["rows"][key] = {**row, **measure(peer, name, ctx, args.zeroshot)}
+        result.get("unavailable", {}).pop(key, None)  # a row not run before (e.g. a missing venv) that runs now
         if "library_bits" in row:  # the library's file, not our re-save (which repeats a group's LUT per range)
             bpw = result["rows"][key]["bits_per_weight"]
             row_bits = bpw[str(args.bits)]
